@@ -1,0 +1,1 @@
+"""LMX supervisor: owns worker processes and the models they serve."""
