@@ -1,0 +1,63 @@
+"""Reading and validating JSON request bodies.
+
+msgspec validates while it decodes; its error text names the JSON path of
+the bad field, which becomes OpenAI's `param`."""
+
+from __future__ import annotations
+
+import re
+from typing import TypeVar
+
+import msgspec
+from starlette.requests import Request
+
+from lmx_supervisor.errors import BadRequest, RequestTooLarge
+
+T = TypeVar("T")
+
+_AT_PATH = re.compile(r" - at `\$\.?(.*)`$")
+_MISSING = re.compile(r"Object missing required field `(.+)`")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise RequestTooLarge(f"Request body of {declared} bytes exceeds the {limit}-byte limit")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestTooLarge(f"Request body exceeds the {limit}-byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _param_from(text: str) -> tuple[str | None, str]:
+    match = _AT_PATH.search(text)
+    where = match.group(1) if match else ""
+    what = text[: match.start()] if match else text
+    missing = _MISSING.match(what)
+    if missing:
+        field = f"{where}.{missing.group(1)}" if where else missing.group(1)
+        return field, "missing_required_parameter"
+    if what.startswith("Expected `"):
+        return (where or None), ("invalid_value" if any(op in what for op in "<>=")
+                                 else "invalid_type")
+    return (where or None), "invalid_value"
+
+
+def decode_json(raw: bytes, kind: type[T]) -> T:
+    if not raw.strip():
+        raise BadRequest("Request body is empty; expected a JSON object", code="invalid_json")
+    try:
+        return msgspec.json.decode(raw, type=kind)
+    except msgspec.ValidationError as exc:
+        param, code = _param_from(str(exc))
+        raise BadRequest(f"Invalid request: {exc}", param=param, code=code) from None
+    except msgspec.DecodeError as exc:
+        raise BadRequest(f"Malformed JSON: {exc}", code="invalid_json") from None
+
+
+async def read_json(request: Request, kind: type[T], limit: int) -> T:
+    return decode_json(await read_body(request, limit), kind)

@@ -1,0 +1,169 @@
+"""OpenAI-compatible inference routes: /v1/chat/completions, /v1/completions,
+/v1/models."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import AsyncGenerator, Callable
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from lmx_protocol import Finished, Generate, Tokens
+from lmx_supervisor.errors import LMXError
+from lmx_gateway.body import read_json
+from lmx_gateway.errors import error_payload
+from lmx_gateway.generation import Generation, collect
+from lmx_gateway.sampling import chat_generate, completion_generate
+from lmx_gateway.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+from lmx_gateway.sse import DONE, EventStreamResponse, sse_data
+from lmx_gateway.state import GatewayState, gateway_state
+
+
+def _usage(finished: Finished) -> dict[str, int]:
+    return {"prompt_tokens": finished.prompt_tokens,
+            "completion_tokens": finished.completion_tokens,
+            "total_tokens": finished.prompt_tokens + finished.completion_tokens}
+
+
+class ChunkShape:
+    """How one route's stream chunks look (chat deltas or completion text)."""
+
+    def __init__(self, kind: str, completion_id: str, model: str, include_usage: bool) -> None:
+        self.kind = kind
+        self.base: dict[str, Any] = {
+            "id": completion_id,
+            "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
+            "created": int(time.time()),
+            "model": model,
+        }
+        self.include_usage = include_usage
+
+    def choice(self, text: str | None, finish_reason: str | None, first: bool = False
+               ) -> dict[str, Any]:
+        if self.kind == "chat":
+            delta: dict[str, Any] = {}
+            if first:
+                delta["role"] = "assistant"
+            if text is not None:
+                delta["content"] = text
+            return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+
+    def chunk(self, choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> bytes:
+        body = {**self.base, "choices": choices}
+        if self.include_usage:
+            body["usage"] = usage
+        return sse_data(body)
+
+
+async def _stream(gen: Generation, first: Tokens | Finished, shape: ChunkShape,
+                  state: GatewayState) -> AsyncGenerator[bytes, None]:
+    """Everything after the first item: deltas, the finish chunk, usage, DONE.
+    A failure once headers are out becomes a final error chunk, then DONE."""
+    try:
+        if shape.kind == "chat":
+            yield shape.chunk([shape.choice("", None, first=True)])
+        item: Tokens | Finished | None = first
+        while item is not None:
+            if isinstance(item, Tokens):
+                if item.text:
+                    yield shape.chunk([shape.choice(item.text, None)])
+            else:
+                if item.text:
+                    yield shape.chunk([shape.choice(item.text, None)])
+                yield shape.chunk([shape.choice(None if shape.kind == "chat" else "",
+                                                str(item.finish_reason))])
+                if shape.include_usage:
+                    yield shape.chunk([], _usage(item))
+                break
+            item = await gen.next()
+    except LMXError as exc:
+        yield sse_data(error_payload(exc))
+    finally:
+        state.in_flight -= 1
+        await gen.close()
+    yield DONE
+
+
+async def _respond(request: Request, req: SamplingFields, frame: Generate, kind: str,
+                   render: Callable[[str, str, Finished], dict[str, Any]]) -> Response:
+    state = gateway_state(request)
+    model = state.supervisor.get(req.model)
+    completion_id = ("chatcmpl-" if kind == "chat" else "cmpl-") + frame.request_id
+    gen = Generation(model, frame, state.config.models.inference_timeout_sec)
+    state.in_flight += 1
+    if not req.stream:
+        try:
+            result = await collect(gen)
+        finally:
+            state.in_flight -= 1
+        return JSONResponse(render(completion_id, result.text, result.finished))
+    try:
+        # Wait for the first token before sending headers: a request that
+        # fails early (busy, timeout, dead worker) still gets its real status.
+        first = await gen.next()
+    except BaseException:
+        state.in_flight -= 1
+        await gen.close()
+        raise
+    assert first is not None
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    shape = ChunkShape(kind, completion_id, model.model_id, include_usage)
+    return EventStreamResponse(_stream(gen, first, shape, state))  # type: ignore[return-value]
+
+
+def _request_id() -> str:
+    return secrets.token_hex(12)
+
+
+async def chat_completions(request: Request) -> Response:
+    state = gateway_state(request)
+    req = await read_json(request, ChatCompletionRequest, state.config.server.max_request_body_bytes)
+    frame = chat_generate(req, _request_id())
+
+    def render(cid: str, text: str, fin: Finished) -> dict[str, Any]:
+        return {"id": cid, "object": "chat.completion", "created": int(time.time()),
+                "model": req.model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "logprobs": None, "finish_reason": str(fin.finish_reason)}],
+                "usage": _usage(fin)}
+
+    return await _respond(request, req, frame, "chat", render)
+
+
+async def completions(request: Request) -> Response:
+    state = gateway_state(request)
+    req = await read_json(request, CompletionRequest, state.config.server.max_request_body_bytes)
+    frame = completion_generate(req, _request_id())
+
+    def render(cid: str, text: str, fin: Finished) -> dict[str, Any]:
+        return {"id": cid, "object": "text_completion", "created": int(time.time()),
+                "model": req.model,
+                "choices": [{"index": 0, "text": text, "logprobs": None,
+                             "finish_reason": str(fin.finish_reason)}],
+                "usage": _usage(fin)}
+
+    return await _respond(request, req, frame, "completion", render)
+
+
+async def list_models(request: Request) -> Response:
+    state = gateway_state(request)
+    data = [
+        {"id": m.model_id, "object": "model",
+         "created": int(m.loaded_at or state.supervisor.started_at), "owned_by": "lmx",
+         "backend": m.backend,
+         "capabilities": m.ready.capabilities if m.ready else []}
+        for m in state.supervisor.ready_models()
+    ]
+    return JSONResponse({"object": "list", "data": data})
+
+
+ROUTES = [
+    Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+    Route("/v1/completions", completions, methods=["POST"]),
+    Route("/v1/models", list_models, methods=["GET"]),
+]

@@ -1,0 +1,30 @@
+"""What the routes share: config, supervisor, counters. Stored on
+`app.state.lmx` by the lifespan; no module-level globals."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from starlette.requests import Request
+
+from lmx_supervisor.config import Config
+from lmx_supervisor.supervisor import Supervisor
+
+
+@dataclass
+class GatewayState:
+    config: Config
+    supervisor: Supervisor
+    started_monotonic: float = field(default_factory=time.monotonic)
+    in_flight: int = 0
+
+    @property
+    def uptime_seconds(self) -> float:
+        return time.monotonic() - self.started_monotonic
+
+
+def gateway_state(request: Request) -> GatewayState:
+    state = request.app.state.lmx
+    assert isinstance(state, GatewayState)
+    return state

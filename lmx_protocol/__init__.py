@@ -1,0 +1,52 @@
+"""Wire protocol between the LMX supervisor and its worker processes.
+
+Only message definitions and their codec live here: no sockets, no policy.
+"""
+
+from lmx_protocol.codec import (
+    decode_from_supervisor,
+    decode_from_worker,
+    encode,
+)
+from lmx_protocol.messages import (
+    PROTOCOL_VERSION,
+    Abort,
+    ChatMessage,
+    ErrorCode,
+    Failed,
+    FinishReason,
+    Finished,
+    FromWorker,
+    Generate,
+    Ping,
+    Pong,
+    Ready,
+    SamplingParams,
+    Shutdown,
+    Tokens,
+    ToWorker,
+    WorkerStats,
+)
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "Abort",
+    "ChatMessage",
+    "ErrorCode",
+    "Failed",
+    "FinishReason",
+    "Finished",
+    "FromWorker",
+    "Generate",
+    "Ping",
+    "Pong",
+    "Ready",
+    "SamplingParams",
+    "Shutdown",
+    "ToWorker",
+    "Tokens",
+    "WorkerStats",
+    "decode_from_supervisor",
+    "decode_from_worker",
+    "encode",
+]

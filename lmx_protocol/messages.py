@@ -1,0 +1,165 @@
+"""Frames exchanged between supervisor and worker.
+
+Evolution rule: append-only. New fields go at the end of a Struct with a
+default, so an older peer still decodes what a newer one sends (frames are
+array-like, so field order is the wire order). Bump PROTOCOL_VERSION when a
+change is not backwards compatible; the supervisor refuses a worker whose
+`Ready.protocol_version` differs.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+
+
+class Frame(
+    msgspec.Struct,
+    tag_field="t",
+    array_like=True,
+    omit_defaults=True,
+    gc=False,
+):
+    """Base of every frame: a tagged, positional msgpack array."""
+
+
+class FinishReason(enum.StrEnum):
+    STOP = "stop"
+    LENGTH = "length"
+    ABORT = "abort"
+    TOOL_CALLS = "tool_calls"
+
+
+class ErrorCode(enum.StrEnum):
+    """Failure causes a worker reports; the gateway maps them to HTTP codes."""
+
+    LOAD_FAILED = "model_load_failed"
+    BAD_REQUEST = "invalid_request"
+    CONTEXT_OVERFLOW = "context_length_exceeded"
+    INTERNAL = "worker_internal_error"
+    UNSUPPORTED = "unsupported_feature"
+    PROTOCOL = "protocol_error"
+
+
+# --- request payload pieces --------------------------------------------------
+
+
+class ChatMessage(msgspec.Struct, omit_defaults=True, gc=False):
+    role: str
+    content: str | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+
+class SamplingParams(msgspec.Struct, omit_defaults=True, gc=False):
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: list[str] = []
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    ignore_eos: bool = False
+
+
+# --- supervisor -> worker ----------------------------------------------------
+
+
+class Generate(Frame, tag="generate"):
+    """Start one generation. Exactly one of `messages` / `prompt` is set:
+    chat requests are templated by the worker, which owns the tokenizer."""
+
+    request_id: str
+    params: SamplingParams
+    messages: list[ChatMessage] | None = None
+    prompt: str | None = None
+    add_generation_prompt: bool = True
+
+
+class Abort(Frame, tag="abort"):
+    request_id: str
+
+
+class Ping(Frame, tag="ping"):
+    nonce: int
+
+
+class Shutdown(Frame, tag="shutdown"):
+    """Finish or abort what is running, then exit 0."""
+
+    drain: bool = False
+
+
+ToWorker = Generate | Abort | Ping | Shutdown
+
+
+# --- worker -> supervisor ----------------------------------------------------
+
+
+class Ready(Frame, tag="ready"):
+    """First frame a worker sends: a ROUTER cannot address a silent peer."""
+
+    protocol_version: int
+    worker_id: str
+    model_id: str
+    backend: str
+    pid: int
+    capabilities: list[str]
+    memory_bytes: int
+    context_length: int
+    backend_version: str = ""
+
+
+class Tokens(Frame, tag="tokens"):
+    """One or more generated tokens. `text` is the newly visible text; it may
+    be empty while a possible stop string or a partial UTF-8 sequence is held
+    back."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+
+
+class Finished(Frame, tag="finished"):
+    request_id: str
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    text: str = ""  # text released at the end (held-back tail)
+
+
+class Failed(Frame, tag="failed"):
+    """A request failed (`request_id` set) or the worker itself is going
+    down (`fatal`); a fatal Failed is the last frame before exit."""
+
+    code: ErrorCode
+    message: str
+    fatal: bool = False
+    request_id: str | None = None
+
+
+class WorkerStats(msgspec.Struct, omit_defaults=True, gc=False):
+    requests_started: int = 0
+    requests_finished: int = 0
+    requests_aborted: int = 0
+    tokens_generated: int = 0
+    prompt_tokens: int = 0
+    active_requests: int = 0
+    queued_requests: int = 0
+    rss_bytes: int = 0
+
+
+class Pong(Frame, tag="pong"):
+    nonce: int
+    stats: WorkerStats
+
+
+FromWorker = Ready | Tokens | Finished | Failed | Pong

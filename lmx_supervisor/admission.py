@@ -1,0 +1,67 @@
+"""Bounded admission with a wait budget: at most `limit` requests in flight
+per model; the rest queue FIFO and give up after a timeout (→ 429).
+
+Hand-rolled rather than asyncio.Semaphore + wait_for because on Python 3.11
+wait_for can time out after the acquire already succeeded and leak a slot;
+here a permit is handed directly to the next waiter's future, and a waiter
+that times out checks whether it was handed one at the last moment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+
+
+class AdmissionTimeout(Exception):
+    pass
+
+
+class AdmissionGate:
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.active = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    @property
+    def queued(self) -> int:
+        return sum(1 for fut in self._waiters if not fut.done())
+
+    async def acquire(self, timeout: float) -> None:
+        if self.active < self.limit and not self.queued:
+            self.active += 1
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), timeout)
+        except TimeoutError:
+            if fut.done() and not fut.cancelled():
+                return  # handed a permit as the clock ran out: keep it
+            fut.cancel()
+            self._discard(fut)
+            raise AdmissionTimeout from None
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.release()  # we own a permit nobody will use
+            else:
+                fut.cancel()
+                self._discard(fut)
+            raise
+
+    def release(self) -> None:
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)  # the permit passes on; active unchanged
+                return
+        self.active -= 1
+
+    def resize(self, limit: int) -> None:
+        self.limit = limit
+
+    def _discard(self, fut: asyncio.Future[None]) -> None:
+        try:
+            self._waiters.remove(fut)
+        except ValueError:
+            pass

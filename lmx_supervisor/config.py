@@ -1,0 +1,211 @@
+"""LMX's configuration: the schema (runbook Appendix B plus LMX's own keys),
+the search order for the YAML file, and `LMX_SECTION__KEY` env overrides.
+
+Everything is validated once at startup by msgspec; a bad file becomes one
+`ConfigError` line naming the key, never a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+import yaml
+
+from lmx_supervisor.bundled_model import lmx_home
+
+REPO_DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "default-config.yaml"
+ENV_PREFIX = "LMX_"
+
+Percent = Annotated[float, msgspec.Meta(gt=0, le=100)]
+PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+
+
+class Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class ServerConfig(Section):
+    host: str = "127.0.0.1"
+    port: Port = 1234
+    timeout_sec: PositiveFloat = 300
+    websocket_enabled: bool = False
+    sse_events_enabled: bool = True
+    sse_heartbeat_interval_sec: PositiveFloat = 30
+    max_request_body_bytes: PositiveInt = 10 * 1024 * 1024
+    # uvicorn's graceful-shutdown window: in-flight requests get this long.
+    shutdown_drain_timeout_sec: PositiveFloat = 30
+
+
+class ModelsConfig(Section):
+    default_model: str | None = None
+    # None: $LMX_HOME/models, i.e. ~/.opta-lmx/models.
+    models_directory: str | None = None
+    auto_load: list[str] = []
+    max_concurrent_requests: PositiveInt = 4
+    per_model_concurrency_limits: dict[str, PositiveInt] = {}
+    inference_timeout_sec: PositiveFloat = 300
+    loader_isolation_enabled: bool = True
+    loader_timeout_sec: PositiveFloat = 120
+    warmup_on_load: bool = False
+    semaphore_timeout_sec: PositiveFloat = 30
+    adaptive_concurrency_enabled: bool = False
+    adaptive_latency_target_ms: PositiveFloat = 2500
+    # LMX's own keys: how workers are run and supervised.
+    context_length: PositiveInt = 4096
+    n_threads: PositiveInt | None = None
+    crash_loop_max_crashes: PositiveInt = 3
+    crash_loop_window_sec: PositiveFloat = 60
+    restart_backoff_initial_sec: PositiveFloat = 0.25
+    restart_backoff_max_sec: PositiveFloat = 10
+    unload_drain_timeout_sec: PositiveFloat = 30
+    stop_grace_sec: PositiveFloat = 5
+
+
+class MemoryConfig(Section):
+    max_memory_percent: Percent = 90
+    auto_evict_lru: bool = True
+    load_shedding_percent: Percent = 95
+    ttl_enabled: bool = False
+    ttl_seconds: PositiveFloat = 3600
+
+
+class SecurityConfig(Section):
+    profile: Literal["lan", "cloud"] = "lan"
+    admin_key: str | None = None
+    inference_api_key: str | None = None
+
+
+class LoggingConfig(Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    format: Literal["structured", "text"] = "text"
+    file: str | None = None
+
+
+class RoutingConfig(Section):
+    aliases: dict[str, list[str]] = {}
+    default_model: str | None = None
+
+
+class WorkersConfig(Section):
+    # ZeroMQ endpoint the supervisor binds. None: ipc:// in a fresh 0700
+    # runtime directory. A tcp:// address lets workers live elsewhere.
+    address: str | None = None
+    runtime_dir: str | None = None
+
+
+class Config(Section):
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    models: ModelsConfig = msgspec.field(default_factory=ModelsConfig)
+    memory: MemoryConfig = msgspec.field(default_factory=MemoryConfig)
+    security: SecurityConfig = msgspec.field(default_factory=SecurityConfig)
+    logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
+    routing: RoutingConfig = msgspec.field(default_factory=RoutingConfig)
+    workers: WorkersConfig = msgspec.field(default_factory=WorkersConfig)
+
+    @property
+    def models_dir(self) -> Path:
+        if self.models.models_directory is None:
+            return lmx_home() / "models"
+        return Path(self.models.models_directory).expanduser()
+
+
+class ConfigError(Exception):
+    """A configuration problem, worded as the one line the operator sees."""
+
+
+def find_config_file(explicit: str | None) -> Path | None:
+    """`--config`, then ~/.opta-lmx/config.yaml, then the repo default."""
+    if explicit:
+        path = Path(explicit).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        return path
+    for candidate in (lmx_home() / "config.yaml", REPO_DEFAULT_CONFIG):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}".replace("\n", " ")) from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    return data
+
+
+def apply_env_overrides(data: dict[str, Any], environ: dict[str, str]) -> dict[str, Any]:
+    """`LMX_SERVER__PORT=8080` sets server.port. Values are parsed as YAML
+    scalars/flow collections so `8080` is an int and `[]` an empty list."""
+    sections = set(Config.__struct_fields__)
+    for name, raw in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        path = name[len(ENV_PREFIX):].lower().split("__")
+        if path[0] not in sections:
+            continue  # LMX_HOME, LMX_FAILPOINTS and friends are not config
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{name}: cannot parse value {raw!r}: {exc}") from exc
+        node = data
+        for key in path[:-1]:
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{name}: {'.'.join(path[:-1])} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+_AT_PATH = re.compile(r" - at `\$\.?(.*)`$")
+
+
+def _explain(exc: msgspec.ValidationError) -> str:
+    """msgspec says 'Expected `int`, got `str` - at `$.server.port`'; the
+    operator wants 'server.port: expected `int`, got `str`'."""
+    text = str(exc)
+    match = _AT_PATH.search(text)
+    if not match:
+        return f"config: {text}"
+    where = match.group(1).replace("[", ".").replace("]", "").replace("'", "")
+    what = text[: match.start()]
+    unknown = re.match(r"Object contains unknown field `(.+)`", what)
+    if unknown:
+        key = f"{where}.{unknown.group(1)}" if where else unknown.group(1)
+        return f"{key}: unknown key"
+    return f"{where or 'config'}: {what[0].lower()}{what[1:]}"
+
+
+def load_config(explicit: str | None = None, environ: dict[str, str] | None = None) -> Config:
+    env = dict(os.environ) if environ is None else environ
+    path = find_config_file(explicit)
+    data = _read_yaml(path) if path else {}
+    data = apply_env_overrides(data, env)
+    try:
+        config = msgspec.convert(data, Config)
+    except msgspec.ValidationError as exc:
+        source = f" (in {path})" if path else ""
+        raise ConfigError(_explain(exc) + source) from exc
+    if config.memory.load_shedding_percent < config.memory.max_memory_percent:
+        raise ConfigError(
+            "memory.load_shedding_percent: must be >= memory.max_memory_percent"
+        )
+    if config.security.profile == "cloud" and not (
+        config.security.admin_key and config.security.inference_api_key
+    ):
+        raise ConfigError(
+            "security.profile: 'cloud' requires security.admin_key and "
+            "security.inference_api_key to be set"
+        )
+    return config

@@ -1,0 +1,419 @@
+"""One model's worker, supervised: spawn, wait for Ready, route frames to the
+requests waiting on them, restart after crashes, quarantine crash loops,
+stop on request. All state changes go through the transition table."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lmx_protocol import (
+    PROTOCOL_VERSION,
+    Abort,
+    Failed,
+    Finished,
+    FromWorker,
+    Generate,
+    Ping,
+    Pong,
+    Ready,
+    Shutdown,
+    Tokens,
+    WorkerStats,
+)
+from lmx_supervisor.admission import AdmissionGate, AdmissionTimeout
+from lmx_supervisor.errors import (
+    BadRequest,
+    LMXError,
+    LoadConflict,
+    ModelUnavailable,
+    RateLimited,
+    WorkerCrashed,
+    WorkerError,
+)
+from lmx_supervisor.exit_causes import describe_exit
+from lmx_supervisor.restart_policy import CrashHistory, backoff_delay
+from lmx_supervisor.states import ModelState, check_transition
+from lmx_supervisor.transport import PeerGone, RouterHub
+from lmx_supervisor.worker_process import WorkerProcess
+from lmx_worker.spec import WorkerSpec
+
+log = logging.getLogger("lmx.supervisor")
+
+EventSink = Callable[[str, dict[str, Any]], None]
+# What a request's queue carries: worker frames, or the error that ends it.
+Item = Tokens | Finished | Failed | LMXError
+
+# Worker-side request failures that are the client's fault.
+CLIENT_ERROR_CODES = {"invalid_request", "context_length_exceeded", "unsupported_feature"}
+
+
+@dataclass
+class ModelSettings:
+    loader_timeout_sec: float = 120
+    max_concurrent_requests: int = 4
+    semaphore_timeout_sec: float = 30
+    crash_loop_max_crashes: int = 3
+    crash_loop_window_sec: float = 60
+    restart_backoff_initial_sec: float = 0.25
+    restart_backoff_max_sec: float = 10
+    stop_grace_sec: float = 5
+    context_length: int = 4096
+    n_threads: int | None = None
+
+
+class ManagedModel:
+    _spawn_counter = itertools.count(1)
+
+    def __init__(
+        self,
+        model_id: str,
+        path: Path,
+        backend: str,
+        settings: ModelSettings,
+        hub: RouterHub,
+        history: CrashHistory,
+        emit: EventSink,
+        worker_env: dict[str, str] | None = None,
+    ) -> None:
+        self.model_id = model_id
+        self.path = path
+        self.backend = backend
+        self.settings = settings
+        self.history = history
+        self._hub = hub
+        self._emit = emit
+        self._worker_env = worker_env
+        self.state = ModelState.STOPPED
+        self.reason: str | None = None
+        self.worker: WorkerProcess | None = None
+        self.worker_id: str | None = None
+        self.ready: Ready | None = None
+        self.restarts = 0
+        self.loaded_at: float | None = None
+        self.last_used = time.monotonic()
+        self.gate = AdmissionGate(settings.max_concurrent_requests)
+        self._changed = asyncio.Event()
+        self._inflight: dict[str, asyncio.Queue[Item]] = {}
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._startup: asyncio.Future[Ready | Failed] | None = None
+        self._pings: dict[int, asyncio.Future[WorkerStats]] = {}
+        self._ping_nonce = itertools.count(1)
+        self._watch_task: asyncio.Task[None] | None = None
+        self._restart_task: asyncio.Task[None] | None = None
+
+    # --- state ------------------------------------------------------------
+
+    def _set_state(self, target: ModelState, reason: str | None = None) -> None:
+        check_transition(self.state, target)
+        previous, self.state, self.reason = self.state, target, reason
+        log.info("model %s: %s -> %s%s", self.model_id, previous, target,
+                 f" ({reason})" if reason else "")
+        self._emit("model_state", {"model_id": self.model_id, "from": previous,
+                                   "to": target, "reason": reason})
+        # Wake every waiter on every settled transition, then arm a new event.
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._inflight)
+
+    @property
+    def pid(self) -> int | None:
+        return self.worker.pid if self.worker and self.worker.returncode is None else None
+
+    # --- loading ----------------------------------------------------------
+
+    async def load(self) -> None:
+        """Explicit load: start the worker and wait for it. A failure counts
+        as a crash; too many crashes quarantine the model."""
+        try:
+            await self._launch()
+        except LoadConflict as exc:
+            self._after_failed_start(exc)
+            raise
+
+    def _after_failed_start(self, exc: LoadConflict) -> None:
+        crashes = self.history.record()
+        if crashes >= self.settings.crash_loop_max_crashes:
+            self._set_state(ModelState.QUARANTINED, f"crash_loop:{crashes}")
+            self._emit("model_quarantined", {"model_id": self.model_id, "reason": exc.message})
+        else:
+            self._set_state(ModelState.STOPPED, exc.message)
+
+    async def _launch(self) -> None:
+        self._set_state(ModelState.STARTING)
+        try:
+            await self._spawn_and_wait()
+        except asyncio.CancelledError:
+            # Cancelled mid-load (unload during a restart): never leak a
+            # half-loaded worker.
+            await self._discard_worker()
+            raise
+
+    async def _spawn_and_wait(self) -> None:
+        worker_id = f"{self.model_id}#{next(self._spawn_counter)}-{secrets.token_hex(3)}"
+        self.worker_id = worker_id
+        loop = asyncio.get_running_loop()
+        startup: asyncio.Future[Ready | Failed] = loop.create_future()
+        self._startup = startup
+        self._hub.register(worker_id, self._on_frame)
+        spec = WorkerSpec(
+            worker_id=worker_id, model_id=self.model_id, model_path=str(self.path),
+            backend=self.backend, address=self._hub.address,
+            context_length=self.settings.context_length, n_threads=self.settings.n_threads,
+        )
+        started = time.monotonic()
+        try:
+            worker = await WorkerProcess.spawn(spec, env=self._worker_env)
+        except OSError as exc:
+            raise LoadConflict(f"cannot start a worker: {exc}") from exc
+        self.worker = worker
+        # Wait on the socket and the process together: a segfault while
+        # loading is reported at once, with its signal, not as a timeout.
+        done, _ = await asyncio.wait(
+            {startup, worker.exited}, timeout=self.settings.loader_timeout_sec,
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        if startup in done and isinstance(startup.result(), Ready):
+            ready = startup.result()
+            assert isinstance(ready, Ready)
+            if ready.protocol_version != PROTOCOL_VERSION:
+                await self._discard_worker()
+                raise LoadConflict(f"worker speaks protocol {ready.protocol_version}, "
+                                   f"supervisor {PROTOCOL_VERSION}", code="model_probe_failed")
+            self.ready = ready
+            self.loaded_at = time.time()
+            self._set_state(ModelState.READY)
+            self._watch_task = asyncio.create_task(self._watch(worker), name=f"watch-{worker_id}")
+            self._emit("model_loaded", {"model_id": self.model_id, "pid": worker.pid,
+                                        "backend": self.backend,
+                                        "load_time_sec": round(time.monotonic() - started, 3),
+                                        "memory_bytes": ready.memory_bytes})
+            return
+        if not done:
+            await self._discard_worker()
+            raise LoadConflict(
+                f"Model '{self.model_id}' did not load within "
+                f"{self.settings.loader_timeout_sec:g}s (worker killed)",
+                code="model_load_timeout")
+        detail = ""
+        if startup.done() and isinstance(startup.result(), Failed):
+            failed = startup.result()
+            assert isinstance(failed, Failed)
+            detail = f": {failed.message}"
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(worker.exited), self.settings.stop_grace_sec)
+        await self._discard_worker()
+        raise LoadConflict(
+            f"Loader for '{self.model_id}' crashed: worker {describe_exit(worker.returncode)}"
+            f"{detail}", code="model_loader_crashed")
+
+    async def _discard_worker(self) -> None:
+        worker, self.worker = self.worker, None
+        if worker is not None:
+            await worker.terminate(self.settings.stop_grace_sec)
+        if self.worker_id is not None:
+            self._hub.unregister(self.worker_id)
+        self._startup = None
+
+    # --- crashes and restarts ---------------------------------------------
+
+    async def _watch(self, worker: WorkerProcess) -> None:
+        returncode = await worker.exited
+        if self.worker is not worker or self.state is not ModelState.READY:
+            return  # an intended stop
+        cause = describe_exit(returncode)
+        log.error("model %s: worker pid %d %s", self.model_id, worker.pid, cause)
+        self._fail_inflight(WorkerCrashed(f"Worker for model '{self.model_id}' {cause}"))
+        await self._discard_worker()
+        self._emit("worker_crashed", {"model_id": self.model_id, "pid": worker.pid,
+                                      "cause": cause, "returncode": returncode})
+        self._handle_crash(cause)
+
+    def _handle_crash(self, cause: str) -> None:
+        crashes = self.history.record()
+        if crashes >= self.settings.crash_loop_max_crashes:
+            self._set_state(ModelState.QUARANTINED, f"crash_loop:{crashes}")
+            self._emit("model_quarantined", {"model_id": self.model_id, "reason": cause})
+            return
+        self._set_state(ModelState.BACKOFF, cause)
+        delay = backoff_delay(crashes, self.settings.restart_backoff_initial_sec,
+                              self.settings.restart_backoff_max_sec)
+        self._restart_task = asyncio.create_task(self._restart_after(delay),
+                                                 name=f"restart-{self.model_id}")
+
+    async def _restart_after(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        try:
+            await self._launch()
+        except LoadConflict as exc:
+            log.error("model %s: restart failed: %s", self.model_id, exc.message)
+            self._handle_crash(exc.message)
+            return
+        self.restarts += 1
+        self._emit("worker_restarted", {"model_id": self.model_id, "restarts": self.restarts})
+
+    # --- frames -------------------------------------------------------------
+
+    def _on_frame(self, frame: FromWorker) -> None:
+        if isinstance(frame, (Tokens, Finished)):
+            queue = self._inflight.get(frame.request_id)
+            if queue is not None:
+                queue.put_nowait(frame)
+        elif isinstance(frame, Failed):
+            if frame.request_id is not None:
+                queue = self._inflight.get(frame.request_id)
+                if queue is not None:
+                    queue.put_nowait(frame)
+            elif self._startup is not None and not self._startup.done():
+                self._startup.set_result(frame)
+            else:
+                log.error("model %s: worker reported %s: %s", self.model_id, frame.code,
+                          frame.message)
+        elif isinstance(frame, Ready):
+            if self._startup is not None and not self._startup.done():
+                self._startup.set_result(frame)
+        elif isinstance(frame, Pong):
+            fut = self._pings.pop(frame.nonce, None)
+            if fut is not None and not fut.done():
+                fut.set_result(frame.stats)
+
+    def _fail_inflight(self, error: LMXError) -> None:
+        for queue in self._inflight.values():
+            queue.put_nowait(error)
+
+    # --- requests -----------------------------------------------------------
+
+    async def _wait_ready(self, deadline: float) -> None:
+        while self.state is not ModelState.READY:
+            if self.state not in (ModelState.STARTING, ModelState.BACKOFF):
+                raise ModelUnavailable(
+                    f"Model '{self.model_id}' is {self.state}"
+                    + (f" ({self.reason})" if self.reason else ""),
+                    code="model_unstable" if self.state is ModelState.QUARANTINED
+                    else "model_unavailable")
+            remaining = deadline - time.monotonic()
+            changed = self._changed
+            try:
+                await asyncio.wait_for(changed.wait(), max(remaining, 0))
+            except TimeoutError:
+                raise ModelUnavailable(
+                    f"Model '{self.model_id}' is still {self.state}; try again shortly",
+                    headers={"Retry-After": "5"}) from None
+
+    async def generate(self, request: Generate) -> AsyncIterator[Tokens | Finished]:
+        """Run one request; yields Tokens then one Finished. Raises an
+        LMXError for any failure. Closing the iterator early aborts the
+        generation in the worker."""
+        deadline = time.monotonic() + self.settings.semaphore_timeout_sec
+        try:
+            await self.gate.acquire(self.settings.semaphore_timeout_sec)
+        except AdmissionTimeout:
+            raise RateLimited(
+                f"Model '{self.model_id}' is busy: no slot freed within "
+                f"{self.settings.semaphore_timeout_sec:g}s",
+                headers={"Retry-After": "5"}) from None
+        try:
+            await self._wait_ready(deadline)
+            async for item in self._run(request):
+                yield item
+        finally:
+            self.gate.release()
+
+    async def _run(self, request: Generate) -> AsyncIterator[Tokens | Finished]:
+        queue: asyncio.Queue[Item] = asyncio.Queue()
+        rid = request.request_id
+        self._inflight[rid] = queue
+        self._idle.clear()
+        self.last_used = time.monotonic()
+        worker_id = self.worker_id
+        done = False
+        try:
+            assert worker_id is not None
+            try:
+                self._hub.send(worker_id, request)
+            except PeerGone as exc:
+                raise WorkerCrashed(str(exc)) from None
+            while True:
+                item = await queue.get()
+                if isinstance(item, Tokens):
+                    yield item
+                    continue
+                done = True
+                if isinstance(item, Finished):
+                    yield item
+                    return
+                if isinstance(item, Failed):
+                    if item.code in CLIENT_ERROR_CODES:
+                        raise BadRequest(item.message, code=str(item.code))
+                    raise WorkerError(item.message, code=str(item.code))
+                raise item
+        finally:
+            del self._inflight[rid]
+            self.last_used = time.monotonic()
+            if not self._inflight:
+                self._idle.set()
+            if not done and self.worker_id == worker_id and worker_id is not None:
+                with contextlib.suppress(PeerGone):
+                    self._hub.send(worker_id, Abort(rid))
+
+    async def worker_stats(self, timeout: float = 1.0) -> WorkerStats | None:
+        if self.state is not ModelState.READY or self.worker_id is None:
+            return None
+        nonce = next(self._ping_nonce)
+        fut: asyncio.Future[WorkerStats] = asyncio.get_running_loop().create_future()
+        self._pings[nonce] = fut
+        try:
+            self._hub.send(self.worker_id, Ping(nonce))
+            return await asyncio.wait_for(fut, timeout)
+        except (PeerGone, TimeoutError):
+            return None
+        finally:
+            self._pings.pop(nonce, None)
+
+    # --- stopping -------------------------------------------------------------
+
+    async def stop(self, drain_timeout: float, terminal: bool = False) -> None:
+        """Stop accepting, drain in-flight work (bounded), ask the worker to
+        exit, then SIGTERM and finally SIGKILL its process group."""
+        if self._restart_task is not None:
+            self._restart_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._restart_task
+            self._restart_task = None
+        final = ModelState.SHUTDOWN if terminal else ModelState.STOPPED
+        if self.state in (ModelState.STOPPED, ModelState.SHUTDOWN, ModelState.QUARANTINED):
+            if self.state is not final:
+                self._set_state(final)
+            return
+        self._set_state(ModelState.STOPPING)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), drain_timeout)
+        self._fail_inflight(ModelUnavailable(f"Model '{self.model_id}' was unloaded",
+                                             code="model_unloaded"))
+        if self.worker is not None and self.worker_id is not None:
+            with contextlib.suppress(PeerGone):
+                self._hub.send(self.worker_id, Shutdown(drain=False))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self.worker.exited),
+                                       self.settings.stop_grace_sec)
+        await self._discard_worker()
+        if self._watch_task is not None:
+            await self._watch_task
+            self._watch_task = None
+        self._set_state(final)
+        self._emit("model_unloaded", {"model_id": self.model_id})
+
+    def force_unquarantine(self) -> None:
+        self.history.clear()

@@ -1,0 +1,91 @@
+"""Turns what an operator typed (`model_id` of a load) into a file on disk,
+the backend that can serve it, and the id clients will route by."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmx_supervisor.errors import BadRequest, ModelNotFound, UnsupportedModel
+
+LLAMA_CPP = "llama_cpp"
+MLX = "mlx"
+
+# Accepted spellings of backend names; the runbook uses "gguf".
+BACKEND_ALIASES = {
+    "gguf": LLAMA_CPP,
+    "llama_cpp": LLAMA_CPP,
+    "llama.cpp": LLAMA_CPP,
+    "llamacpp": LLAMA_CPP,
+    "mlx": MLX,
+}
+
+# Backends this build can run in a worker.
+AVAILABLE_BACKENDS = frozenset({LLAMA_CPP})
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    model_id: str
+    path: Path
+    backend: str
+
+
+def _served_id(ref: str, path: Path, is_path_ref: bool) -> str:
+    if is_path_ref:
+        return path.name.removesuffix(".gguf")
+    return ref.removesuffix(".gguf")
+
+
+def _locate(ref: str, models_dir: Path) -> tuple[Path, bool]:
+    raw = Path(ref).expanduser()
+    if raw.is_absolute() or ref.startswith(("./", "../", "~")):
+        if raw.exists():
+            return raw.resolve(), True
+        raise ModelNotFound(f"Model path '{ref}' does not exist", param="model_id")
+    for candidate in (models_dir / ref, models_dir / f"{ref}.gguf"):
+        if candidate.exists():
+            return candidate.resolve(), False
+    raise ModelNotFound(
+        f"Model '{ref}' not found in {models_dir} (give a name there or a path)",
+        param="model_id",
+    )
+
+
+def _detect_backend(path: Path) -> str | None:
+    if path.is_file() and path.suffix == ".gguf":
+        return LLAMA_CPP
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return MLX
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return LLAMA_CPP
+    return None
+
+
+def resolve_model(
+    ref: str, models_dir: Path, backend: str | None = None, served_name: str | None = None
+) -> ResolvedModel:
+    if not ref.strip():
+        raise BadRequest("model_id must not be empty", param="model_id")
+    path, is_path_ref = _locate(ref, models_dir)
+    if path.is_dir() and _detect_backend(path) == LLAMA_CPP:
+        path = sorted(path.glob("*.gguf"))[0]
+    wanted = None
+    if backend is not None:
+        wanted = BACKEND_ALIASES.get(backend.lower())
+        if wanted is None:
+            raise BadRequest(
+                f"unknown backend '{backend}' (use one of: {', '.join(sorted(BACKEND_ALIASES))})",
+                param="backend",
+            )
+    detected = _detect_backend(path)
+    chosen = wanted or detected
+    if chosen is None:
+        raise UnsupportedModel(f"'{ref}' is neither a GGUF file nor a model directory")
+    if detected is not None and wanted is not None and wanted != detected:
+        raise UnsupportedModel(f"backend '{backend}' cannot serve '{ref}' ({detected} model)")
+    if chosen not in AVAILABLE_BACKENDS:
+        raise UnsupportedModel(f"backend '{chosen}' is not available in this build")
+    return ResolvedModel(served_name or _served_id(ref, path, is_path_ref), path, chosen)

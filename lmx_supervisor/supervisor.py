@@ -1,0 +1,142 @@
+"""The registry of managed models: load, unload, route, shut down.
+
+Lifecycle operations on one model id are serialised by a per-id lock, so a
+load racing an unload of the same model cannot interleave; operations on
+different models run concurrently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import defaultdict
+from typing import Any
+
+from lmx_supervisor.config import Config
+from lmx_supervisor.errors import LoadConflict, ModelNotFound, NoModelLoaded
+from lmx_supervisor.managed_model import EventSink, ManagedModel, ModelSettings
+from lmx_supervisor.model_resolver import resolve_model
+from lmx_supervisor.restart_policy import CrashHistory
+from lmx_supervisor.states import ModelState
+from lmx_supervisor.transport import RouterHub
+
+log = logging.getLogger("lmx.supervisor")
+
+
+def settings_from(config: Config, model_id: str) -> ModelSettings:
+    m = config.models
+    return ModelSettings(
+        loader_timeout_sec=m.loader_timeout_sec,
+        max_concurrent_requests=m.per_model_concurrency_limits.get(
+            model_id, m.max_concurrent_requests),
+        semaphore_timeout_sec=m.semaphore_timeout_sec,
+        crash_loop_max_crashes=m.crash_loop_max_crashes,
+        crash_loop_window_sec=m.crash_loop_window_sec,
+        restart_backoff_initial_sec=m.restart_backoff_initial_sec,
+        restart_backoff_max_sec=m.restart_backoff_max_sec,
+        stop_grace_sec=m.stop_grace_sec,
+        context_length=m.context_length,
+        n_threads=m.n_threads,
+    )
+
+
+class Supervisor:
+    def __init__(self, config: Config, emit: EventSink | None = None,
+                 worker_env: dict[str, str] | None = None) -> None:
+        self.config = config
+        self.started_at = time.time()
+        self._emit_sink = emit
+        self._worker_env = worker_env
+        self._hub = RouterHub(config.workers.address, config.workers.runtime_dir)
+        self._models: dict[str, ManagedModel] = {}
+        self._histories: dict[str, CrashHistory] = {}
+        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+
+    def emit(self, event: str, data: dict[str, Any]) -> None:
+        if self._emit_sink is not None:
+            self._emit_sink(event, data)
+
+    async def start(self) -> None:
+        self._hub.start()
+
+    async def auto_load(self) -> None:
+        for ref in self.config.models.auto_load:
+            try:
+                await self.load(ref)
+            except Exception as exc:  # one bad model must not stop startup
+                log.error("auto_load of %s failed: %s", ref, exc)
+
+    # --- lookup ------------------------------------------------------------------
+
+    def models(self) -> list[ManagedModel]:
+        return list(self._models.values())
+
+    def ready_models(self) -> list[ManagedModel]:
+        return [m for m in self._models.values() if m.state is ModelState.READY]
+
+    def get(self, model_id: str) -> ManagedModel:
+        model = self._models.get(model_id)
+        if model is not None:
+            return model
+        if not self._models:
+            raise NoModelLoaded("No model is loaded; load one with POST /admin/models/load",
+                                param="model")
+        raise ModelNotFound(
+            f"Model '{model_id}' is not loaded (loaded: {', '.join(sorted(self._models))})",
+            param="model")
+
+    # --- lifecycle ---------------------------------------------------------------
+
+    async def load(self, ref: str, backend: str | None = None, served_name: str | None = None,
+                   allow_unsupported_runtime: bool = False) -> tuple[ManagedModel, bool]:
+        """Load a model; returns it and whether it was already loaded."""
+        resolved = resolve_model(ref, self.config.models_dir, backend, served_name)
+        async with self._locks[resolved.model_id]:
+            history = self._histories.setdefault(resolved.model_id, CrashHistory(
+                self.config.models.crash_loop_max_crashes,
+                self.config.models.crash_loop_window_sec))
+            current = self._models.get(resolved.model_id)
+            if current is not None and current.state is not ModelState.QUARANTINED:
+                if current.path != resolved.path:
+                    raise LoadConflict(
+                        f"Model id '{resolved.model_id}' is already serving {current.path}",
+                        code="model_id_in_use", param="served_name")
+                return current, True
+            if history.over_limit():
+                if not allow_unsupported_runtime:
+                    raise LoadConflict(
+                        f"Model '{resolved.model_id}' is quarantined after instability "
+                        f"(crash_loop:{history.recent()}); pass allow_unsupported_runtime "
+                        "to force a load", code="model_unstable")
+                history.clear()
+            if current is not None:  # quarantined: replace its entry
+                await current.stop(0)
+            model = ManagedModel(
+                resolved.model_id, resolved.path, resolved.backend,
+                settings_from(self.config, resolved.model_id), self._hub, history, self.emit,
+                self._worker_env)
+            self._models[resolved.model_id] = model
+            try:
+                await model.load()
+            except LoadConflict:
+                if model.state is not ModelState.QUARANTINED:
+                    self._models.pop(resolved.model_id, None)
+                raise
+            return model, False
+
+    async def unload(self, model_id: str) -> ManagedModel:
+        async with self._locks[model_id]:
+            model = self.get(model_id)
+            await model.stop(self.config.models.unload_drain_timeout_sec)
+            self._models.pop(model_id, None)
+            return model
+
+    async def shutdown(self, drain_timeout: float = 5.0) -> None:
+        models = list(self._models.values())
+        await asyncio.gather(*(m.stop(drain_timeout, terminal=True) for m in models),
+                             return_exceptions=True)
+        self._models.clear()
+        with contextlib.suppress(Exception):
+            await self._hub.close()

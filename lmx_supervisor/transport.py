@@ -1,0 +1,101 @@
+"""The supervisor's single ZeroMQ ROUTER socket.
+
+Every worker connects a DEALER whose identity is its worker id; one receive
+task decodes each frame once and hands it to whoever registered for that
+identity. Sends never block the event loop: ROUTER_MANDATORY turns a send to
+a peer that is gone into an error we can report instead of a silent drop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from lmx_protocol import FromWorker, decode_from_worker, encode
+from lmx_protocol.messages import Frame
+
+log = logging.getLogger("lmx.transport")
+
+FrameHandler = Callable[[FromWorker], None]
+
+
+class PeerGone(Exception):
+    """The worker addressed is not connected (any more)."""
+
+
+class RouterHub:
+    def __init__(self, address: str | None = None, runtime_dir: str | None = None) -> None:
+        self._owned_dir: Path | None = None
+        if address is None:
+            base = Path(runtime_dir).expanduser() if runtime_dir else None
+            if base is not None:
+                base.mkdir(parents=True, exist_ok=True)
+            # mkdtemp creates the directory 0700: only this user may connect.
+            self._owned_dir = Path(tempfile.mkdtemp(prefix="lmx-", dir=base))
+            address = f"ipc://{self._owned_dir / 'supervisor.sock'}"
+        self._ctx = zmq.asyncio.Context()
+        self._sock = self._ctx.socket(zmq.ROUTER)
+        self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.bind(address)
+        # tcp://*:0 binds a random port; report what was really bound.
+        self.address: str = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._handlers: dict[bytes, FrameHandler] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._receive_loop(), name="lmx-router")
+
+    def register(self, worker_id: str, handler: FrameHandler) -> None:
+        self._handlers[worker_id.encode()] = handler
+
+    def unregister(self, worker_id: str) -> None:
+        self._handlers.pop(worker_id.encode(), None)
+
+    def send(self, worker_id: str, frame: Frame) -> None:
+        try:
+            self._sock.send_multipart([worker_id.encode(), encode(frame)], flags=zmq.NOBLOCK)
+        except zmq.ZMQError as exc:  # EHOSTUNREACH under ROUTER_MANDATORY, or EAGAIN
+            raise PeerGone(f"worker {worker_id} is not reachable: {exc}") from exc
+
+    async def _receive_loop(self) -> None:
+        while True:
+            identity, payload = await self._sock.recv_multipart()
+            handler = self._handlers.get(identity)
+            if handler is None:
+                log.debug("frame from unknown worker %r dropped", identity)
+                continue
+            try:
+                frame = decode_from_worker(payload)
+            except msgspec.DecodeError as exc:
+                log.error("undecodable frame from %r: %s", identity, exc)
+                continue
+            try:
+                handler(frame)
+            except Exception:  # one handler's bug must not stop all routing
+                log.exception("frame handler for %r failed", identity)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._sock.close(linger=0)
+        self._ctx.term()
+        if self._owned_dir is not None:
+            shutil.rmtree(self._owned_dir, ignore_errors=True)
+            self._owned_dir = None
+
+    def __del__(self) -> None:
+        if self._owned_dir is not None and os.path.isdir(self._owned_dir):
+            shutil.rmtree(self._owned_dir, ignore_errors=True)

@@ -1,0 +1,21 @@
+"""`python -m lmx_worker --spec JSON`: run one model worker."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lmx_worker.main import configure_logging, serve
+from lmx_worker.spec import decode_spec
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lmx_worker")
+    parser.add_argument("--spec", required=True, help="WorkerSpec as JSON")
+    args = parser.parse_args(argv)
+    configure_logging()
+    return serve(decode_spec(args.spec))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""Rendering chat messages with the model's own Jinja chat template, the way
+Hugging Face transformers does (sandboxed, trim/lstrip blocks, loop
+controls, `raise_exception`, a `tojson` that keeps non-ASCII), so a prompt
+is byte-identical to what the model was trained on."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+import jinja2
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from lmx_worker.engine import RequestError
+
+
+class GenerationTag(jinja2.ext.Extension):
+    """Accepts HF's `{% generation %}…{% endgeneration %}` markers (used for
+    training masks) and renders their body unchanged."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: jinja2.parser.Parser) -> list[jinja2.nodes.Node]:
+        next(parser.stream)
+        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
+            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent,
+                      separators=separators, sort_keys=sort_keys)
+
+
+def _raise(message: str) -> None:
+    raise RequestError("invalid_request", f"chat template refused the messages: {message}")
+
+
+class ChatTemplate:
+    def __init__(self, source: str, bos_token: str, eos_token: str) -> None:
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True,
+            extensions=[GenerationTag, jinja2.ext.loopcontrols])
+        env.filters["tojson"] = _tojson
+        self._template = env.from_string(source)
+        self.bos_token = bos_token
+        self.eos_token = eos_token
+
+    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+               **extra: Any) -> str:
+        try:
+            return self._template.render(
+                messages=messages, bos_token=self.bos_token, eos_token=self.eos_token,
+                add_generation_prompt=add_generation_prompt, raise_exception=_raise,
+                strftime_now=lambda fmt: datetime.now().strftime(fmt), **extra)
+        except RequestError:
+            raise
+        except jinja2.TemplateError as exc:
+            raise RequestError("invalid_request", f"chat template failed: {exc}") from exc

@@ -1,0 +1,48 @@
+"""The contract between the worker's step loop and a model backend.
+
+A backend never touches sockets. The loop hands it requests, asks it to make
+one step of progress (one token per running sequence), and forwards the
+frames it returns. Checking for aborts between steps is what makes a
+cancelled stream stop within one token.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from lmx_protocol import Failed, Finished, Generate, Tokens, WorkerStats
+
+StepOutput = Tokens | Finished | Failed
+
+
+class RequestError(Exception):
+    """A request the backend cannot serve (bad input, too long prompt)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class Engine(Protocol):
+    backend: str
+    backend_version: str
+    context_length: int
+    capabilities: list[str]
+
+    def memory_bytes(self) -> int: ...
+
+    def add(self, request: Generate) -> None:
+        """Queue a request; it starts at a later step."""
+
+    def abort(self, request_id: str) -> list[StepOutput]:
+        """Stop a request now, freeing its resources; returns its final frame
+        (an empty list if the request is unknown or already finished)."""
+
+    def has_work(self) -> bool: ...
+
+    def step(self) -> list[StepOutput]:
+        """Advance every running request by one token."""
+
+    def fill_stats(self, stats: WorkerStats) -> None:
+        """Write backend-owned counters (active/queued) into `stats`."""

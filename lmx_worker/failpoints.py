@@ -1,0 +1,59 @@
+"""Faults a test can inject into a real worker on purpose.
+
+Selected by the env var LMX_FAILPOINTS, a comma-separated list of
+`MODEL_ID=POINT[:ARG]` (or `*=POINT` for every model), for example
+`LMX_FAILPOINTS="flaky=segfault_on_load,slow=slow_tokens:50"`. Keyed by
+model id so one gateway can host a broken model beside healthy ones.
+
+Points:
+  crash_on_load       raise an exception while loading (clean Failed frame)
+  segfault_on_load    dereference NULL while loading (dies with SIGSEGV)
+  hang_on_load        never finish loading
+  exit_mid_stream:N   os._exit(70) after emitting N tokens of a request
+  slow_tokens:MS      sleep MS milliseconds before every token
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import time
+
+ENV_VAR = "LMX_FAILPOINTS"
+
+
+class Failpoints:
+    def __init__(self, points: dict[str, str]) -> None:
+        self._points = points
+
+    @classmethod
+    def from_env(cls, model_id: str, env: dict[str, str] | None = None) -> Failpoints:
+        raw = (env if env is not None else dict(os.environ)).get(ENV_VAR, "")
+        points: dict[str, str] = {}
+        for item in filter(None, (part.strip() for part in raw.split(","))):
+            target, _, spec = item.partition("=")
+            if target not in (model_id, "*"):
+                continue
+            name, _, arg = spec.partition(":")
+            points[name] = arg
+        return cls(points)
+
+    def __bool__(self) -> bool:
+        return bool(self._points)
+
+    def on_load(self) -> None:
+        if "crash_on_load" in self._points:
+            raise RuntimeError("failpoint crash_on_load")
+        if "segfault_on_load" in self._points:
+            ctypes.string_at(0)  # a real SIGSEGV, not a simulated exit code
+        if "hang_on_load" in self._points:
+            while True:
+                time.sleep(3600)
+
+    def before_token(self, tokens_emitted: int) -> None:
+        slow = self._points.get("slow_tokens")
+        if slow:
+            time.sleep(int(slow) / 1000.0)
+        limit = self._points.get("exit_mid_stream")
+        if limit is not None and tokens_emitted >= int(limit or "1"):
+            os._exit(70)

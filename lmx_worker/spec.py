@@ -1,0 +1,27 @@
+"""What the supervisor tells a worker to be, passed as JSON on the command
+line so a worker can be started by hand for debugging."""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class WorkerSpec(msgspec.Struct, forbid_unknown_fields=True):
+    worker_id: str
+    model_id: str
+    model_path: str
+    backend: str
+    address: str
+    context_length: int = 4096
+    n_threads: int | None = None
+    # Read end of a pipe whose write end only the parent holds: EOF on it
+    # means the parent is gone, so the worker must exit and free its memory.
+    death_fd: int | None = None
+
+
+def encode_spec(spec: WorkerSpec) -> str:
+    return msgspec.json.encode(spec).decode()
+
+
+def decode_spec(text: str) -> WorkerSpec:
+    return msgspec.json.decode(text, type=WorkerSpec)

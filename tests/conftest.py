@@ -1,0 +1,175 @@
+"""Shared fixtures: the real bundled model, and real `lmx serve` processes
+on free loopback ports, each with its own temporary LMX home."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import yaml
+
+from lmx_supervisor.bundled_model import DEFAULT_MODEL_FILE, ensure_default_model
+
+MODEL_ID = DEFAULT_MODEL_FILE.removesuffix(".gguf")
+STARTUP_TIMEOUT = 60.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(predicate: Any, timeout: float, interval: float = 0.05, what: str = "") -> Any:
+    """Poll `predicate` until it returns something truthy; fail after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(interval)
+
+
+class LMXServer:
+    """A real `python -m lmx_gateway serve` subprocess."""
+
+    def __init__(self, home: Path, config: dict[str, Any], env: dict[str, str] | None = None
+                 ) -> None:
+        self.home = home
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.config_path = home / "config.yaml"
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.log_path = home / "server.log"
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("LMX_")}
+        full_env.update({"LMX_HOME": str(home), **(env or {})})
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "lmx_gateway", "serve", "--config", str(self.config_path),
+             "--port", str(self.port)],
+            env=full_env, stdout=self._log, stderr=subprocess.STDOUT,
+        )
+        self.http = httpx.Client(base_url=self.url, timeout=30)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_healthy(self, timeout: float = STARTUP_TIMEOUT) -> None:
+        def healthy() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited {self.proc.returncode}:\n{self.log()}")
+            with contextlib.suppress(httpx.HTTPError):
+                return self.http.get("/healthz").status_code == 200
+            return False
+        wait_until(healthy, timeout, what="/healthz")
+
+    def wait_ready(self, model_id: str | None = None, timeout: float = STARTUP_TIMEOUT) -> None:
+        self.wait_healthy(timeout)
+
+        def ready() -> bool:
+            if model_id is None:
+                return self.http.get("/readyz").status_code == 200
+            return self.model_state(model_id) == "ready"
+        wait_until(ready, timeout, what=f"model {model_id or 'any'} ready")
+
+    def admin_models(self) -> dict[str, dict[str, Any]]:
+        rows = self.http.get("/admin/models").json()["loaded"]
+        return {row["model_id"]: row for row in rows}
+
+    def model_state(self, model_id: str) -> str | None:
+        row = self.admin_models().get(model_id)
+        return None if row is None else str(row["state"])
+
+    def worker_pid(self, model_id: str) -> int:
+        pid = self.admin_models()[model_id]["pid"]
+        assert isinstance(pid, int)
+        return pid
+
+    def load(self, model_id: str, **extra: Any) -> httpx.Response:
+        return self.http.post("/admin/models/load", json={"model_id": model_id, **extra},
+                              timeout=120)
+
+    def openai(self, **kwargs: Any) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0,
+                             **kwargs)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 40) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.http.close()
+        self._log.close()
+        return int(self.proc.returncode)
+
+
+def base_config(models_dir: Path, **models: Any) -> dict[str, Any]:
+    return {
+        "models": {"models_directory": str(models_dir), "auto_load": [],
+                   "context_length": 2048, "n_threads": 2, **models},
+        "logging": {"level": "INFO", "format": "text"},
+    }
+
+
+@pytest.fixture(scope="session")
+def model_file() -> Path:
+    return ensure_default_model()
+
+
+@pytest.fixture
+def models_dir(tmp_path: Path, model_file: Path) -> Path:
+    directory = tmp_path / "models"
+    directory.mkdir()
+    (directory / model_file.name).symlink_to(model_file)
+    return directory
+
+
+@pytest.fixture
+def start_server(tmp_path: Path, models_dir: Path) -> Iterator[Any]:
+    """Factory: start_server(env=..., **models_section_overrides)."""
+    servers: list[LMXServer] = []
+
+    def start(env: dict[str, str] | None = None, config: dict[str, Any] | None = None,
+              **models: Any) -> LMXServer:
+        home = tmp_path / f"home{len(servers)}"
+        home.mkdir()
+        cfg = base_config(models_dir, **models)
+        for section, values in (config or {}).items():
+            cfg.setdefault(section, {}).update(values)
+        server = LMXServer(home, cfg, env)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop(signal.SIGKILL if server.proc.poll() is None else signal.SIGTERM)
+
+
+@pytest.fixture(scope="module")
+def shared_server(tmp_path_factory: pytest.TempPathFactory, model_file: Path
+                  ) -> Iterator[LMXServer]:
+    """One server with the bundled model loaded, for tests that only read."""
+    root = tmp_path_factory.mktemp("shared")
+    models = root / "models"
+    models.mkdir()
+    (models / model_file.name).symlink_to(model_file)
+    server = LMXServer(root, base_config(models, auto_load=[MODEL_ID]))
+    server.wait_ready(MODEL_ID)
+    yield server
+    server.stop()
