@@ -10,11 +10,11 @@ from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
 
-from lmx_supervisor.config import Config
-from lmx_supervisor.supervisor import Supervisor
 from lmx_gateway import routes_admin, routes_health, routes_inference
 from lmx_gateway.errors import EXCEPTION_HANDLERS
 from lmx_gateway.state import GatewayState
+from lmx_supervisor.config import Config
+from lmx_supervisor.supervisor import Supervisor
 
 log = logging.getLogger("lmx.gateway")
 
@@ -39,6 +39,6 @@ def create_app(config: Config) -> Starlette:
 
     return Starlette(
         routes=[*routes_health.ROUTES, *routes_inference.ROUTES, *routes_admin.ROUTES],
-        exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
+        exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
     )

@@ -11,9 +11,9 @@ import sys
 
 import uvicorn
 
-from lmx_supervisor.config import Config, ConfigError, load_config
 from lmx_gateway.app import create_app
 from lmx_gateway.logging_setup import setup_logging
+from lmx_supervisor.config import Config, ConfigError, load_config
 
 EXIT_CONFIG = 2
 EXIT_BIND = 1

@@ -10,11 +10,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from lmx_supervisor.managed_model import ManagedModel
 from lmx_gateway import __version__
 from lmx_gateway.body import read_json
 from lmx_gateway.schemas import LoadRequest, UnloadRequest
 from lmx_gateway.state import gateway_state
+from lmx_supervisor.managed_model import ManagedModel
 
 GB = 1024**3
 

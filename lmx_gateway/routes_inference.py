@@ -12,8 +12,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from lmx_protocol import Finished, Generate, Tokens
-from lmx_supervisor.errors import LMXError
 from lmx_gateway.body import read_json
 from lmx_gateway.errors import error_payload
 from lmx_gateway.generation import Generation, collect
@@ -21,6 +19,8 @@ from lmx_gateway.sampling import chat_generate, completion_generate
 from lmx_gateway.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from lmx_gateway.sse import DONE, EventStreamResponse, sse_data
 from lmx_gateway.state import GatewayState, gateway_state
+from lmx_protocol import Finished, Generate, Tokens
+from lmx_supervisor.errors import LMXError
 
 
 def _usage(finished: Finished) -> dict[str, int]:
@@ -122,7 +122,8 @@ def _request_id() -> str:
 
 async def chat_completions(request: Request) -> Response:
     state = gateway_state(request)
-    req = await read_json(request, ChatCompletionRequest, state.config.server.max_request_body_bytes)
+    limit = state.config.server.max_request_body_bytes
+    req = await read_json(request, ChatCompletionRequest, limit)
     frame = chat_generate(req, _request_id())
 
     def render(cid: str, text: str, fin: Finished) -> dict[str, Any]:

@@ -3,9 +3,9 @@ spellings clients use, refuse what would otherwise be silently ignored."""
 
 from __future__ import annotations
 
+from lmx_gateway.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields, TextPart
 from lmx_protocol import ChatMessage, Generate, SamplingParams
 from lmx_supervisor.errors import BadRequest
-from lmx_gateway.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields, TextPart
 
 UNSUPPORTED = "unsupported_parameter"
 

@@ -19,9 +19,11 @@ def encode(frame: Frame) -> bytes:
 
 def decode_from_supervisor(data: bytes) -> ToWorker:
     """Decode a frame a worker received. Raises msgspec.DecodeError."""
-    return _to_worker.decode(data)
+    frame: ToWorker = _to_worker.decode(data)
+    return frame
 
 
 def decode_from_worker(data: bytes) -> FromWorker:
     """Decode a frame the supervisor received. Raises msgspec.DecodeError."""
-    return _from_worker.decode(data)
+    frame: FromWorker = _from_worker.decode(data)
+    return frame

@@ -10,6 +10,7 @@ that times out checks whether it was handed one at the last moment.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 
 
@@ -61,7 +62,5 @@ class AdmissionGate:
         self.limit = limit
 
     def _discard(self, fut: asyncio.Future[None]) -> None:
-        try:
+        with contextlib.suppress(ValueError):
             self._waiters.remove(fut)
-        except ValueError:
-            pass

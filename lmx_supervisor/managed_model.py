@@ -10,7 +10,7 @@ import itertools
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -181,8 +181,9 @@ class ManagedModel:
         self.worker = worker
         # Wait on the socket and the process together: a segfault while
         # loading is reported at once, with its signal, not as a timeout.
+        waiters: set[asyncio.Future[Any]] = {startup, worker.exited}
         done, _ = await asyncio.wait(
-            {startup, worker.exited}, timeout=self.settings.loader_timeout_sec,
+            waiters, timeout=self.settings.loader_timeout_sec,
             return_when=asyncio.FIRST_COMPLETED,
         )
         if startup in done and isinstance(startup.result(), Ready):
@@ -312,7 +313,7 @@ class ManagedModel:
                     f"Model '{self.model_id}' is still {self.state}; try again shortly",
                     headers={"Retry-After": "5"}) from None
 
-    async def generate(self, request: Generate) -> AsyncIterator[Tokens | Finished]:
+    async def generate(self, request: Generate) -> AsyncGenerator[Tokens | Finished, None]:
         """Run one request; yields Tokens then one Finished. Raises an
         LMXError for any failure. Closing the iterator early aborts the
         generation in the worker."""
@@ -331,7 +332,7 @@ class ManagedModel:
         finally:
             self.gate.release()
 
-    async def _run(self, request: Generate) -> AsyncIterator[Tokens | Finished]:
+    async def _run(self, request: Generate) -> AsyncGenerator[Tokens | Finished, None]:
         queue: asyncio.Queue[Item] = asyncio.Queue()
         rid = request.request_id
         self._inflight[rid] = queue

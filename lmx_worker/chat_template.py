@@ -20,7 +20,7 @@ class GenerationTag(jinja2.ext.Extension):
     """Accepts HF's `{% generation %}…{% endgeneration %}` markers (used for
     training masks) and renders their body unchanged."""
 
-    tags = {"generation"}
+    tags = {"generation"}  # noqa: RUF012 (jinja2 declares it an instance attribute)
 
     def parse(self, parser: jinja2.parser.Parser) -> list[jinja2.nodes.Node]:
         next(parser.stream)

@@ -49,9 +49,8 @@ class _Running:
 
 class LlamaCppEngine:
     backend = "llama_cpp"
-    capabilities = ["chat", "completions"]
-
     def __init__(self, spec: WorkerSpec) -> None:
+        self.capabilities = ["chat", "completions"]
         self.backend_version = str(llama_cpp.__version__)
         self.llm = llama_cpp.Llama(
             model_path=spec.model_path,

@@ -63,6 +63,7 @@ class LMXServer:
             env=full_env, stdout=self._log, stderr=subprocess.STDOUT,
         )
         self.http = httpx.Client(base_url=self.url, timeout=30)
+        self._clients: list[openai.OpenAI] = []
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -103,8 +104,10 @@ class LMXServer:
                               timeout=120)
 
     def openai(self, **kwargs: Any) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0,
-                             **kwargs)
+        client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0,
+                               **kwargs)
+        self._clients.append(client)  # closed in stop(): no socket left to the GC
+        return client
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 40) -> int:
         if self.proc.poll() is None:
@@ -115,6 +118,8 @@ class LMXServer:
                 self.proc.kill()
                 self.proc.wait()
         self.http.close()
+        for client in self._clients:
+            client.close()
         self._log.close()
         return int(self.proc.returncode)
 
