@@ -176,10 +176,9 @@ def _explain(exc: msgspec.ValidationError) -> str:
     operator wants 'server.port: expected `int`, got `str`'."""
     text = str(exc)
     match = _AT_PATH.search(text)
-    if not match:
-        return f"config: {text}"
-    where = match.group(1).replace("[", ".").replace("]", "").replace("'", "")
-    what = text[: match.start()]
+    where = match.group(1) if match else ""
+    where = where.replace("[", ".").replace("]", "").replace("'", "")
+    what = text[: match.start()] if match else text
     unknown = re.match(r"Object contains unknown field `(.+)`", what)
     if unknown:
         key = f"{where}.{unknown.group(1)}" if where else unknown.group(1)
