@@ -12,6 +12,7 @@ from starlette.applications import Starlette
 
 from lmx_gateway import routes_admin, routes_health, routes_inference
 from lmx_gateway.errors import EXCEPTION_HANDLERS
+from lmx_gateway.events import EventBus
 from lmx_gateway.state import GatewayState
 from lmx_supervisor.config import Config
 from lmx_supervisor.supervisor import Supervisor
@@ -22,9 +23,10 @@ log = logging.getLogger("lmx.gateway")
 def create_app(config: Config) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        supervisor = Supervisor(config)
+        events = EventBus()
+        supervisor = Supervisor(config, emit=events.publish)
         await supervisor.start()
-        app.state.lmx = GatewayState(config=config, supervisor=supervisor)
+        app.state.lmx = GatewayState(config=config, supervisor=supervisor, events=events)
         # Load in the background: /healthz answers (and /readyz says 503)
         # while models are still loading.
         loader = asyncio.create_task(supervisor.auto_load(), name="lmx-auto-load")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import psutil
@@ -13,6 +14,7 @@ from starlette.routing import Route
 from lmx_gateway import __version__
 from lmx_gateway.body import read_json
 from lmx_gateway.schemas import LoadRequest, UnloadRequest
+from lmx_gateway.sse import EventStreamResponse, sse_event
 from lmx_gateway.state import gateway_state
 from lmx_supervisor.managed_model import ManagedModel
 
@@ -107,7 +109,20 @@ async def status(request: Request) -> Response:
     })
 
 
+async def events(request: Request) -> Response:
+    state = gateway_state(request)
+    heartbeat = state.config.server.sse_heartbeat_interval_sec
+
+    async def body() -> AsyncGenerator[bytes, None]:
+        yield b": connected\n\n"  # flush headers so clients see the stream open
+        async for event in state.events.stream(heartbeat):
+            yield sse_event(event.type, event.payload())
+
+    return EventStreamResponse(body())
+
+
 ROUTES = [
+    Route("/admin/events", events, methods=["GET"]),
     Route("/admin/models", list_loaded, methods=["GET"]),
     Route("/admin/models/load", load_model, methods=["POST"]),
     Route("/admin/models/unload", unload_model, methods=["POST"]),

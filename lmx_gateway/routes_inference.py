@@ -113,7 +113,7 @@ async def _respond(request: Request, req: SamplingFields, frame: Generate, kind:
     assert first is not None
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     shape = ChunkShape(kind, completion_id, model.model_id, include_usage)
-    return EventStreamResponse(_stream(gen, first, shape, state))  # type: ignore[return-value]
+    return EventStreamResponse(_stream(gen, first, shape, state))
 
 
 def _request_id() -> str:

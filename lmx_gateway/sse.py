@@ -15,6 +15,7 @@ from typing import Any
 
 import anyio
 import msgspec
+from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 _json = msgspec.json.Encoder()
@@ -30,21 +31,26 @@ def sse_event(event: str, payload: Any) -> bytes:
     return f"event: {event}\n".encode() + sse_data(payload)
 
 
-class EventStreamResponse:
+class EventStreamResponse(Response):
     def __init__(self, events: AsyncGenerator[bytes, None],
                  headers: dict[str, str] | None = None) -> None:
+        # Response.__init__ is skipped on purpose: it would render a body and
+        # a content-length; a stream has neither.
         self.events = events
-        self.headers = {
+        self.status_code = 200
+        self.background = None
+        merged = {
             "content-type": "text/event-stream; charset=utf-8",
             "cache-control": "no-cache",
             "x-accel-buffering": "no",  # proxies must not buffer tokens
             **(headers or {}),
         }
+        self.raw_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in merged.items()]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        raw_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in self.headers.items()]
         try:
-            await send({"type": "http.response.start", "status": 200, "headers": raw_headers})
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": self.raw_headers})
             async with anyio.create_task_group() as group:
 
                 async def pump() -> None:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from starlette.requests import Request
 
+from lmx_gateway.events import EventBus
 from lmx_supervisor.config import Config
 from lmx_supervisor.supervisor import Supervisor
 
@@ -16,6 +17,7 @@ from lmx_supervisor.supervisor import Supervisor
 class GatewayState:
     config: Config
     supervisor: Supervisor
+    events: EventBus
     started_monotonic: float = field(default_factory=time.monotonic)
     in_flight: int = 0
 

@@ -48,7 +48,7 @@ from lmx_worker.spec import WorkerSpec
 
 log = logging.getLogger("lmx.supervisor")
 
-EventSink = Callable[[str, dict[str, Any]], None]
+EventSink = Callable[[str, dict[str, Any]], object]
 # What a request's queue carries: worker frames, or the error that ends it.
 Item = Tokens | Finished | Failed | LMXError
 

@@ -63,7 +63,7 @@ def test_segfault_on_load_is_reported_fast(start_server: Any) -> None:
     error = resp.json()["error"]
     assert error["code"] == "model_loader_crashed"
     assert "SIGSEGV" in error["message"]
-    assert elapsed < 2.0 + 1.5, f"took {elapsed:.2f}s"  # well under the 60 s loader timeout
+    assert elapsed < 2.0, f"took {elapsed:.2f}s"  # not the 60 s loader timeout
     assert server.http.get("/healthz").status_code == 200
 
 
@@ -176,3 +176,45 @@ def test_sigterm_gateway_exits_cleanly(start_server: Any) -> None:
     assert result["body"]["usage"]["completion_tokens"] == 40
     assert not _alive(workers)
     assert "Traceback" not in server.log()
+
+
+def test_worker_exit_before_and_during_response(start_server: Any) -> None:
+    server: LMXServer = start_server(
+        env={"LMX_FAILPOINTS": "early=exit_mid_stream:0,late=exit_mid_stream:3"})
+    server.wait_healthy()
+    for name in ("early", "late"):
+        assert server.load(MODEL_ID, served_name=name).status_code == 200
+    # Died before the first token: the client gets a real 503, not a 200.
+    early = server.http.post("/v1/chat/completions",
+                             json={"model": "early", **CHAT, "stream": True})
+    assert early.status_code == 503
+    assert early.json()["error"]["code"] == "worker_crashed"
+    assert "exited with code 70" in early.json()["error"]["message"]
+    # Died after streaming began: a final error chunk, then [DONE].
+    late = server.http.post("/v1/chat/completions",
+                            json={"model": "late", **CHAT, "stream": True, "max_tokens": 50})
+    assert late.status_code == 200
+    data = [line for line in late.text.splitlines() if line.startswith("data: ")]
+    assert data[-1] == "data: [DONE]"
+    assert '"worker_crashed"' in data[-2]
+    assert sum('"content"' in line for line in data) >= 3
+    assert server.http.get("/healthz").status_code == 200
+
+
+def test_events_stream_reports_lifecycle(start_server: Any) -> None:
+    server: LMXServer = start_server(config={"server": {"sse_heartbeat_interval_sec": 0.5}})
+    server.wait_healthy()
+    seen: list[str] = []
+    with httpx.Client(base_url=server.url, timeout=30) as watcher, \
+            watcher.stream("GET", "/admin/events") as events:
+        assert events.status_code == 200
+        lines = events.iter_lines()
+        assert server.load(MODEL_ID).status_code == 200
+        os.kill(server.worker_pid(MODEL_ID), signal.SIGKILL)
+        for line in lines:
+            if line.startswith("event: "):
+                seen.append(line[len("event: "):])
+            if "worker_restarted" in seen:
+                break
+    assert "model_loaded" in seen
+    assert seen.index("worker_crashed") < seen.index("worker_restarted")
