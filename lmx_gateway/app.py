@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
 
-from lmx_gateway import routes_admin, routes_health, routes_inference
+from lmx_gateway import routes_admin, routes_dashboard, routes_health, routes_inference
 from lmx_gateway.errors import EXCEPTION_HANDLERS
 from lmx_gateway.events import EventBus
 from lmx_gateway.state import GatewayState
@@ -40,7 +40,8 @@ def create_app(config: Config) -> Starlette:
             await supervisor.shutdown()
 
     return Starlette(
-        routes=[*routes_health.ROUTES, *routes_inference.ROUTES, *routes_admin.ROUTES],
+        routes=[*routes_health.ROUTES, *routes_inference.ROUTES, *routes_admin.ROUTES,
+                *routes_dashboard.ROUTES],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
     )
