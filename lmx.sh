@@ -6,7 +6,8 @@
 #
 # Bootstrap is idempotent and silent when there is nothing to do: it creates .venv, installs the
 # project when pyproject.toml changed, installs OpenBLAS where it can, and fetches the bundled
-# default model. Set PYTHON to choose the interpreter used to create .venv.
+# default model. `test` also installs chromium and prometheus (promtool) where it can. Set
+# PYTHON to choose the interpreter used to create .venv.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -90,6 +91,27 @@ ensure_openblas() {
     return 0
 }
 
+ensure_test_tools() {
+    # The dashboard test drives Debian's chromium (no browser download by Playwright) and the
+    # deploy test runs promtool from the prometheus package. Same rules as ensure_openblas:
+    # only as root on Debian-style systems, quietly, and never fatal (those tests then skip).
+    [[ "$(uname -s)" == Linux ]] || return 0
+    [[ "$(id -u)" -eq 0 ]] || return 0
+    command -v apt-get >/dev/null 2>&1 || return 0
+    command -v dpkg >/dev/null 2>&1 || return 0
+    local pkg missing=()
+    for pkg in chromium prometheus; do
+        dpkg -s "$pkg" 2>/dev/null | grep -q '^Status: install ok installed' || missing+=("$pkg")
+    done
+    [[ ${#missing[@]} -eq 0 ]] && return 0
+    say "installing ${missing[*]} (headless browser and promtool for the tests)"
+    if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+        "${missing[@]}"; } >/dev/null 2>&1; then
+        say "warning: could not install ${missing[*]}; the tests that need them will skip"
+    fi
+    return 0
+}
+
 bootstrap() {
     ensure_venv
     ensure_openblas
@@ -108,6 +130,7 @@ case "$cmd" in
         ;;
     test)
         bootstrap
+        ensure_test_tools
         # Run from the repo root so pyproject's pytest settings (testpaths, filterwarnings) apply.
         cd "$ROOT"
         exec "$VPY" -m pytest "$@"
