@@ -13,20 +13,25 @@ from starlette.applications import Starlette
 from lmx_gateway import routes_admin, routes_dashboard, routes_health, routes_inference
 from lmx_gateway.errors import EXCEPTION_HANDLERS
 from lmx_gateway.events import EventBus
+from lmx_gateway.presets import load_presets
+from lmx_gateway.routes_control import ROUTES as CONTROL_ROUTES
 from lmx_gateway.state import GatewayState
-from lmx_supervisor.config import Config
+from lmx_supervisor.config import Config, ConfigSource
 from lmx_supervisor.supervisor import Supervisor
 
 log = logging.getLogger("lmx.gateway")
 
 
-def create_app(config: Config) -> Starlette:
+def create_app(config: Config, config_source: ConfigSource | None = None) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         events = EventBus()
         supervisor = Supervisor(config, emit=events.publish)
         await supervisor.start()
-        app.state.lmx = GatewayState(config=config, supervisor=supervisor, events=events)
+        app.state.lmx = GatewayState(
+            config=config, supervisor=supervisor, events=events,
+            config_source=config_source or ConfigSource(),
+            presets=await asyncio.to_thread(load_presets))
         # Load in the background: /healthz answers (and /readyz says 503)
         # while models are still loading.
         loader = asyncio.create_task(supervisor.auto_load(), name="lmx-auto-load")
@@ -40,7 +45,8 @@ def create_app(config: Config) -> Starlette:
             await supervisor.shutdown()
 
     return Starlette(
-        routes=[*routes_health.ROUTES, *routes_inference.ROUTES, *routes_admin.ROUTES,
+        routes=[*CONTROL_ROUTES,
+                *routes_health.ROUTES, *routes_inference.ROUTES, *routes_admin.ROUTES,
                 *routes_dashboard.ROUTES],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,

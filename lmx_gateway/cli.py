@@ -13,7 +13,7 @@ import uvicorn
 
 from lmx_gateway.app import create_app
 from lmx_gateway.logging_setup import setup_logging
-from lmx_supervisor.config import Config, ConfigError, load_config
+from lmx_supervisor.config import Config, ConfigError, ConfigSource, load_config
 
 EXIT_CONFIG = 2
 EXIT_BIND = 1
@@ -55,7 +55,7 @@ def serve(args: argparse.Namespace) -> int:
                          "(set --port or LMX_SERVER__PORT)", EXIT_BIND)
         return _fail(f"cannot listen on {host}:{port}: {exc.strerror}", EXIT_BIND)
     uv_config = uvicorn.Config(
-        create_app(config),
+        create_app(config, ConfigSource(args.config, env)),
         log_config=None,
         log_level=config.logging.level.lower(),
         timeout_graceful_shutdown=int(config.server.shutdown_drain_timeout_sec),

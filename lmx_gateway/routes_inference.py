@@ -15,6 +15,7 @@ from starlette.routing import Route
 from lmx_gateway.body import read_json
 from lmx_gateway.errors import error_payload
 from lmx_gateway.generation import Generation, collect
+from lmx_gateway.routing import route_request
 from lmx_gateway.sampling import chat_generate, completion_generate
 from lmx_gateway.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from lmx_gateway.sse import DONE, EventStreamResponse, sse_data
@@ -123,7 +124,8 @@ def _request_id() -> str:
 async def chat_completions(request: Request) -> Response:
     state = gateway_state(request)
     limit = state.config.server.max_request_body_bytes
-    req = await read_json(request, ChatCompletionRequest, limit)
+    # Aliases, presets and `default` resolve here; `req.model` becomes the real id.
+    req = route_request(state, await read_json(request, ChatCompletionRequest, limit))
     frame = chat_generate(req, _request_id())
 
     def render(cid: str, text: str, fin: Finished) -> dict[str, Any]:
@@ -139,6 +141,7 @@ async def chat_completions(request: Request) -> Response:
 async def completions(request: Request) -> Response:
     state = gateway_state(request)
     req = await read_json(request, CompletionRequest, state.config.server.max_request_body_bytes)
+    req = route_request(state, req)
     frame = completion_generate(req, _request_id())
 
     def render(cid: str, text: str, fin: Finished) -> dict[str, Any]:

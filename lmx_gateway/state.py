@@ -3,13 +3,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 
 from starlette.requests import Request
 
 from lmx_gateway.events import EventBus
-from lmx_supervisor.config import Config
+from lmx_gateway.presets import PresetSet
+from lmx_supervisor.config import Config, ConfigSource
 from lmx_supervisor.supervisor import Supervisor
 
 
@@ -19,6 +21,10 @@ class GatewayState:
     supervisor: Supervisor
     events: EventBus
     started_monotonic: float = field(default_factory=time.monotonic)
+    # Where `config` was read from; POST /admin/config/reload reads it again.
+    config_source: ConfigSource = field(default_factory=ConfigSource)
+    presets: PresetSet = field(default_factory=PresetSet)
+    reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     in_flight: int = 0
 
     @property

@@ -155,6 +155,7 @@ class WorkerStats(msgspec.Struct, omit_defaults=True, gc=False):
     active_requests: int = 0
     queued_requests: int = 0
     rss_bytes: int = 0
+    prompt_tokens_cached: int = 0  # prompt tokens served from the prefix cache
 
 
 class Pong(Frame, tag="pong"):

@@ -51,7 +51,8 @@ class AdmissionGate:
             raise
 
     def release(self) -> None:
-        while self._waiters:
+        # Over a lowered limit a freed permit retires instead of passing on.
+        while self._waiters and self.active <= self.limit:
             fut = self._waiters.popleft()
             if not fut.done():
                 fut.set_result(None)  # the permit passes on; active unchanged
@@ -59,7 +60,14 @@ class AdmissionGate:
         self.active -= 1
 
     def resize(self, limit: int) -> None:
+        """Change the limit in place (config reload). Raising it admits
+        waiters now; lowering it takes effect as permits are released."""
         self.limit = limit
+        while self._waiters and self.active < self.limit:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                self.active += 1
 
     def _discard(self, fut: asyncio.Future[None]) -> None:
         with contextlib.suppress(ValueError):

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -58,6 +60,9 @@ class ModelsConfig(Section):
     adaptive_latency_target_ms: PositiveFloat = 2500
     # LMX's own keys: how workers are run and supervised.
     context_length: PositiveInt = 4096
+    # Requests one worker decodes together (llama.cpp sequences sharing a
+    # batch); each slot may use up to context_length tokens.
+    parallel_slots: PositiveInt = 4
     n_threads: PositiveInt | None = None
     crash_loop_max_crashes: PositiveInt = 3
     crash_loop_window_sec: PositiveFloat = 60
@@ -208,3 +213,20 @@ def load_config(explicit: str | None = None, environ: dict[str, str] | None = No
             "security.inference_api_key to be set"
         )
     return config
+
+
+@dataclass(frozen=True)
+class ConfigSource:
+    """Where the running config came from, so `POST /admin/config/reload`
+    reads the same place: the `--config` path (or, without one, the search
+    order again) and the env overrides the server started with, CLI flags
+    such as `--port` included (they keep their precedence over the file)."""
+
+    explicit: str | None = None
+    environ: Mapping[str, str] | None = None  # None: os.environ at load time
+
+    def path(self) -> Path | None:
+        return find_config_file(self.explicit)
+
+    def load(self) -> Config:
+        return load_config(self.explicit, None if self.environ is None else dict(self.environ))

@@ -68,6 +68,7 @@ class ModelSettings:
     stop_grace_sec: float = 5
     context_length: int = 4096
     n_threads: int | None = None
+    parallel_slots: int = 1
 
 
 class ManagedModel:
@@ -172,6 +173,7 @@ class ManagedModel:
             worker_id=worker_id, model_id=self.model_id, model_path=str(self.path),
             backend=self.backend, address=self._hub.address,
             context_length=self.settings.context_length, n_threads=self.settings.n_threads,
+            parallel_slots=self.settings.parallel_slots,
         )
         started = time.monotonic()
         try:

@@ -24,6 +24,10 @@ from lmx_supervisor.transport import RouterHub
 
 log = logging.getLogger("lmx.supervisor")
 
+# ModelSettings baked into a worker when it is spawned: a config reload leaves
+# them alone for running models (a restart after a crash must not change them).
+SPAWN_TIME_SETTINGS = ("context_length", "n_threads", "parallel_slots")
+
 
 def settings_from(config: Config, model_id: str) -> ModelSettings:
     m = config.models
@@ -39,6 +43,7 @@ def settings_from(config: Config, model_id: str) -> ModelSettings:
         stop_grace_sec=m.stop_grace_sec,
         context_length=m.context_length,
         n_threads=m.n_threads,
+        parallel_slots=m.parallel_slots,
     )
 
 
@@ -125,6 +130,34 @@ class Supervisor:
                     self._models.pop(resolved.model_id, None)
                 raise
             return model, False
+
+    def reconfigure(self, config: Config) -> list[str]:
+        """Adopt a reloaded config without touching any worker. Settings read
+        per request or per restart (concurrency, admission wait, crash-loop
+        limits, backoff, grace) apply at once; those fixed when a worker is
+        spawned keep their running values until the model is loaded again.
+        A change to the models section lifts quarantines (the change may be
+        the fix): their crash history is cleared, so the next load is allowed.
+        Returns the ids whose quarantine was lifted."""
+        models_changed = config.models != self.config.models
+        self.config = config
+        for model in self._models.values():
+            fresh = settings_from(config, model.model_id)
+            for name in SPAWN_TIME_SETTINGS:
+                if hasattr(fresh, name):
+                    setattr(fresh, name, getattr(model.settings, name))
+            model.settings = fresh
+            model.gate.resize(fresh.max_concurrent_requests)
+        for history in self._histories.values():
+            history.max_crashes = config.models.crash_loop_max_crashes
+            history.window_sec = config.models.crash_loop_window_sec
+        lifted: list[str] = []
+        if models_changed:
+            for model in self._models.values():
+                if model.state is ModelState.QUARANTINED:
+                    model.history.clear()
+                    lifted.append(model.model_id)
+        return lifted
 
     async def unload(self, model_id: str) -> ManagedModel:
         async with self._locks[model_id]:

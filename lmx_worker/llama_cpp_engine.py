@@ -1,10 +1,14 @@
-"""llama.cpp backend (llama-cpp-python) for GGUF models.
+"""llama.cpp backend (llama-cpp-python's low-level API) for GGUF models.
 
-One context, one running request at a time for now; further requests wait
-in FIFO order. Each `step()` samples exactly one token, so the worker loop
-sees Aborts between tokens. Prompt templating uses the chat template stored
-in the GGUF metadata; llama.cpp's own KV prefix reuse makes a follow-up turn
-recompute only its new suffix.
+Concurrent requests decode together in one context, the way llama-server's
+parallel slots do: each request owns a KV sequence (a slot), and every
+`step()` builds one batch holding the next token of every decoding sequence
+plus a chunk of any prompt still being read, runs one `llama_decode`, and
+samples one token per sequence with that request's own sampler chain.
+
+A slot keeps the tokens of its last request in the KV cache after it ends; a
+new request goes to the free slot sharing the longest prefix with its prompt
+and only decodes the rest (prefix cache). Aborts free the slot at once.
 """
 
 from __future__ import annotations
@@ -13,68 +17,111 @@ import ctypes
 import os
 import random
 from collections import deque
-from collections.abc import Generator
 from dataclasses import dataclass, field
 
 import llama_cpp
 import msgspec
 import psutil
+from llama_cpp import _internals as internals
 
-from lmx_protocol import (
-    ErrorCode,
-    Failed,
-    Finished,
-    FinishReason,
-    Generate,
-    Tokens,
-    WorkerStats,
-)
+from lmx_protocol import ErrorCode, Failed, Finished, FinishReason, Generate, Tokens, WorkerStats
 from lmx_worker.chat_template import ChatTemplate
 from lmx_worker.engine import RequestError, StepOutput
 from lmx_worker.spec import WorkerSpec
 from lmx_worker.text_stream import TextStream
 
 _PIECE_BUFFER = 256
+_PENALTY_LAST_N = 64
+_backend_ready = False
+
+
+def _init_backend() -> None:
+    global _backend_ready
+    if not _backend_ready:
+        llama_cpp.llama_backend_init()
+        _backend_ready = True
 
 
 @dataclass
-class _Running:
+class _Job:
     request: Generate
-    prompt_tokens: int
-    max_new: int
-    tokens: Generator[int, None, None]
+    prompt: list[int]
+    sampler: internals.LlamaSampler
     stream: TextStream
+    max_new: int
+    to_prefill: list[int] = field(default_factory=list)
     generated: list[int] = field(default_factory=list)
+    next_token: int | None = None  # sampled, not yet in the KV cache
+
+
+@dataclass
+class _Slot:
+    seq_id: int
+    cached: list[int] = field(default_factory=list)  # tokens whose KV is in the cache
+    job: _Job | None = None
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 class LlamaCppEngine:
     backend = "llama_cpp"
+
     def __init__(self, spec: WorkerSpec) -> None:
+        _init_backend()
+        verbose = os.environ.get("LMX_WORKER_LOG_LEVEL") == "DEBUG"
         self.capabilities = ["chat", "completions"]
         self.backend_version = str(llama_cpp.__version__)
-        self.llm = llama_cpp.Llama(
-            model_path=spec.model_path,
-            n_ctx=spec.context_length,
-            n_threads=spec.n_threads or None,
-            n_batch=512,
-            verbose=os.environ.get("LMX_WORKER_LOG_LEVEL") == "DEBUG",
-        )
-        self.context_length = self.llm.n_ctx()
-        model = self.llm._model
-        self._vocab = model.vocab
-        self._add_bos = bool(model.add_bos_token())
+        self.slot_context = spec.context_length
+        self.n_batch = 512
+        slots = max(1, spec.parallel_slots)
+        self.model = internals.LlamaModel(path_model=spec.model_path,
+                                          params=llama_cpp.llama_model_default_params(),
+                                          verbose=verbose)
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = self.slot_context * slots
+        params.n_batch = self.n_batch
+        params.n_ubatch = self.n_batch
+        params.n_seq_max = slots
+        # One KV pool for all sequences: any slot may use up to slot_context
+        # cells, and idle slots' cached prefixes share the pool.
+        params.kv_unified = True
+        # llama-cpp-python's Llama disables flash attention by default; match
+        # it so a request computes the same logits here as in-process.
+        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        threads = spec.n_threads or os.cpu_count() or 1
+        params.n_threads = threads
+        params.n_threads_batch = threads
+        self.ctx = internals.LlamaContext(model=self.model, params=params, verbose=verbose)
+        self.context_length = self.slot_context
+        self._vocab = self.model.vocab
+        self._n_vocab = self.model.n_vocab()
+        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, slots)
         self._piece = ctypes.create_string_buffer(_PIECE_BUFFER)
-        template = self.llm.metadata.get("tokenizer.chat_template")
-        self.chat_template = None
-        if template:
-            eos, bos = self.llm.token_eos(), self.llm.token_bos()
-            self.chat_template = ChatTemplate(
-                template,
-                bos_token=model.token_get_text(bos) if bos != -1 else "",
-                eos_token=model.token_get_text(eos) if eos != -1 else "",
-            )
-        self._pending: deque[tuple[Generate, list[int]]] = deque()
-        self._running: _Running | None = None
+        self._add_bos = bool(self.model.add_bos_token())
+        self._eog = {t for t in range(self._n_vocab)
+                     if llama_cpp.llama_vocab_is_eog(self._vocab, t)}
+        self.chat_template = self._load_template()
+        self._slots = [_Slot(i) for i in range(slots)]
+        self._pending: deque[_Job] = deque()
+        self.cached_prompt_tokens = 0
+
+    def _load_template(self) -> ChatTemplate | None:
+        template = self.model.metadata().get("tokenizer.chat_template")
+        if not template:
+            return None
+        eos, bos = self.model.token_eos(), self.model.token_bos()
+        return ChatTemplate(
+            template,
+            bos_token=self.model.token_get_text(bos) if bos != -1 else "",
+            eos_token=self.model.token_get_text(eos) if eos != -1 else "",
+        )
 
     def memory_bytes(self) -> int:
         return int(psutil.Process().memory_info().rss)
@@ -86,60 +133,171 @@ class LlamaCppEngine:
             if self.chat_template is None:
                 raise RequestError("unsupported_feature",
                                    "this model has no chat template; use /v1/completions")
-            messages = [msgspec.structs.asdict(m) for m in request.messages]
-            for message in messages:
-                for key in [k for k, v in message.items() if v is None]:
-                    del message[key]
+            messages = [{k: v for k, v in msgspec.structs.asdict(m).items() if v is not None}
+                        for m in request.messages]
             text = self.chat_template.render(messages, request.add_generation_prompt)
             # The template writes BOS itself when the model wants one.
-            return list(self.llm.tokenize(text.encode(), add_bos=False, special=True))
-        prompt = request.prompt or ""
-        return list(self.llm.tokenize(prompt.encode(), add_bos=self._add_bos, special=True))
+            return list(self.model.tokenize(text.encode(), add_bos=False, special=True))
+        prompt = (request.prompt or "").encode()
+        return list(self.model.tokenize(prompt, add_bos=self._add_bos, special=True))
+
+    def _sampler(self, request: Generate) -> internals.LlamaSampler:
+        p = request.params
+        sampler = internals.LlamaSampler()
+        if p.ignore_eos:
+            sampler.add_logit_bias(self._n_vocab, {t: float("-inf") for t in self._eog})
+        if (p.repetition_penalty, p.frequency_penalty, p.presence_penalty) != (1.0, 0.0, 0.0):
+            sampler.add_penalties(self._n_vocab, _PENALTY_LAST_N, p.repetition_penalty,
+                                  p.frequency_penalty, p.presence_penalty)
+        if p.temperature == 0:
+            sampler.add_greedy()
+            return sampler
+        if p.top_k > 0:
+            sampler.add_top_k(p.top_k)
+        if p.top_p < 1.0:
+            sampler.add_top_p(p.top_p, 1)
+        if p.min_p > 0.0:
+            sampler.add_min_p(p.min_p, 1)
+        sampler.add_temp(p.temperature)
+        # Without a seed, a fresh one per request: two unseeded requests must
+        # not produce the same "random" text.
+        sampler.add_dist(p.seed if p.seed is not None else random.getrandbits(31))
+        return sampler
 
     def add(self, request: Generate) -> None:
-        tokens = self._prompt_tokens(request)
-        if not tokens:
+        prompt = self._prompt_tokens(request)
+        if not prompt:
             raise RequestError("invalid_request", "the prompt is empty")
-        if len(tokens) >= self.context_length:
+        if len(prompt) >= self.slot_context:
             raise RequestError(
                 "context_length_exceeded",
-                f"prompt is {len(tokens)} tokens; the context holds {self.context_length}")
-        self._pending.append((request, tokens))
+                f"prompt is {len(prompt)} tokens; the context holds {self.slot_context}")
+        room = self.slot_context - len(prompt)
+        p = request.params
+        max_new = min(p.max_tokens, room) if p.max_tokens is not None else room
+        self._pending.append(_Job(request, prompt, self._sampler(request), TextStream(p.stop),
+                                  max_new))
 
     def abort(self, request_id: str) -> list[StepOutput]:
-        running = self._running
-        if running is not None and running.request.request_id == request_id:
-            running.tokens.close()
-            self._running = None
-            return [self._finish(running, FinishReason.ABORT, "")]
-        for item in self._pending:
-            if item[0].request_id == request_id:
-                self._pending.remove(item)
-                return [Finished(request_id, FinishReason.ABORT, len(item[1]), 0)]
+        for slot in self._slots:
+            if slot.job is not None and slot.job.request.request_id == request_id:
+                job = slot.job
+                slot.job = None
+                return [self._finished(job, FinishReason.ABORT, "")]
+        for job in self._pending:
+            if job.request.request_id == request_id:
+                self._pending.remove(job)
+                return [Finished(request_id, FinishReason.ABORT, len(job.prompt), 0)]
         return []
 
     def has_work(self) -> bool:
-        return self._running is not None or bool(self._pending)
+        return bool(self._pending) or any(s.job for s in self._slots)
 
     def fill_stats(self, stats: WorkerStats) -> None:
-        stats.active_requests = 1 if self._running else 0
+        stats.active_requests = sum(1 for s in self._slots if s.job)
         stats.queued_requests = len(self._pending)
+        stats.prompt_tokens_cached = self.cached_prompt_tokens
 
-    # --- decoding -------------------------------------------------------------
+    # --- scheduling -----------------------------------------------------------
 
-    def _start(self, request: Generate, prompt: list[int]) -> _Running:
-        p = request.params
-        # Per-request seed; without one, a fresh random seed per request so
-        # two unseeded requests do not produce the same "random" text.
-        self.llm.set_seed(p.seed if p.seed is not None else random.getrandbits(31))
-        room = self.context_length - len(prompt)
-        max_new = min(p.max_tokens, room) if p.max_tokens is not None else room
-        tokens = self.llm.generate(
-            prompt, top_k=p.top_k, top_p=p.top_p, min_p=p.min_p, typical_p=1.0,
-            temp=p.temperature, repeat_penalty=p.repetition_penalty,
-            frequency_penalty=p.frequency_penalty, presence_penalty=p.presence_penalty,
-            reset=True)
-        return _Running(request, len(prompt), max_new, tokens, TextStream(p.stop))
+    def _admit(self) -> None:
+        """Give each waiting request the free slot whose cached tokens share
+        the longest prefix with its prompt; drop the rest of that slot's KV."""
+        while self._pending:
+            free = [s for s in self._slots if s.job is None]
+            if not free:
+                return
+            job = self._pending.popleft()
+            slot = max(free, key=lambda s: _common_prefix(s.cached, job.prompt))
+            keep = _common_prefix(slot.cached, job.prompt)
+            if keep == len(job.prompt):
+                keep -= 1  # at least one token must be decoded to get logits
+            llama_cpp.llama_memory_seq_rm(self.ctx.memory, slot.seq_id, keep, -1)
+            slot.cached = slot.cached[:keep]
+            job.to_prefill = job.prompt[keep:]
+            self.cached_prompt_tokens += keep
+            slot.job = job
+
+    def _fill_batch(self) -> list[tuple[_Slot, int]]:
+        """Decoding sequences first (one token each), then prompt chunks in
+        the remaining room. Returns (slot, batch index) for each sequence
+        whose logits this batch produces."""
+        batch = self._batch
+        n = 0
+        sample_at: list[tuple[_Slot, int]] = []
+
+        def put(slot: _Slot, token: int, logits: bool) -> None:
+            nonlocal n
+            batch.token[n] = token
+            batch.pos[n] = len(slot.cached)
+            batch.n_seq_id[n] = 1
+            batch.seq_id[n][0] = slot.seq_id
+            batch.logits[n] = logits
+            slot.cached.append(token)
+            if logits:
+                sample_at.append((slot, n))
+            n += 1
+
+        for slot in self._slots:
+            job = slot.job
+            if job is not None and job.next_token is not None:
+                put(slot, job.next_token, True)
+                job.next_token = None
+        for slot in self._slots:
+            job = slot.job
+            if job is None or not job.to_prefill:
+                continue
+            take = min(len(job.to_prefill), self.n_batch - n)
+            if take <= 0:
+                break
+            chunk, job.to_prefill = job.to_prefill[:take], job.to_prefill[take:]
+            for i, token in enumerate(chunk):
+                put(slot, token, not job.to_prefill and i == take - 1)
+        batch.n_tokens = n
+        return sample_at
+
+    def step(self) -> list[StepOutput]:
+        self._admit()
+        sample_at = self._fill_batch()
+        if self._batch.n_tokens == 0:
+            return []
+        status = llama_cpp.llama_decode(self.ctx.ctx, self._batch)
+        if status != 0:
+            return self._fail_all(f"llama_decode failed with status {status}")
+        out: list[StepOutput] = []
+        for slot, index in sample_at:
+            job = slot.job
+            assert job is not None
+            token = job.sampler.sample(self.ctx, index)
+            out.extend(self._on_token(slot, job, token))
+        return out
+
+    def _on_token(self, slot: _Slot, job: _Job, token: int) -> list[StepOutput]:
+        rid = job.request.request_id
+        if token in self._eog and not job.request.params.ignore_eos:
+            return [self._end(slot, job, FinishReason.STOP)]
+        job.generated.append(token)
+        text = job.stream.feed(self._token_bytes(token))
+        tokens = Tokens(rid, text, [token])
+        if job.stream.stopped:
+            return [tokens, self._end(slot, job, FinishReason.STOP)]
+        if len(job.generated) >= job.max_new:
+            return [tokens, self._end(slot, job, FinishReason.LENGTH)]
+        job.next_token = token
+        return [tokens]
+
+    def _fail_all(self, message: str) -> list[StepOutput]:
+        """A failed decode leaves the batch's KV state unknown: fail the
+        running requests and forget every slot's cache."""
+        out: list[StepOutput] = []
+        for slot in self._slots:
+            if slot.job is not None:
+                out.append(Failed(ErrorCode.INTERNAL, message,
+                                  request_id=slot.job.request.request_id))
+                slot.job = None
+            llama_cpp.llama_memory_seq_rm(self.ctx.memory, slot.seq_id, 0, -1)
+            slot.cached = []
+        return out
 
     def _token_bytes(self, token: int) -> bytes:
         n = llama_cpp.llama_token_to_piece(self._vocab, token, self._piece, _PIECE_BUFFER, 0,
@@ -150,35 +308,10 @@ class LlamaCppEngine:
             return buf.raw[:n]
         return self._piece.raw[:n]
 
-    def _finish(self, running: _Running, reason: FinishReason, text: str) -> Finished:
-        return Finished(running.request.request_id, reason, running.prompt_tokens,
-                        len(running.generated), text)
+    def _finished(self, job: _Job, reason: FinishReason, text: str) -> Finished:
+        return Finished(job.request.request_id, reason, len(job.prompt), len(job.generated),
+                        text)
 
-    def step(self) -> list[StepOutput]:
-        if self._running is None:
-            if not self._pending:
-                return []
-            request, prompt = self._pending.popleft()
-            try:
-                self._running = self._start(request, prompt)
-            except (RequestError, ValueError, RuntimeError) as exc:
-                return [Failed(ErrorCode.INTERNAL, str(exc), request_id=request.request_id)]
-        running = self._running
-        token = next(running.tokens)
-        ignore_eos = running.request.params.ignore_eos
-        if not ignore_eos and llama_cpp.llama_vocab_is_eog(self._vocab, token):
-            return [self._end(running, FinishReason.STOP)]
-        running.generated.append(token)
-        text = running.stream.feed(self._token_bytes(token))
-        if running.stream.stopped:
-            return [Tokens(running.request.request_id, text, [token]),
-                    self._end(running, FinishReason.STOP)]
-        if len(running.generated) >= running.max_new:
-            return [Tokens(running.request.request_id, text, [token]),
-                    self._end(running, FinishReason.LENGTH)]
-        return [Tokens(running.request.request_id, text, [token])]
-
-    def _end(self, running: _Running, reason: FinishReason) -> Finished:
-        running.tokens.close()
-        self._running = None
-        return self._finish(running, reason, running.stream.flush())
+    def _end(self, slot: _Slot, job: _Job, reason: FinishReason) -> Finished:
+        slot.job = None
+        return self._finished(job, reason, job.stream.flush())
