@@ -9,11 +9,21 @@ import logging
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 
-from lmx_gateway import routes_admin, routes_dashboard, routes_health, routes_inference
+from lmx_gateway import (
+    routes_admin,
+    routes_dashboard,
+    routes_health,
+    routes_inference,
+    routes_observability,
+)
+from lmx_gateway.auth import AuthMiddleware
 from lmx_gateway.errors import EXCEPTION_HANDLERS
 from lmx_gateway.events import EventBus
+from lmx_gateway.observers import Observers
 from lmx_gateway.presets import load_presets
+from lmx_gateway.request_context import RequestContextMiddleware
 from lmx_gateway.routes_control import ROUTES as CONTROL_ROUTES
 from lmx_gateway.state import GatewayState
 from lmx_supervisor.config import Config, ConfigSource
@@ -32,6 +42,7 @@ def create_app(config: Config, config_source: ConfigSource | None = None) -> Sta
             config=config, supervisor=supervisor, events=events,
             config_source=config_source or ConfigSource(),
             presets=await asyncio.to_thread(load_presets))
+        observers = Observers(app.state.lmx)  # metrics, lifecycle logs, throughput
         # Load in the background: /healthz answers (and /readyz says 503)
         # while models are still loading.
         loader = asyncio.create_task(supervisor.auto_load(), name="lmx-auto-load")
@@ -43,11 +54,15 @@ def create_app(config: Config, config_source: ConfigSource | None = None) -> Sta
                 await loader
             log.info("stopping all workers")
             await supervisor.shutdown()
+            await observers.stop()
 
     return Starlette(
         routes=[*CONTROL_ROUTES,
                 *routes_health.ROUTES, *routes_inference.ROUTES, *routes_admin.ROUTES,
-                *routes_dashboard.ROUTES],
+                *routes_dashboard.ROUTES, *routes_observability.ROUTES],
+        # Outermost first: every request gets its id before auth can refuse it.
+        middleware=[Middleware(RequestContextMiddleware),
+                    Middleware(AuthMiddleware, initial_config=config)],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
     )

@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 DEFAULT_QUEUE_SIZE = 256
+
+log = logging.getLogger("lmx.gateway")
+
+Listener = Callable[[str, dict[str, Any]], None]
 
 
 @dataclass
@@ -59,6 +64,12 @@ class EventBus:
         self._subscribers: set[Subscription] = set()
         self.queue_size = queue_size
         self.dropped_total = 0
+        self._listeners: list[Listener] = []
+
+    def add_listener(self, listener: Listener) -> None:
+        """Called synchronously for every published event (metrics, logs):
+        it must be quick and must not block."""
+        self._listeners.append(listener)
 
     @property
     def subscribers(self) -> int:
@@ -66,6 +77,11 @@ class EventBus:
 
     def publish(self, type_: str, data: dict[str, Any]) -> Event:
         event = Event(next(self._ids), type_, data)
+        for listener in self._listeners:
+            try:
+                listener(type_, data)
+            except Exception:  # an observer's bug must not stop the event
+                log.exception("event listener failed on %s", type_)
         for sub in list(self._subscribers):
             sub.offer(event)
         return event

@@ -9,8 +9,9 @@ import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
+from lmx_gateway.inference_record import current_record
 from lmx_protocol import Finished, Generate, Tokens
-from lmx_supervisor.errors import InferenceTimeout
+from lmx_supervisor.errors import InferenceTimeout, LMXError
 from lmx_supervisor.managed_model import ManagedModel
 
 
@@ -25,6 +26,10 @@ class Generation:
         self._stream: AsyncGenerator[Tokens | Finished, None] = model.generate(frame)
         self.started = time.monotonic()
         self.first_token_at: float | None = None
+        # The request's metrics account, if it came through the middleware.
+        self.record = current_record.get()
+        if self.record is not None:
+            self.record.bind(model.model_id)
 
     async def next(self) -> Tokens | Finished | None:
         try:
@@ -34,11 +39,20 @@ class Generation:
             return None
         except TimeoutError:
             await self.close()
-            raise InferenceTimeout(
+            error = InferenceTimeout(
                 f"Generation on '{self.model.model_id}' exceeded "
-                f"{self.timeout_sec:g}s (models.inference_timeout_sec)") from None
+                f"{self.timeout_sec:g}s (models.inference_timeout_sec)")
+            if self.record is not None:
+                self.record.on_error(error.code, error.message)
+            raise error from None
+        except LMXError as exc:
+            if self.record is not None:
+                self.record.on_error(exc.code, exc.message)
+            raise
         if self.first_token_at is None:
             self.first_token_at = time.monotonic()
+        if self.record is not None:
+            self.record.on_item(item)
         return item
 
     async def close(self) -> None:

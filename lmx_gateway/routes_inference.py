@@ -96,6 +96,8 @@ async def _respond(request: Request, req: SamplingFields, frame: Generate, kind:
     model = state.supervisor.get(req.model)
     completion_id = ("chatcmpl-" if kind == "chat" else "cmpl-") + frame.request_id
     gen = Generation(model, frame, state.config.models.inference_timeout_sec)
+    if gen.record is not None:
+        gen.record.stream = bool(req.stream)
     state.in_flight += 1
     if not req.stream:
         try:

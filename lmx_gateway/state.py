@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from starlette.requests import Request
 
 from lmx_gateway.events import EventBus
+from lmx_gateway.metrics import Metrics
 from lmx_gateway.presets import PresetSet
 from lmx_supervisor.config import Config, ConfigSource
 from lmx_supervisor.supervisor import Supervisor
@@ -25,6 +26,8 @@ class GatewayState:
     config_source: ConfigSource = field(default_factory=ConfigSource)
     presets: PresetSet = field(default_factory=PresetSet)
     reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # Prometheus registry and request totals (lmx_gateway/metrics.py).
+    metrics: Metrics = field(default_factory=Metrics)
     in_flight: int = 0
 
     @property
