@@ -13,20 +13,24 @@ from starlette.middleware import Middleware
 
 from lmx_gateway import (
     routes_admin,
+    routes_compatibility,
     routes_dashboard,
     routes_health,
     routes_inference,
+    routes_memory,
     routes_observability,
 )
 from lmx_gateway.auth import AuthMiddleware
 from lmx_gateway.errors import EXCEPTION_HANDLERS
 from lmx_gateway.events import EventBus
+from lmx_gateway.load_shedding import LoadSheddingMiddleware
 from lmx_gateway.observers import Observers
 from lmx_gateway.presets import load_presets
 from lmx_gateway.request_context import RequestContextMiddleware
 from lmx_gateway.routes_control import ROUTES as CONTROL_ROUTES
 from lmx_gateway.state import GatewayState
 from lmx_supervisor.config import Config, ConfigSource
+from lmx_supervisor.startup import startup_loads
 from lmx_supervisor.supervisor import Supervisor
 
 log = logging.getLogger("lmx.gateway")
@@ -38,6 +42,8 @@ def create_app(config: Config, config_source: ConfigSource | None = None) -> Sta
         events = EventBus()
         supervisor = Supervisor(config, emit=events.publish)
         await supervisor.start()
+        # Counts this start; three unclean starts in 60 s mean safe mode.
+        verdict = supervisor.runtime_state.begin_startup()
         app.state.lmx = GatewayState(
             config=config, supervisor=supervisor, events=events,
             config_source=config_source or ConfigSource(),
@@ -45,7 +51,9 @@ def create_app(config: Config, config_source: ConfigSource | None = None) -> Sta
         observers = Observers(app.state.lmx)  # metrics, lifecycle logs, throughput
         # Load in the background: /healthz answers (and /readyz says 503)
         # while models are still loading.
-        loader = asyncio.create_task(supervisor.auto_load(), name="lmx-auto-load")
+        # auto_load, then the models the previous run had loaded (runtime
+        # state); neither in safe mode.
+        loader = asyncio.create_task(startup_loads(supervisor, verdict), name="lmx-auto-load")
         try:
             yield
         finally:
@@ -54,14 +62,21 @@ def create_app(config: Config, config_source: ConfigSource | None = None) -> Sta
                 await loader
             log.info("stopping all workers")
             await supervisor.shutdown()
+            # Runbook §1.4 step 8: resets the crash-loop counter.
+            supervisor.runtime_state.mark_clean_shutdown()
             await observers.stop()
 
     return Starlette(
         routes=[*CONTROL_ROUTES,
-                *routes_health.ROUTES, *routes_inference.ROUTES, *routes_admin.ROUTES,
+                *routes_health.ROUTES, *routes_inference.ROUTES,
+                # Before routes_admin/model_files: /admin/models/compatibility
+                # must not be taken for a model id.
+                *routes_memory.ROUTES, *routes_compatibility.ROUTES, *routes_admin.ROUTES,
                 *routes_dashboard.ROUTES, *routes_observability.ROUTES],
         # Outermost first: every request gets its id before auth can refuse it.
+        # Load shedding refuses before auth does any work (runbook §3.6).
         middleware=[Middleware(RequestContextMiddleware),
+                    Middleware(LoadSheddingMiddleware),
                     Middleware(AuthMiddleware, initial_config=config)],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,

@@ -43,6 +43,9 @@ class ErrorCode(enum.StrEnum):
     INTERNAL = "worker_internal_error"
     UNSUPPORTED = "unsupported_feature"
     PROTOCOL = "protocol_error"
+    # The worker hit its memory cap (MemoryError); sent as its last, fatal
+    # frame before it exits with EXIT_OUT_OF_MEMORY.
+    OUT_OF_MEMORY = "out_of_memory"
 
 
 # --- request payload pieces --------------------------------------------------

@@ -78,6 +78,15 @@ class MemoryConfig(Section):
     load_shedding_percent: Percent = 95
     ttl_enabled: bool = False
     ttl_seconds: PositiveFloat = 3600
+    # LMX's own keys. None: the guard counts the whole machine's used memory
+    # against max_memory_percent of RAM. A byte count: LMX's models get this
+    # budget and the guard counts their estimates against max_memory_percent
+    # of it (see lmx_supervisor/memory_guard.py).
+    budget_bytes: PositiveInt | None = None
+    # Each worker runs under RLIMIT_DATA = estimate x factor + headroom, so a
+    # runaway model dies alone (503 oom-unloaded). 0 disables the cap.
+    worker_memory_cap_factor: Annotated[float, msgspec.Meta(ge=0)] = 2.0
+    worker_memory_cap_headroom_bytes: Annotated[int, msgspec.Meta(ge=0)] = 512 * 1024 * 1024
 
 
 class SecurityConfig(Section):

@@ -96,3 +96,11 @@ class WorkerError(LMXError):
 
     status = 500
     code = "worker_internal_error"
+
+
+class InsufficientMemory(LMXError):
+    """A load the memory guard refuses: the model's estimate does not fit
+    under memory.max_memory_percent, even after any eviction allowed."""
+
+    status = 507
+    code = "insufficient_memory"

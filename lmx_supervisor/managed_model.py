@@ -9,6 +9,7 @@ import contextlib
 import itertools
 import logging
 import secrets
+import signal
 import time
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from typing import Any
 from lmx_protocol import (
     PROTOCOL_VERSION,
     Abort,
+    ErrorCode,
     Failed,
     Finished,
     FromWorker,
@@ -25,6 +27,7 @@ from lmx_protocol import (
     Ping,
     Pong,
     Ready,
+    SamplingParams,
     Shutdown,
     Tokens,
     WorkerStats,
@@ -40,10 +43,13 @@ from lmx_supervisor.errors import (
     WorkerError,
 )
 from lmx_supervisor.exit_causes import describe_exit
+from lmx_supervisor.memory_estimate import MemoryEstimate
+from lmx_supervisor.process_memory import WorkerMemory
 from lmx_supervisor.restart_policy import CrashHistory, backoff_delay
 from lmx_supervisor.states import ModelState, check_transition
 from lmx_supervisor.transport import PeerGone, RouterHub
 from lmx_supervisor.worker_process import WorkerProcess
+from lmx_worker.exit_codes import EXIT_OUT_OF_MEMORY
 from lmx_worker.spec import WorkerSpec
 
 log = logging.getLogger("lmx.supervisor")
@@ -54,6 +60,12 @@ Item = Tokens | Finished | Failed | LMXError
 
 # Worker-side request failures that are the client's fault.
 CLIENT_ERROR_CODES = {"invalid_request", "context_length_exceeded", "unsupported_feature"}
+
+# Deaths that, close to the worker's memory cap, mean it ran out of memory:
+# the kernel's OOM kill, or a failed allocation in C code (abort/segfault).
+OOM_SIGNALS = frozenset({signal.SIGKILL, signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS})
+NEAR_CAP = 0.9
+WARMUP_PROMPT = "Hello"
 
 
 @dataclass
@@ -66,6 +78,8 @@ class ModelSettings:
     restart_backoff_initial_sec: float = 0.25
     restart_backoff_max_sec: float = 10
     stop_grace_sec: float = 5
+    # One-token generation before the model is marked ready (a restart too).
+    warmup_on_load: bool = False
     context_length: int = 4096
     n_threads: int | None = None
     parallel_slots: int = 1
@@ -111,6 +125,13 @@ class ManagedModel:
         self._ping_nonce = itertools.count(1)
         self._watch_task: asyncio.Task[None] | None = None
         self._restart_task: asyncio.Task[None] | None = None
+        # Set by the supervisor's memory guard before load(): what the model
+        # should need, the RLIMIT_DATA its workers run under, and the last
+        # sample of the worker's memory the guard took.
+        self.memory_estimate: MemoryEstimate | None = None
+        self.memory_cap_bytes: int | None = None
+        self.memory_sample: WorkerMemory | None = None
+        self._oom_reported = False
 
     # --- state ------------------------------------------------------------
 
@@ -154,12 +175,20 @@ class ManagedModel:
 
     async def _launch(self) -> None:
         self._set_state(ModelState.STARTING)
+        self._oom_reported = False
+        self.memory_sample = None
         try:
             await self._spawn_and_wait()
         except asyncio.CancelledError:
             # Cancelled mid-load (unload during a restart): never leak a
             # half-loaded worker.
             await self._discard_worker()
+            raise
+        except LoadConflict as exc:
+            self.ready = None
+            self._emit("model_load_failed", {"model_id": self.model_id, "backend": self.backend,
+                                             "path": str(self.path), "code": exc.code,
+                                             "reason": exc.message})
             raise
 
     async def _spawn_and_wait(self) -> None:
@@ -173,6 +202,7 @@ class ManagedModel:
             worker_id=worker_id, model_id=self.model_id, model_path=str(self.path),
             backend=self.backend, address=self._hub.address,
             context_length=self.settings.context_length, n_threads=self.settings.n_threads,
+            memory_cap_bytes=self.memory_cap_bytes,
             parallel_slots=self.settings.parallel_slots,
         )
         started = time.monotonic()
@@ -195,6 +225,8 @@ class ManagedModel:
                 await self._discard_worker()
                 raise LoadConflict(f"worker speaks protocol {ready.protocol_version}, "
                                    f"supervisor {PROTOCOL_VERSION}", code="model_probe_failed")
+            if self.settings.warmup_on_load:
+                await self._warm_up(worker)
             self.ready = ready
             self.loaded_at = time.time()
             self._set_state(ModelState.READY)
@@ -202,7 +234,12 @@ class ManagedModel:
             self._emit("model_loaded", {"model_id": self.model_id, "pid": worker.pid,
                                         "backend": self.backend,
                                         "load_time_sec": round(time.monotonic() - started, 3),
-                                        "memory_bytes": ready.memory_bytes})
+                                        "memory_bytes": ready.memory_bytes,
+                                        "backend_version": ready.backend_version,
+                                        "path": str(self.path),
+                                        "memory_estimate_bytes": self.memory_estimate.total_bytes
+                                        if self.memory_estimate else None,
+                                        "memory_cap_bytes": self.memory_cap_bytes})
             return
         if not done:
             await self._discard_worker()
@@ -222,6 +259,41 @@ class ManagedModel:
             f"Loader for '{self.model_id}' crashed: worker {describe_exit(worker.returncode)}"
             f"{detail}", code="model_loader_crashed")
 
+    async def _warm_up(self, worker: WorkerProcess) -> None:
+        """The canary: one token from the freshly loaded worker before any
+        client is routed to it. A model that loads but cannot generate is
+        refused here (409 model_canary_failed) and its worker stopped."""
+        request = Generate(request_id=f"warmup-{secrets.token_hex(4)}",
+                           params=SamplingParams(max_tokens=1, temperature=0.0),
+                           prompt=WARMUP_PROMPT)
+
+        async def one_token() -> None:
+            async for _item in self._run(request):
+                pass
+
+        task = asyncio.create_task(one_token(), name=f"warmup-{self.model_id}")
+        problem: str | None = None
+        try:
+            done, _ = await asyncio.wait({task, worker.exited},
+                                         timeout=self.settings.loader_timeout_sec,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if task in done:
+                task.result()
+            elif worker.exited in done:
+                problem = f"worker {describe_exit(worker.returncode)}"
+            else:
+                problem = f"no token within {self.settings.loader_timeout_sec:g}s"
+        except LMXError as exc:
+            problem = exc.message
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, LMXError):
+                await task
+        if problem is not None:
+            await self._discard_worker()
+            raise LoadConflict(f"Model '{self.model_id}' loaded but its warm-up generation "
+                               f"failed: {problem}", code="model_canary_failed")
+
     async def _discard_worker(self) -> None:
         worker, self.worker = self.worker, None
         if worker is not None:
@@ -237,12 +309,42 @@ class ManagedModel:
         if self.worker is not worker or self.state is not ModelState.READY:
             return  # an intended stop
         cause = describe_exit(returncode)
+        oom = self._died_of_oom(returncode)
+        if oom:
+            cause = f"ran out of memory under its cap of {self.memory_cap_bytes} bytes ({cause})"
         log.error("model %s: worker pid %d %s", self.model_id, worker.pid, cause)
-        self._fail_inflight(WorkerCrashed(f"Worker for model '{self.model_id}' {cause}"))
+        if oom:
+            self._fail_inflight(WorkerCrashed(
+                f"Model '{self.model_id}' was unloaded: its worker {cause}",
+                code="oom-unloaded"))
+        else:
+            self._fail_inflight(WorkerCrashed(f"Worker for model '{self.model_id}' {cause}"))
         await self._discard_worker()
         self._emit("worker_crashed", {"model_id": self.model_id, "pid": worker.pid,
-                                      "cause": cause, "returncode": returncode})
+                                      "cause": cause, "returncode": returncode, "oom": oom})
+        if oom:
+            self._unload_after_oom(worker.pid, cause)
+            return
         self._handle_crash(cause)
+
+    def _died_of_oom(self, returncode: int | None) -> bool:
+        if self._oom_reported or returncode == EXIT_OUT_OF_MEMORY:
+            return True
+        cap, sample = self.memory_cap_bytes, self.memory_sample
+        if cap is None or sample is None or returncode is None or returncode >= 0:
+            return False
+        return -returncode in OOM_SIGNALS and sample.data >= NEAR_CAP * cap
+
+    def _unload_after_oom(self, pid: int, cause: str) -> None:
+        """A runaway is not restarted (it would run away again): the model
+        is unloaded and the operator told, and the other models go on."""
+        self._emit("memory_warning", {"reason": "worker_out_of_memory",
+                                      "model_id": self.model_id, "pid": pid,
+                                      "memory_cap_bytes": self.memory_cap_bytes,
+                                      "detail": cause})
+        self._set_state(ModelState.STOPPING, "oom-unloaded")
+        self._set_state(ModelState.STOPPED, "oom-unloaded")
+        self._emit("model_unloaded", {"model_id": self.model_id, "reason": "oom"})
 
     def _handle_crash(self, cause: str) -> None:
         crashes = self.history.record()
@@ -282,6 +384,8 @@ class ManagedModel:
             elif self._startup is not None and not self._startup.done():
                 self._startup.set_result(frame)
             else:
+                if frame.code == ErrorCode.OUT_OF_MEMORY:
+                    self._oom_reported = True  # its exit follows; _watch unloads
                 log.error("model %s: worker reported %s: %s", self.model_id, frame.code,
                           frame.message)
         elif isinstance(frame, Ready):

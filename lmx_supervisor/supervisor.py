@@ -12,13 +12,21 @@ import contextlib
 import logging
 import time
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
+from lmx_supervisor import compatibility, runtime_state
+from lmx_supervisor.bundled_model import lmx_home
+from lmx_supervisor.compatibility import CompatibilityRegistry
 from lmx_supervisor.config import Config
 from lmx_supervisor.errors import LoadConflict, ModelNotFound, NoModelLoaded
+from lmx_supervisor.lifecycle_records import LifecycleRecorder
 from lmx_supervisor.managed_model import EventSink, ManagedModel, ModelSettings
+from lmx_supervisor.memory_estimate import estimate_model_memory
+from lmx_supervisor.memory_guard import MemoryGuard, is_idle
 from lmx_supervisor.model_resolver import resolve_model
 from lmx_supervisor.restart_policy import CrashHistory
+from lmx_supervisor.runtime_state import RuntimeStateStore
 from lmx_supervisor.states import ModelState
 from lmx_supervisor.transport import RouterHub
 
@@ -41,6 +49,7 @@ def settings_from(config: Config, model_id: str) -> ModelSettings:
         restart_backoff_initial_sec=m.restart_backoff_initial_sec,
         restart_backoff_max_sec=m.restart_backoff_max_sec,
         stop_grace_sec=m.stop_grace_sec,
+        warmup_on_load=m.warmup_on_load,
         context_length=m.context_length,
         n_threads=m.n_threads,
         parallel_slots=m.parallel_slots,
@@ -49,7 +58,7 @@ def settings_from(config: Config, model_id: str) -> ModelSettings:
 
 class Supervisor:
     def __init__(self, config: Config, emit: EventSink | None = None,
-                 worker_env: dict[str, str] | None = None) -> None:
+                 worker_env: dict[str, str] | None = None, home: Path | None = None) -> None:
         self.config = config
         self.started_at = time.time()
         self._emit_sink = emit
@@ -58,13 +67,31 @@ class Supervisor:
         self._models: dict[str, ManagedModel] = {}
         self._histories: dict[str, CrashHistory] = {}
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        # Memory admission/eviction/TTL, and the files that outlive the
+        # process (~/.opta-lmx/runtime-state.json, compatibility-registry.json).
+        home = lmx_home() if home is None else home
+        self.memory = MemoryGuard(self)
+        self.runtime_state = RuntimeStateStore(home / runtime_state.FILE_NAME)
+        self.compatibility = CompatibilityRegistry(home / compatibility.FILE_NAME)
+        self.lifecycle = LifecycleRecorder(self.compatibility, self.runtime_state, self.models)
 
     def emit(self, event: str, data: dict[str, Any]) -> None:
+        if event == "model_unloaded" and data.get("reason") == "oom":
+            self._forget_stopped(str(data.get("model_id")))
+        self.lifecycle.on_event(event, data)
         if self._emit_sink is not None:
             self._emit_sink(event, data)
 
+    def _forget_stopped(self, model_id: str) -> None:
+        """A model that unloaded itself (its worker ran out of memory) leaves
+        the registry, as an unload would have removed it."""
+        model = self._models.get(model_id)
+        if model is not None and model.state is ModelState.STOPPED:
+            del self._models[model_id]
+
     async def start(self) -> None:
         self._hub.start()
+        self.memory.start()
 
     async def auto_load(self) -> None:
         for ref in self.config.models.auto_load:
@@ -118,10 +145,19 @@ class Supervisor:
                 history.clear()
             if current is not None:  # quarantined: replace its entry
                 await current.stop(0)
+            settings = settings_from(self.config, resolved.model_id)
+            estimate = await asyncio.to_thread(
+                estimate_model_memory, resolved.path,
+                settings.context_length * max(1, settings.parallel_slots))
+            await self.memory.admit(resolved.model_id, estimate)  # 507, or evicts idle LRU
+            # No await from here until the model is registered: a concurrent
+            # admission must count it.
             model = ManagedModel(
                 resolved.model_id, resolved.path, resolved.backend,
-                settings_from(self.config, resolved.model_id), self._hub, history, self.emit,
+                settings, self._hub, history, self.emit,
                 self._worker_env)
+            model.memory_estimate = estimate
+            model.memory_cap_bytes = self.memory.worker_cap(estimate, settings.n_threads)
             self._models[resolved.model_id] = model
             try:
                 await model.load()
@@ -159,6 +195,23 @@ class Supervisor:
                     lifted.append(model.model_id)
         return lifted
 
+    async def evict(self, model_id: str, reason: str) -> bool:
+        """Unload a model the memory guard picked (LRU or TTL), but only if
+        it is still idle and no lifecycle operation holds it; a model with
+        requests in flight or queued is never evicted."""
+        lock = self._locks[model_id]
+        if lock.locked():
+            return False
+        async with lock:
+            model = self._models.get(model_id)
+            if model is None or not is_idle(model):
+                return False
+            log.info("evicting model %s (%s)", model_id, reason)
+            await model.stop(self.config.models.unload_drain_timeout_sec)
+            self._models.pop(model_id, None)
+        self.emit("model_evicted", {"model_id": model_id, "reason": reason})
+        return True
+
     async def unload(self, model_id: str) -> ManagedModel:
         async with self._locks[model_id]:
             model = self.get(model_id)
@@ -167,6 +220,8 @@ class Supervisor:
             return model
 
     async def shutdown(self, drain_timeout: float = 5.0) -> None:
+        await self.memory.stop()  # no TTL eviction while everything stops
+        self.lifecycle.freeze()  # the models to restore next time: these
         models = list(self._models.values())
         await asyncio.gather(*(m.stop(drain_timeout, terminal=True) for m in models),
                              return_exceptions=True)

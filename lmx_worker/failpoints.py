@@ -11,20 +11,31 @@ Points:
   hang_on_load        never finish loading
   exit_mid_stream:N   os._exit(70) after emitting N tokens of a request
   slow_tokens:MS      sleep MS milliseconds before every token
+  fail_generate       refuse every generation (so the warm-up canary fails)
+  alloc_mid_stream:MB once a request has emitted a token, allocate (and touch)
+                      MB MiB more before every token, until the worker's
+                      memory cap stops it with a MemoryError. Without a cap
+                      it stops at ALLOC_CEILING and merely holds that much.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import resource
 import time
 
 ENV_VAR = "LMX_FAILPOINTS"
+# alloc_mid_stream never takes more than this from a worker that has no
+# memory cap: a test run without caps must not exhaust the host.
+ALLOC_CEILING = 2 * 1024**3
 
 
 class Failpoints:
     def __init__(self, points: dict[str, str]) -> None:
         self._points = points
+        self._hoard: list[bytearray] = []
+        self._hoarded = 0
 
     @classmethod
     def from_env(cls, model_id: str, env: dict[str, str] | None = None) -> Failpoints:
@@ -57,3 +68,21 @@ class Failpoints:
         limit = self._points.get("exit_mid_stream")
         if limit is not None and tokens_emitted >= int(limit or "1"):
             os._exit(70)
+        grow = self._points.get("alloc_mid_stream")
+        if grow is not None and tokens_emitted >= 1:
+            self._allocate(int(grow or "64") * 1024 * 1024)
+
+    @property
+    def fails_generate(self) -> bool:
+        return "fail_generate" in self._points
+
+    def _allocate(self, size: int) -> None:
+        capped = any(resource.getrlimit(r)[0] != resource.RLIM_INFINITY
+                     for r in (resource.RLIMIT_DATA, resource.RLIMIT_AS))
+        if not capped and self._hoarded + size > ALLOC_CEILING:
+            return
+        # Filled, not just reserved: the pages become resident, as a real
+        # runaway's would. A MemoryError here propagates to the step loop.
+        block = bytearray(b"\x5a") * size
+        self._hoard.append(block)
+        self._hoarded += size

@@ -7,8 +7,10 @@ without blocking, so an Abort is seen within one token.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
+import resource
 import sys
 import threading
 import traceback
@@ -34,6 +36,7 @@ from lmx_protocol import (
 )
 from lmx_protocol.messages import Frame
 from lmx_worker.engine import Engine, RequestError, StepOutput
+from lmx_worker.exit_codes import EXIT_OUT_OF_MEMORY
 from lmx_worker.failpoints import Failpoints
 from lmx_worker.loader import load_engine
 from lmx_worker.spec import WorkerSpec
@@ -41,6 +44,9 @@ from lmx_worker.spec import WorkerSpec
 log = logging.getLogger("lmx.worker")
 
 IDLE_POLL_MS = 1000
+# Set aside at start and freed on MemoryError: with the cap reached, this is
+# what lets the worker still encode and send its last frame.
+BALLAST_BYTES = 8 * 1024 * 1024
 EXIT_LOAD_FAILED = 3
 
 
@@ -103,6 +109,10 @@ class WorkerLoop:
                 self.send(Failed(ErrorCode.INTERNAL, "worker is shutting down",
                                  request_id=frame.request_id))
                 return
+            if self.failpoints.fails_generate:
+                self.send(Failed(ErrorCode.INTERNAL, "failpoint fail_generate",
+                                 request_id=frame.request_id))
+                return
             try:
                 self.engine.add(frame)
             except RequestError as exc:
@@ -128,6 +138,8 @@ class WorkerLoop:
             self.failpoints.before_token(max(self._emitted.values(), default=0))
         try:
             outputs = self.engine.step()
+        except MemoryError:
+            raise  # the worker is over its cap: serve() reports it and exits
         except Exception as exc:  # a backend bug must not kill other requests silently
             log.exception("engine step failed")
             outputs = []
@@ -158,9 +170,39 @@ class WorkerLoop:
         return msgspec.structs.replace(self.stats)
 
 
+def apply_memory_cap(cap_bytes: int | None) -> None:
+    """Cap this process's private writable memory (RLIMIT_DATA: heap,
+    anonymous mappings, thread stacks; not the read-only mapped model file).
+    Past it, allocations fail: Python raises MemoryError, which serve()
+    reports as out_of_memory before exiting, so only this model dies."""
+    if cap_bytes is None:
+        return
+    _soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    if hard != resource.RLIM_INFINITY:
+        cap_bytes = min(cap_bytes, hard)
+    resource.setrlimit(resource.RLIMIT_DATA, (cap_bytes, hard))
+
+
+def report_out_of_memory(sock: zmq.Socket[bytes], ballast: list[bytearray],
+                         cap_bytes: int | None) -> int:
+    ballast.clear()
+    gc.collect()
+    log.error("out of memory under the cap of %s bytes", cap_bytes)
+    try:
+        sock.send(encode(Failed(
+            ErrorCode.OUT_OF_MEMORY,
+            f"worker exceeded its memory cap ({cap_bytes} bytes)" if cap_bytes
+            else "worker ran out of memory", fatal=True)))
+    except Exception:  # nothing more to be done: the exit status still says it
+        log.exception("could not send the out_of_memory frame")
+    return EXIT_OUT_OF_MEMORY
+
+
 def serve(spec: WorkerSpec) -> int:
     if spec.death_fd is not None:
         watch_parent(spec.death_fd)
+    apply_memory_cap(spec.memory_cap_bytes)
+    ballast = [bytearray(BALLAST_BYTES)]
     ctx = zmq.Context()
     sock: zmq.Socket[bytes] = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.IDENTITY, spec.worker_id.encode())
@@ -171,8 +213,11 @@ def serve(spec: WorkerSpec) -> int:
         engine = load_engine(spec)
     except Exception as exc:
         log.error("load failed: %s", exc)
+        if isinstance(exc, MemoryError):
+            ballast.clear()
         detail = "".join(traceback.format_exception_only(exc)).strip()
-        sock.send(encode(Failed(ErrorCode.LOAD_FAILED, detail, fatal=True)))
+        code = ErrorCode.OUT_OF_MEMORY if isinstance(exc, MemoryError) else ErrorCode.LOAD_FAILED
+        sock.send(encode(Failed(code, detail, fatal=True)))
         sock.close()
         ctx.term()
         return EXIT_LOAD_FAILED
@@ -187,7 +232,12 @@ def serve(spec: WorkerSpec) -> int:
         context_length=engine.context_length,
         backend_version=engine.backend_version,
     )))
-    WorkerLoop(spec, sock, engine).run()
+    try:
+        WorkerLoop(spec, sock, engine).run()
+    except MemoryError:
+        status = report_out_of_memory(sock, ballast, spec.memory_cap_bytes)
+        sock.close(linger=2000)  # let the frame leave before the process does
+        os._exit(status)  # no cleanup that could allocate: the exit says enough
     sock.close()
     ctx.term()
     return 0

@@ -17,6 +17,8 @@ class WorkerSpec(msgspec.Struct, forbid_unknown_fields=True):
     # Read end of a pipe whose write end only the parent holds: EOF on it
     # means the parent is gone, so the worker must exit and free its memory.
     death_fd: int | None = None
+    # RLIMIT_DATA the worker sets on itself before loading (None: no cap).
+    memory_cap_bytes: int | None = None
     # Concurrent sequences decoded together (llama.cpp parallel slots).
     parallel_slots: int = 1
 
