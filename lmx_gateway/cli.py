@@ -11,6 +11,7 @@ import sys
 
 import uvicorn
 
+from lmx_gateway import cli_client
 from lmx_gateway.app import create_app
 from lmx_gateway.logging_setup import setup_logging
 from lmx_supervisor.config import Config, ConfigError, ConfigSource, load_config
@@ -85,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_serve.add_argument("--log-level", choices=["debug", "info", "warning", "error",
                                                  "DEBUG", "INFO", "WARNING", "ERROR"])
     p_serve.set_defaults(func=serve)
+    # Client commands (status, models, chat, bench, events, config, presets).
+    cli_client.register(sub)
     return parser
 
 
