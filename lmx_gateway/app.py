@@ -18,6 +18,7 @@ from lmx_gateway import (
     routes_health,
     routes_inference,
     routes_memory,
+    routes_model_files,
     routes_observability,
 )
 from lmx_gateway.auth import AuthMiddleware
@@ -30,6 +31,8 @@ from lmx_gateway.request_context import RequestContextMiddleware
 from lmx_gateway.routes_control import ROUTES as CONTROL_ROUTES
 from lmx_gateway.state import GatewayState
 from lmx_supervisor.config import Config, ConfigSource
+from lmx_supervisor.downloads import DownloadManager
+from lmx_supervisor.model_files import ModelFiles
 from lmx_supervisor.startup import startup_loads
 from lmx_supervisor.supervisor import Supervisor
 
@@ -47,7 +50,8 @@ def create_app(config: Config, config_source: ConfigSource | None = None) -> Sta
         app.state.lmx = GatewayState(
             config=config, supervisor=supervisor, events=events,
             config_source=config_source or ConfigSource(),
-            presets=await asyncio.to_thread(load_presets))
+            presets=await asyncio.to_thread(load_presets),
+            model_files=ModelFiles(supervisor, DownloadManager(events.publish)))
         observers = Observers(app.state.lmx)  # metrics, lifecycle logs, throughput
         # Load in the background: /healthz answers (and /readyz says 503)
         # while models are still loading.
@@ -60,6 +64,8 @@ def create_app(config: Config, config_source: ConfigSource | None = None) -> Sta
             loader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await loader
+            if app.state.lmx.model_files is not None:  # runbook §1.4: cancel downloads
+                await app.state.lmx.model_files.shutdown()
             log.info("stopping all workers")
             await supervisor.shutdown()
             # Runbook §1.4 step 8: resets the crash-loop counter.
@@ -72,7 +78,8 @@ def create_app(config: Config, config_source: ConfigSource | None = None) -> Sta
                 # Before routes_admin/model_files: /admin/models/compatibility
                 # must not be taken for a model id.
                 *routes_memory.ROUTES, *routes_compatibility.ROUTES, *routes_admin.ROUTES,
-                *routes_dashboard.ROUTES, *routes_observability.ROUTES],
+                *routes_dashboard.ROUTES, *routes_observability.ROUTES,
+                *routes_model_files.ROUTES],
         # Outermost first: every request gets its id before auth can refuse it.
         # Load shedding refuses before auth does any work (runbook §3.6).
         middleware=[Middleware(RequestContextMiddleware),

@@ -13,9 +13,11 @@ from starlette.routing import Route
 
 from lmx_gateway import __version__
 from lmx_gateway.body import read_json
+from lmx_gateway.routes_model_files import auto_download, needs_download
 from lmx_gateway.schemas import LoadRequest, UnloadRequest
 from lmx_gateway.sse import EventStreamResponse, sse_event
 from lmx_gateway.state import gateway_state
+from lmx_supervisor.errors import LMXError
 from lmx_supervisor.managed_model import ManagedModel
 
 GB = 1024**3
@@ -68,9 +70,15 @@ async def load_model(request: Request) -> Response:
     state = gateway_state(request)
     req = await read_json(request, LoadRequest, state.config.server.max_request_body_bytes)
     started = time.monotonic()
-    model, already = await state.supervisor.load(
-        req.model_id, backend=req.backend, served_name=req.served_name,
-        allow_unsupported_runtime=req.allow_unsupported_runtime)
+    try:
+        model, already = await state.supervisor.load(
+            req.model_id, backend=req.backend, served_name=req.served_name,
+            allow_unsupported_runtime=req.allow_unsupported_runtime)
+    except LMXError as exc:
+        if not (req.auto_download and needs_download(exc, req.model_id)):
+            raise
+        return await auto_download(state, req.model_id, req.backend, req.served_name,
+                                   req.allow_unsupported_runtime)
     body = await describe_model(model, with_stats=False)
     body.update(success=True, already_loaded=already,
                 load_time_sec=round(time.monotonic() - started, 3))

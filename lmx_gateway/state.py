@@ -13,6 +13,7 @@ from lmx_gateway.events import EventBus
 from lmx_gateway.metrics import Metrics
 from lmx_gateway.presets import PresetSet
 from lmx_supervisor.config import Config, ConfigSource
+from lmx_supervisor.model_files import ModelFiles
 from lmx_supervisor.supervisor import Supervisor
 
 
@@ -29,6 +30,8 @@ class GatewayState:
     # Prometheus registry and request totals (lmx_gateway/metrics.py).
     metrics: Metrics = field(default_factory=Metrics)
     in_flight: int = 0
+    # Inventory, downloads and deletion (lmx_supervisor/model_files.py).
+    model_files: ModelFiles | None = None
 
     @property
     def uptime_seconds(self) -> float:

@@ -104,3 +104,34 @@ class InsufficientMemory(LMXError):
 
     status = 507
     code = "insufficient_memory"
+
+
+class InsufficientStorage(LMXError):
+    """Not enough free disk for a download (checked before any byte is written)."""
+
+    status = 507
+    code = "storage-full"
+
+
+class HubUnavailable(LMXError):
+    """The model hub (HF_ENDPOINT) could not be reached or answered with an error."""
+
+    status = 502
+    code = "hub_unreachable"
+
+
+class NotFound(LMXError):
+    """A resource other than a model (e.g. a download id) does not exist."""
+
+    status = 404
+    code = "not_found"
+    type = "invalid_request_error"
+
+
+class Conflict(LMXError):
+    """The request conflicts with the resource's current state (e.g. cancelling
+    a download that already ended)."""
+
+    status = 409
+    code = "conflict"
+    type = "invalid_request_error"

@@ -6,10 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmx_supervisor.errors import BadRequest, ModelNotFound, UnsupportedModel
-
-LLAMA_CPP = "llama_cpp"
-MLX = "mlx"
+from lmx_supervisor import hub_cache
+from lmx_supervisor.errors import BadRequest, LoadConflict, ModelNotFound, UnsupportedModel
+from lmx_supervisor.model_layout import LLAMA_CPP, MLX, inspect_path
 
 # Accepted spellings of backend names; the runbook uses "gguf".
 BACKEND_ALIASES = {
@@ -46,6 +45,11 @@ def _locate(ref: str, models_dir: Path) -> tuple[Path, bool]:
     for candidate in (models_dir / ref, models_dir / f"{ref}.gguf"):
         if candidate.exists():
             return candidate.resolve(), False
+    # A hub repo id (org/name, or org/name/file.gguf) downloaded into the hub cache.
+    # Not resolved: snapshot files are symlinks to extension-less blobs.
+    cached = hub_cache.locate(ref)
+    if cached is not None:
+        return cached.path.absolute(), False
     raise ModelNotFound(
         f"Model '{ref}' not found in {models_dir} (give a name there or a path)",
         param="model_id",
@@ -81,6 +85,12 @@ def resolve_model(
                 param="backend",
             )
     detected = _detect_backend(path)
+    layout = inspect_path(path)
+    if layout is not None and not layout.complete:
+        raise LoadConflict(
+            f"Model '{ref}' is incomplete on disk: {'; '.join(layout.problems)}. Re-download it "
+            "(POST /admin/models/load with auto_download) or delete it",
+            code="model_incomplete", param="model_id")
     chosen = wanted or detected
     if chosen is None:
         raise UnsupportedModel(f"'{ref}' is neither a GGUF file nor a model directory")
