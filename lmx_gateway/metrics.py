@@ -14,7 +14,7 @@ Series exported (all prefixed `lmx_`):
   model_completion_tokens_total{model}, request_duration_seconds{model} (histogram),
   time_to_first_token_seconds{model}, inter_token_seconds{model} (histograms),
   worker_restarts_total{model}, worker_crashes_total{model},
-  model_quarantines_total{model}, client_requests_total{client},
+  model_quarantines_total{model}, model_evictions_total{model}, client_requests_total{client},
   client_tokens_total{client}, client_errors_total{client}, events_dropped_total,
   and the scrape-time gauges loaded_models, memory_used_gb, memory_total_gb,
   memory_usage_percent, in_flight_requests, concurrent_limit, queued_requests,
@@ -108,6 +108,7 @@ class Totals:
     worker_restarts: dict[str, int] = field(default_factory=dict)
     worker_crashes: dict[str, int] = field(default_factory=dict)
     quarantines: dict[str, int] = field(default_factory=dict)
+    evictions: dict[str, int] = field(default_factory=dict)
 
 
 class _LiveCollector(Collector):
@@ -155,6 +156,9 @@ class Metrics:
         self.worker_crashes = counter("lmx_worker_crashes", "Worker crashes", ("model",))
         self.quarantines = counter(
             "lmx_model_quarantines", "Models quarantined after a crash loop", ("model",))
+        self.evictions = counter(
+            "lmx_model_evictions", "Models unloaded by the memory guard (LRU or TTL)",
+            ("model",))
         self.client_requests = counter(
             "lmx_client_requests", "Requests per X-Client-ID", ("client",))
         self.client_tokens = counter(
@@ -198,6 +202,7 @@ class Metrics:
         target = {"worker_restarted": (self.worker_restarts, self.totals.worker_restarts),
                   "worker_crashed": (self.worker_crashes, self.totals.worker_crashes),
                   "model_quarantined": (self.quarantines, self.totals.quarantines),
+                  "model_evicted": (self.evictions, self.totals.evictions),
                   }.get(type_)
         model = data.get("model_id")
         if not isinstance(model, str):
@@ -207,7 +212,7 @@ class Metrics:
             # work before its first error or restart.
             for per_model in (self.model_requests, self.model_errors,
                               self.model_completion_tokens, self.worker_restarts,
-                              self.worker_crashes, self.quarantines):
+                              self.worker_crashes, self.quarantines, self.evictions):
                 per_model.labels(model)
         if target is None:
             return
@@ -279,5 +284,6 @@ class Metrics:
             "worker_restarts": dict(t.worker_restarts),
             "worker_crashes": dict(t.worker_crashes),
             "model_quarantines": dict(t.quarantines),
+            "model_evictions": dict(t.evictions),
             "uptime_seconds": round(self.uptime_seconds, 1),
         }

@@ -229,6 +229,7 @@ class ManagedModel:
                 await self._warm_up(worker)
             self.ready = ready
             self.loaded_at = time.time()
+            self.last_used = time.monotonic()  # idle (TTL, LRU) counts from ready
             self._set_state(ModelState.READY)
             self._watch_task = asyncio.create_task(self._watch(worker), name=f"watch-{worker_id}")
             self._emit("model_loaded", {"model_id": self.model_id, "pid": worker.pid,
