@@ -247,14 +247,14 @@ class DownloadJob:
             self._file_bytes = max(0, self._file_bytes + n)
         self._progressed()
 
-    def _progressed(self, force: bool = False) -> None:
+    def _progressed(self) -> None:
         now = time.monotonic()
         done = self.bytes_done
         with self._lock:
             self._samples.append((now, done))
             while len(self._samples) > 2 and now - self._samples[0][0] > SPEED_WINDOW_SEC:
                 self._samples.popleft()
-            due = force or now - self._last_event >= PROGRESS_EVENT_INTERVAL_SEC
+            due = now - self._last_event >= PROGRESS_EVENT_INTERVAL_SEC
             if due:
                 self._last_event = now
         if due:
@@ -295,7 +295,7 @@ class DownloadJob:
                 self._done_bytes += remote.size
                 self.bytes_reused += remote.size
                 self.files_done += 1
-            self._progressed(force=True)
+            self._progressed()
             return
         self.current_file = remote.name
         with self._lock:
@@ -308,9 +308,30 @@ class DownloadJob:
             self._done_bytes += remote.size
             self._file_bytes = 0
             self.files_done += 1
-        self._progressed(force=True)
+        self._progressed()
 
     def _verify(self, remote: RemoteFile, path: Path) -> None:
+        try:
+            problem = self._check(remote, path)
+        except DownloadCancelled:
+            # Never leave a file in the cache that was not verified: a later
+            # download would reuse it as finished.
+            self._discard(path)
+            raise
+        if problem is None:
+            return
+        self._discard(path)
+        raise VerificationFailed(
+            f"verification failed for {remote.name}: {problem}; the file was removed")
+
+    @staticmethod
+    def _discard(path: Path) -> None:
+        """Remove a cached file: the snapshot link and the blob behind it."""
+        blob = path.resolve()
+        path.unlink(missing_ok=True)
+        blob.unlink(missing_ok=True)
+
+    def _check(self, remote: RemoteFile, path: Path) -> str | None:
         size = path.stat().st_size
         problem = None
         if size != remote.size:
@@ -323,15 +344,7 @@ class DownloadJob:
             actual = git_blob_sha1(path, size, self.cancel_requested)
             if actual != remote.blob_id.lower():
                 problem = f"git blob id {actual} does not match the published {remote.blob_id}"
-        if problem is None:
-            return
-        # Remove the bad copy (snapshot link and blob) so nothing loads it
-        # and the next attempt fetches it again.
-        blob = path.resolve()
-        path.unlink(missing_ok=True)
-        blob.unlink(missing_ok=True)
-        raise VerificationFailed(
-            f"verification failed for {remote.name}: {problem}; the file was removed")
+        return problem
 
     def _record_ref(self) -> None:
         """Point refs/<revision> at the commit, as huggingface_hub does when

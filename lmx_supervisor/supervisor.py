@@ -124,7 +124,9 @@ class Supervisor:
     async def load(self, ref: str, backend: str | None = None, served_name: str | None = None,
                    allow_unsupported_runtime: bool = False) -> tuple[ManagedModel, bool]:
         """Load a model; returns it and whether it was already loaded."""
-        resolved = resolve_model(ref, self.config.models_dir, backend, served_name)
+        # In a thread: resolving may scan the hub cache and read a GGUF header.
+        resolved = await asyncio.to_thread(
+            resolve_model, ref, self.config.models_dir, backend, served_name)
         async with self._locks[resolved.model_id]:
             history = self._histories.setdefault(resolved.model_id, CrashHistory(
                 self.config.models.crash_loop_max_crashes,

@@ -119,6 +119,8 @@ def test_progress_events_and_resume_after_dropped_connection(
                what="download_completed event")
     updates = events.of("download_progress", download_id=download_id)
     assert len(updates) >= 2
+    # Throttled: at most 4 a second (plus the one announcing the start).
+    assert len(updates) <= 4 * (final["finished_at"] - final["started_at"]) + 2
     event_percents = [u["progress_percent"] for u in updates]
     assert event_percents == sorted(event_percents)
 
@@ -195,6 +197,17 @@ def test_corrupted_file_fails_sha256_verification(
     # Loading it is refused as incomplete, not attempted.
     resp = server.load(repo_id)
     assert resp.status_code == 409 and resp.json()["error"]["code"] == "model_incomplete"
+
+    # A regular (non-LFS) file is checked against its git blob id.
+    plain = unique_repo("corrupt-plain")
+    hub.add_repo(plain, [HubFile(n, d) for n, d in mlx_files().items()])
+    hub.corrupt.add("tokenizer.json")
+    try:
+        ended = finish(server, start(server, plain))
+    finally:
+        hub.corrupt.discard("tokenizer.json")
+    assert ended["status"] == "failed"
+    assert "tokenizer.json" in ended["error"] and "git blob id" in ended["error"]
 
 
 def test_unknown_repo_and_bad_input(server: LMXServer) -> None:
