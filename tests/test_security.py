@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+import yaml
 
 from tests.conftest import MODEL_ID, LMXServer, base_config
 
@@ -155,6 +156,23 @@ def test_lan_profile_guards_only_what_has_a_key(tmp_path: Path, models_dir: Path
         assert_refused(server.http.get("/admin/status"), "admin")
         ok = server.http.get("/admin/status", headers={"X-Admin-Key": ADMIN_KEY})
         assert ok.status_code == 200
+        assert server.http.get("/v1/discovery").status_code == 200  # open whatever the keys
+        # A config reload swaps the keys for the very next request.
+        config["security"] = {"profile": "lan", "admin_key": "rotated-admin-key",
+                              "inference_api_key": API_KEY}
+        server.config_path.write_text(yaml.safe_dump(config))
+        reload = server.http.post("/admin/config/reload", headers={"X-Admin-Key": ADMIN_KEY})
+        assert reload.status_code == 200, reload.text
+        assert "security" in reload.json()["updated"]
+        for secret in (ADMIN_KEY, API_KEY, "rotated-admin-key"):
+            assert secret not in reload.text
+        assert_refused(server.http.get("/admin/status", headers={"X-Admin-Key": ADMIN_KEY}),
+                       "admin")
+        rotated = server.http.get("/admin/status", headers={"X-Admin-Key": "rotated-admin-key"})
+        assert rotated.status_code == 200
+        assert_refused(server.http.get("/v1/models"), "inference")
+        assert server.http.get("/v1/models", headers={"X-Api-Key": API_KEY}).status_code == 200
+        assert "rotated-admin-key" not in server.log()
     finally:
         server.stop()
 
