@@ -146,11 +146,25 @@ def find_config_file(explicit: str | None) -> Path | None:
     return None
 
 
+# Secrets: taken verbatim from the environment (a key like `0123` or `[x`
+# must not turn into a number or a parse error) and never echoed.
+SECRET_KEYS = frozenset({("security", "admin_key"), ("security", "inference_api_key")})
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """What is wrong and where, without pyyaml's quote of the offending
+    line: that line may hold an API key."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        return f"{exc.problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return type(exc).__name__
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}".replace("\n", " ")) from exc
+        raise ConfigError(f"{path}: not valid YAML: {yaml_problem(exc)}") from exc
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -169,9 +183,13 @@ def apply_env_overrides(data: dict[str, Any], environ: dict[str, str]) -> dict[s
         if path[0] not in sections:
             continue  # LMX_HOME, LMX_FAILPOINTS and friends are not config
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            if tuple(path) in SECRET_KEYS or raw == "":
+                value: Any = raw
+            else:
+                value = yaml.safe_load(raw)
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{name}: cannot parse value {raw!r}: {exc}") from exc
+            raise ConfigError(f"{name}: cannot parse value {raw!r}: "
+                              f"{yaml_problem(exc)}") from exc
         node = data
         for key in path[:-1]:
             child = node.setdefault(key, {})

@@ -16,6 +16,7 @@ import openai
 import pytest
 import yaml
 
+from lmx_supervisor.config import ConfigError, load_config
 from tests.conftest import MODEL_ID, LMXServer, base_config
 
 pytestmark = pytest.mark.timeout(90)
@@ -189,3 +190,22 @@ def test_cloud_profile_without_keys_refuses_to_start(tmp_path: Path) -> None:
     assert len(lines) == 1
     assert lines[0].startswith("lmx: error: security.profile: 'cloud' requires")
     assert ADMIN_KEY not in result.stderr
+
+
+def test_config_errors_never_quote_a_key(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"security:\n  admin_key: [{ADMIN_KEY}\n")  # a YAML syntax error
+    with pytest.raises(ConfigError) as info:
+        load_config(str(cfg), {})
+    assert "not valid YAML" in str(info.value) and "line 3" in str(info.value)
+    assert ADMIN_KEY not in str(info.value)
+
+
+def test_env_keys_are_taken_verbatim() -> None:
+    # Parsed as YAML these would become an int, a list error and None.
+    config = load_config(None, {"LMX_SECURITY__ADMIN_KEY": "0123",
+                                "LMX_SECURITY__INFERENCE_API_KEY": "[x",
+                                "LMX_SECURITY__PROFILE": "cloud"})
+    assert config.security.admin_key == "0123"
+    assert config.security.inference_api_key == "[x"
+    assert load_config(None, {"LMX_SECURITY__ADMIN_KEY": "null"}).security.admin_key == "null"
