@@ -312,7 +312,7 @@ class ManagedModel:
         cause = describe_exit(returncode)
         oom = self._died_of_oom(returncode)
         if oom:
-            cause = f"ran out of memory under its cap of {self.memory_cap_bytes} bytes ({cause})"
+            cause = f"exceeded its memory cap of {self.memory_cap_bytes} bytes ({cause})"
         log.error("model %s: worker pid %d %s", self.model_id, worker.pid, cause)
         if oom:
             self._fail_inflight(WorkerCrashed(

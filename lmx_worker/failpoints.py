@@ -34,7 +34,7 @@ ALLOC_CEILING = 2 * 1024**3
 class Failpoints:
     def __init__(self, points: dict[str, str]) -> None:
         self._points = points
-        self._hoard: list[bytearray] = []
+        self._hoard: list[bytes] = []
         self._hoarded = 0
 
     @classmethod
@@ -83,6 +83,6 @@ class Failpoints:
             return
         # Filled, not just reserved: the pages become resident, as a real
         # runaway's would. A MemoryError here propagates to the step loop.
-        block = bytearray(b"\x5a") * size
+        block = b"\x5a" * size
         self._hoard.append(block)
         self._hoarded += size
