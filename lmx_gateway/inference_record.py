@@ -4,8 +4,8 @@ the last byte is sent. Closing it updates the metrics, publishes
 `request_completed` and writes the `Completion request ...` log line.
 
 The per-frame hook (`on_item`) is on the token hot path: it reads the clock
-once, adds integers and makes at most one pre-resolved histogram
-observation; everything else waits for `finish`."""
+once, adds integers and bumps one bucket of a lock-free histogram;
+everything else waits for `finish`."""
 
 from __future__ import annotations
 
@@ -14,10 +14,8 @@ import time
 from contextvars import ContextVar
 from typing import Any
 
-from prometheus_client.metrics import Histogram
-
 from lmx_gateway.events import EventBus
-from lmx_gateway.metrics import Metrics, Outcome
+from lmx_gateway.metrics import GapSeries, Metrics, Outcome
 from lmx_protocol import Finished, Tokens
 
 log = logging.getLogger("lmx.requests")
@@ -65,7 +63,7 @@ class InferenceRecord:
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
         self.tokens = 0
-        self._inter: Histogram | None = None
+        self._inter: GapSeries | None = None
 
     # --- fed by the generation ----------------------------------------------------
 
@@ -75,7 +73,7 @@ class InferenceRecord:
             self._metrics.active_requests += 1
             self._metrics.activity.set()
         self.model = model_id
-        self._inter = self._metrics.inter_token.labels(model_id)
+        self._inter = self._metrics.inter_token.child(model_id)
 
     def on_item(self, item: Tokens | Finished) -> None:
         now = time.monotonic()

@@ -24,13 +24,14 @@ Series exported (all prefixed `lmx_`):
 from __future__ import annotations
 
 import asyncio
+import bisect
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.metrics_core import Metric
+from prometheus_client.metrics_core import HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 # Distinct X-Client-ID values that get their own series; later ones share
@@ -111,6 +112,56 @@ class Totals:
     evictions: dict[str, int] = field(default_factory=dict)
 
 
+class GapSeries:
+    """One model's inter-token histogram: a bisect and two adds per token."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: list[float]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last slot is +Inf
+        self.total = 0.0
+
+    def observe(self, gap: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, gap)] += 1
+        self.total += gap
+
+
+class TokenGapHistogram(Collector):
+    """`lmx_inter_token_seconds{model}`, observed once per generated token.
+    prometheus-client's Histogram takes locks on every observation; the
+    gateway runs on one event loop (scrapes included), so plain counters
+    are enough and cost a fraction."""
+
+    name = "lmx_inter_token_seconds"
+
+    def __init__(self, buckets: Iterable[float]) -> None:
+        self.bounds = sorted(float(b) for b in buckets)
+        self.series: dict[str, GapSeries] = {}
+
+    def child(self, model: str) -> GapSeries:
+        series = self.series.get(model)
+        if series is None:
+            series = self.series[model] = GapSeries(self.bounds)
+        return series
+
+    def collect(self) -> Iterable[Metric]:
+        family = HistogramMetricFamily(self.name, "Gap between consecutive generated tokens",
+                                       labels=["model"])
+        for model, series in sorted(self.series.items()):
+            cumulative, buckets = 0, []
+            for bound, count in zip([*self.bounds, float("inf")], series.counts, strict=True):
+                cumulative += count
+                buckets.append(("+Inf" if bound == float("inf") else repr(bound),
+                                float(cumulative)))
+            family.add_metric([model], buckets, series.total)
+        return [family]
+
+    def describe(self) -> Iterable[Metric]:
+        return [HistogramMetricFamily(self.name, "Gap between consecutive generated tokens",
+                                      labels=["model"])]
+
+
 class _LiveCollector(Collector):
     """Asks the app for its live gauges at scrape time."""
 
@@ -171,9 +222,8 @@ class Metrics:
         self.ttft = Histogram(
             "lmx_time_to_first_token_seconds", "Request start to first generated token",
             ("model",), buckets=TTFT_BUCKETS, registry=r)
-        self.inter_token = Histogram(
-            "lmx_inter_token_seconds", "Gap between consecutive generated tokens",
-            ("model",), buckets=INTER_TOKEN_BUCKETS, registry=r)
+        self.inter_token = TokenGapHistogram(INTER_TOKEN_BUCKETS)
+        r.register(self.inter_token)
         r.register(self._live)
 
     # --- wiring ----------------------------------------------------------------

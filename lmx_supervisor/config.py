@@ -156,7 +156,8 @@ def yaml_problem(exc: yaml.YAMLError) -> str:
     line: that line may hold an API key."""
     if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
         mark = exc.problem_mark
-        return f"{exc.problem} (line {mark.line + 1}, column {mark.column + 1})"
+        what = exc.problem or exc.context or type(exc).__name__
+        return f"{what} (line {mark.line + 1}, column {mark.column + 1})"
     return type(exc).__name__
 
 
