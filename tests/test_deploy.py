@@ -23,6 +23,7 @@ pytestmark = pytest.mark.timeout(120)
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 ALERTS = DEPLOY / "prometheus" / "lmx-alerts.yaml"
 ALERT_TESTS = DEPLOY / "prometheus" / "lmx-alerts.test.yaml"
+PROMETHEUS_EXAMPLE = DEPLOY / "prometheus" / "prometheus.example.yml"
 GRAFANA = DEPLOY / "grafana" / "lmx-dashboard.json"
 SYSTEMD_UNIT = DEPLOY / "systemd" / "lmx.service"
 LAUNCHD_PLIST = DEPLOY / "launchd" / "com.lmx.server.plist"
@@ -87,6 +88,23 @@ def test_alert_rules_pass_promtool_check() -> None:
     result = promtool("check", "rules", str(ALERTS))
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"SUCCESS: {len(alert_rules())} rules found" in result.stdout
+
+
+@requires_promtool
+def test_example_prometheus_config(tmp_path: Path) -> None:
+    # As installed: the key in its own file, the rules next to the config.
+    key_file = tmp_path / "lmx-admin-key"
+    key_file.write_text("secret\n")
+    config = PROMETHEUS_EXAMPLE.read_text()
+    assert "credentials_file: /etc/prometheus/lmx-admin-key" in config
+    (tmp_path / "prometheus.yml").write_text(
+        config.replace("/etc/prometheus/lmx-admin-key", str(key_file)))
+    shutil.copy(ALERTS, tmp_path / ALERTS.name)
+    result = promtool("check", "config", "prometheus.yml", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS: 1 rule files found" in result.stdout
+    scrape = yaml.safe_load(config)["scrape_configs"][0]
+    assert scrape["job_name"] == "lmx" and scrape["metrics_path"] == "/admin/metrics"
 
 
 @requires_promtool
