@@ -68,6 +68,7 @@ PROGRESS_EVENT_INTERVAL_SEC = 0.25  # at most 4 download_progress events per sec
 SPEED_WINDOW_SEC = 5.0
 KEEP_FINISHED = 100
 HASH_BLOCK = 4 * 1024 * 1024
+STALE_PARTIAL_SEC = 600
 # Test hook, read only by free_bytes(): pretend the disk has this many free
 # bytes. Lets tests hit the storage-full path where no tmpfs can be mounted.
 FREE_BYTES_OVERRIDE_ENV = "LMX_TEST_FREE_BYTES"
@@ -271,6 +272,7 @@ class DownloadJob:
 
     def run(self) -> None:
         try:
+            self._sweep_stale_partials()
             for remote in self.plan.files:
                 if self.cancel_requested.is_set():
                     raise DownloadCancelled
@@ -286,6 +288,18 @@ class DownloadJob:
         except Exception as exc:
             log.warning("download %s of %s failed", self.id, self.repo_id, exc_info=True)
             self._finish(DownloadStatus.FAILED, describe_hub_error(exc))
+
+    def _sweep_stale_partials(self) -> None:
+        """Remove partial files a killed process left in this repo's blobs.
+        huggingface_hub names them per process and cannot resume them; a live
+        download writes its own at least every chunk, so an old one is dead."""
+        blobs = hub_cache.repo_folder(self.repo_id, self.cache) / "blobs"
+        horizon = time.time() - STALE_PARTIAL_SEC
+        for partial in blobs.glob("*.incomplete") if blobs.is_dir() else []:
+            with contextlib.suppress(OSError):
+                if partial.stat().st_mtime < horizon:
+                    partial.unlink()
+                    log.info("removed stale partial download %s", partial)
 
     def _fetch(self, remote: RemoteFile) -> None:
         cached = try_to_load_from_cache(self.repo_id, remote.name, cache_dir=self.cache,

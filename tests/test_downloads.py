@@ -287,3 +287,32 @@ def test_auto_download_load_then_serve_then_delete(
     assert gone.status_code == 200, gone.text
     assert gone.json()["freed_bytes"] == model_file.stat().st_size + len(b"# tiny\n")
     assert server.load(repo_id).status_code == 404
+
+
+def test_shutdown_cancels_active_downloads(tmp_path: Path, hub: FakeHub) -> None:
+    repo_id = unique_repo("shutdown")
+    hub.add_repo(repo_id, [HubFile("model.safetensors",
+                                   safetensors_bytes(2_000_000, {"format": "mlx"}), lfs=True)])
+    cache = tmp_path / "hf-cache"
+    # A partial file a killed process left an hour ago: swept when the repo downloads again.
+    stale = cache / f"models--{repo_id.replace('/', '--')}" / "blobs" / "0a1b.5c6d7e8f.incomplete"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"x" * 1000)
+    os.utime(stale, (stale.stat().st_atime - 3600, stale.stat().st_mtime - 3600))
+    (tmp_path / "models").mkdir()
+    lmx = LMXServer(tmp_path, base_config(tmp_path / "models"), env=hub_env(hub, cache))
+    hub.bytes_per_sec = 1_000_000
+    try:
+        lmx.wait_healthy()
+        download_id = start(lmx, repo_id)
+        wait_until(lambda: progress(lmx, download_id)["bytes_downloaded"] > 0, 30,
+                   interval=0.05, what="transfer under way")
+        assert not stale.exists()
+        assert lmx.stop() == 0  # SIGTERM: a clean exit, not a hang on the download thread
+    finally:
+        hub.bytes_per_sec = None
+        lmx.stop()
+    wait_until(lambda: any(p.startswith(f"/{repo_id}/") for p in hub.aborted), 15,
+               what="hub to see the transfer abort")
+    assert f"download {download_id} of {repo_id}: cancelled" in lmx.log()
+    assert not list(cache.rglob("*.incomplete"))
