@@ -9,11 +9,7 @@ import signal
 import socket
 import sys
 
-import uvicorn
-
 from lmx_gateway import cli_client
-from lmx_gateway.app import create_app
-from lmx_gateway.logging_setup import setup_logging
 from lmx_supervisor.config import Config, ConfigError, ConfigSource, load_config
 
 EXIT_CONFIG = 2
@@ -38,6 +34,13 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def serve(args: argparse.Namespace) -> int:
+    # Imported here: the client commands start in a fraction of the time
+    # without the server stack (uvicorn, the supervisor, huggingface_hub).
+    import uvicorn
+
+    from lmx_gateway.app import create_app
+    from lmx_gateway.logging_setup import setup_logging
+
     env = dict(os.environ)
     if args.host:
         env["LMX_SERVER__HOST"] = args.host

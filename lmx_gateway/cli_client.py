@@ -184,8 +184,8 @@ def events(args: argparse.Namespace, client: LmxClient, out: Output) -> int:
     wanted = set(args.type or [])
     seen = 0
     with client.stream("GET", "/admin/events", read_timeout=None) as stream:
-        if not out.as_json:
-            out.note(f"Following events at {client.url}/admin/events (Ctrl-C to stop)")
+        # On stderr even with --json: it also tells a script the tail is connected.
+        out.note(f"Following events at {client.url}/admin/events (Ctrl-C to stop)")
         for event in stream:
             try:
                 data = event.json()
