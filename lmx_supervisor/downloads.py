@@ -514,6 +514,10 @@ class DownloadManager:
         if not hub_cache.valid_repo_id(repo_id):
             raise BadRequest(f"'{repo_id}' is not a hub repo id (expected 'org/name')",
                              param="repo_id")
+        if revision is not None and (revision.startswith("/") or any(
+                part in ("", ".", "..") for part in revision.split("/"))):
+            # It names a file under refs/ in the cache: no way out of it.
+            raise BadRequest(f"'{revision}' is not a valid revision", param="revision")
         existing = self.active_for(repo_id)
         if existing is not None and existing.allow_patterns == allow_patterns and (
                 revision in (None, existing.plan.revision)):

@@ -215,6 +215,9 @@ def test_unknown_repo_and_bad_input(server: LMXServer) -> None:
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "model-not-found"
     bad = server.http.post("/admin/models/download", json={"repo_id": "../../etc"})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "repo_id"
+    escape = server.http.post("/admin/models/download",
+                              json={"repo_id": "lmx-test/x", "revision": "../../../tmp/x"})
+    assert escape.status_code == 400 and escape.json()["error"]["param"] == "revision"
     unknown = server.http.get("/admin/models/download/dl-000000000000/progress")
     assert unknown.status_code == 404
 
