@@ -13,10 +13,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 
-from tests.conftest import MODEL_ID, LMXServer
+from tests.conftest import MODEL_ID, LMXServer, free_port, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -41,6 +42,7 @@ requires_promtool = pytest.mark.skipif(
     PROMTOOL is None,
     reason="promtool is absent (lmx.sh installs Debian's prometheus package when run as root)")
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
+PROMETHEUS = shutil.which("prometheus")
 
 METRIC = re.compile(r"\b(lmx_[a-z0-9_]+)\b")
 
@@ -163,7 +165,7 @@ def test_alerts_and_grafana_use_only_exported_metrics(shared_server: LMXServer) 
     # One request (with a client id) so that per-model and per-client series exist too.
     resp = shared_server.http.post(
         "/v1/chat/completions", headers={"X-Client-ID": "deploy-test"},
-        json={"model": MODEL_ID, "max_tokens": 3,
+        json={"model": MODEL_ID, "max_tokens": 1,
               "messages": [{"role": "user", "content": "Hi"}]})
     assert resp.status_code == 200, resp.text
     scrape = shared_server.http.get("/admin/metrics")
@@ -176,6 +178,70 @@ def test_alerts_and_grafana_use_only_exported_metrics(shared_server: LMXServer) 
     assert len(used) > 15
     unknown = {name: source for name, source in used.items() if name not in exported}
     assert not unknown, f"not exported by /admin/metrics: {unknown}"
+
+
+@pytest.mark.skipif(PROMETHEUS is None, reason="the prometheus server binary is absent")
+def test_real_prometheus_scrapes_lmx_and_evaluates_everything(
+        shared_server: LMXServer, tmp_path: Path) -> None:
+    """A real Prometheus scraping the live server: every alert rule evaluates without
+    error and every Grafana query runs (matching errors only show at query time)."""
+    assert PROMETHEUS is not None
+    port = free_port()
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(ALERTS)],
+        "scrape_configs": [{"job_name": "lmx", "metrics_path": "/admin/metrics",
+                            "static_configs": [{"targets": [f"127.0.0.1:{shared_server.port}"]}]}],
+    }
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    with (tmp_path / "prometheus.log").open("wb") as log:
+        proc = subprocess.Popen(
+            [PROMETHEUS, f"--config.file={tmp_path / 'prometheus.yml'}",
+             f"--storage.tsdb.path={tmp_path / 'data'}",
+             f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
+            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as prom:
+            def query(expr: str) -> list[Any]:
+                body = prom.get("/api/v1/query", params={"query": expr}).json()
+                assert body["status"] == "success", (expr, body)
+                result: list[Any] = body["data"]["result"]
+                return result
+
+            def scraped_twice() -> bool:
+                if proc.poll() is not None:
+                    raise AssertionError((tmp_path / "prometheus.log").read_text())
+                try:
+                    rows = query('count_over_time(lmx_uptime_seconds{job="lmx"}[1m])')
+                except httpx.HTTPError:
+                    return False
+                return bool(rows) and float(rows[0]["value"][1]) >= 2
+
+            wait_until(scraped_twice, 30, interval=0.2, what="two scrapes of /admin/metrics")
+            assert query('up{job="lmx"}')[0]["value"][1] == "1"
+
+            def rules_evaluated() -> list[dict[str, Any]] | None:
+                groups = prom.get("/api/v1/rules").json()["data"]["groups"]
+                rules = [rule for group in groups for rule in group["rules"]]
+                if len(rules) == len(alert_rules()) and all(
+                        r["health"] != "unknown" for r in rules):
+                    return rules
+                return None
+
+            rules = wait_until(rules_evaluated, 30, interval=0.2, what="alert rule evaluation")
+            bad = {r["name"]: r.get("lastError") for r in rules if r["health"] != "ok"}
+            assert not bad, bad
+            # A healthy idle server fires nothing.
+            assert not [r["name"] for r in rules if r["state"] == "firing"]
+
+            for expr in grafana_exprs():
+                query(as_plain_promql(expr))
+            # The simple ones have data already.
+            assert query(as_plain_promql(
+                'lmx_model_state{job=~"$job",instance=~"$instance"} == 1'))
+    finally:
+        proc.terminate()
+        proc.wait(30)
 
 
 # --- service managers ------------------------------------------------------------------------
