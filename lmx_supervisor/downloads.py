@@ -377,7 +377,7 @@ class DownloadJob:
         self.error = error
         self.current_file = None if status is DownloadStatus.COMPLETED else self.current_file
         with self._lock:
-            self._file_bytes = 0 if status is not DownloadStatus.DOWNLOADING else self._file_bytes
+            self._file_bytes = 0  # a partial file is discarded, never counted as done
         self.finished_at = time.time()
         data = self._event_data()
         if status is DownloadStatus.COMPLETED:

@@ -189,7 +189,16 @@ class ModelFiles:
     async def available(self, models_dir: Path) -> list[dict[str, Any]]:
         rows = await asyncio.to_thread(inventory.scan_all, models_dir)
         loaded = self._loaded_paths()
-        return [row.to_json([mid for mid, path in loaded if row.serves(path)]) for row in rows]
+        listed = []
+        for row in rows:
+            entry = row.to_json([mid for mid, path in loaded if row.serves(path)])
+            # A snapshot still being written is incomplete for a reason.
+            repo_id = "/".join(row.repo_id.split("/")[:2])  # org/name of org/name/file
+            job = (self.downloads.active_for(repo_id) if row.source == inventory.HUB_CACHE
+                   else None)
+            entry["download_id"] = job.id if job is not None else None
+            listed.append(entry)
+        return listed
 
     async def delete(self, model_id: str, models_dir: Path) -> Deleted:
         check_model_id(model_id)

@@ -147,6 +147,10 @@ def test_cancel_stops_the_transfer_and_a_restart_fetches_only_what_is_missing(
         download_id = start(server, repo_id)
         wait_until(lambda: progress(server, download_id)["bytes_downloaded"] > 1_000_000, 30,
                    interval=0.05, what="transfer under way")
+        # The half-written snapshot is listed as incomplete, with its download.
+        rows = {r["repo_id"]: r for r in server.http.get("/admin/models/available").json()}
+        assert rows[repo_id]["complete"] is False
+        assert rows[repo_id]["download_id"] == download_id
         cancel = server.http.delete(f"/admin/models/download/{download_id}")
         assert cancel.status_code == 200 and cancel.json()["success"] is True
         ended = finish(server, download_id, timeout=15)
