@@ -10,6 +10,7 @@ the worker will really hold, not a worst case.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -122,6 +123,17 @@ def _size(paths: list[Path]) -> int:
     return total
 
 
+@functools.lru_cache(maxsize=256)
+def _gguf_shape_cached(path: Path, _size: int, _mtime_ns: int) -> ModelShape | None:
+    """Parsing a header with a large vocabulary costs ~0.1 s of CPU; a file
+    with the same size and mtime has the same header."""
+    try:
+        return gguf_shape(read_gguf_metadata(path))
+    except (GGUFError, OSError, ValueError) as exc:
+        log.warning("cannot read the GGUF header of %s: %s", path, exc)
+        return None
+
+
 def estimate_model_memory(path: Path, context_tokens: int) -> MemoryEstimate:
     """`context_tokens` is the whole KV cache the worker allocates (the
     per-request context times the number of parallel slots)."""
@@ -129,9 +141,11 @@ def estimate_model_memory(path: Path, context_tokens: int) -> MemoryEstimate:
     if path.is_file():
         weights = _size(gguf_files(path))
         try:
-            shape = gguf_shape(read_gguf_metadata(path))
-        except (GGUFError, OSError, ValueError) as exc:
-            log.warning("cannot read the GGUF header of %s: %s", path, exc)
+            st = path.stat()
+        except OSError as exc:
+            log.warning("cannot stat %s: %s", path, exc)
+        else:
+            shape = _gguf_shape_cached(path, st.st_size, st.st_mtime_ns)
     else:
         weights = _size([p for p in path.rglob("*") if p.suffix in _WEIGHT_SUFFIXES])
         try:
