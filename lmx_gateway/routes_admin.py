@@ -56,6 +56,7 @@ async def describe_model(model: ManagedModel, with_stats: bool = True) -> dict[s
             "active_requests": stats.active_requests,
             "queued_requests": stats.queued_requests,
             "rss_bytes": stats.rss_bytes,
+            "prompt_tokens_cached": stats.prompt_tokens_cached,
         } if stats else None,
     }
 
