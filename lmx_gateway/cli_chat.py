@@ -109,7 +109,7 @@ class Chat:
                     chunk = event.json()
                     if "error" in chunk:
                         err = chunk["error"]
-                        raise ApiError(200, str(err.get("message")), err.get("code"))
+                        raise ApiError(0, str(err.get("message")), err.get("code"))
                     if chunk.get("model"):
                         self.served_by = str(chunk["model"])
                     usage = chunk.get("usage") or usage
@@ -203,6 +203,9 @@ def _conversation(chat: Chat, out: Output) -> int:
         except ApiError as exc:  # one failed turn does not end the conversation
             error_line(exc.one_line())
             status = EXIT_FAILED
+            continue
+        except KeyboardInterrupt:  # before the first token: the turn is dropped
+            out.note("(interrupted)")
             continue
         out.note(chat.stats(turn))
 

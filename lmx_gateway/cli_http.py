@@ -52,7 +52,9 @@ class ApiError(Exception):
             hint = f" (set {API_KEY_ENV} to the server's security.inference_api_key)"
         elif self.status in (404, 405) and self.code in ("not_found", "method_not_allowed"):
             hint = f" (this server has no {self.path or 'such endpoint'}; an older LMX?)"
-        code = f" [{self.status} {self.code}]" if self.code else f" [{self.status}]"
+        status = [str(self.status)] if self.status else []  # 0: no HTTP status
+        code = " [" + " ".join(status + ([self.code] if self.code else [])) + "]"
+        code = "" if code == " []" else code
         return " ".join(f"{self.message}{code}{hint}".split())
 
 

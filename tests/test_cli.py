@@ -31,6 +31,7 @@ ADMIN_KEY = "cli-admin-key-51d2"
 API_KEY = "cli-api-key-0c7e"
 SPARE = "spare"  # a second copy of the model on disk, for `models rm`
 HUB_REPO = "lmx-test/cli-pull"
+SLOW = "slow-b"  # served name with a slow_tokens failpoint
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +60,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, model_file: Path, hub: Fake
     shutil.copyfile(model_file, models / f"{SPARE}.gguf")
     env = {"HF_ENDPOINT": hub.url, "HF_HUB_CACHE": str(root / "hf-cache"),
            "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_OFFLINE": "0"}
+    env["LMX_FAILPOINTS"] = f"{SLOW}=slow_tokens:150"
     srv = LMXServer(root, _config(models), env=env)
     srv.http.headers.update({"X-Admin-Key": ADMIN_KEY, "Authorization": f"Bearer {API_KEY}"})
     srv.wait_ready(MODEL_ID)
@@ -197,25 +199,36 @@ def _read_until(fd: int, pattern: str, timeout: float = 60) -> str:
 
 
 def test_chat_interactive_in_a_terminal(server: LMXServer) -> None:
+    # A model whose every token takes 150 ms, so Ctrl-C lands mid-answer.
+    assert server.load(MODEL_ID, served_name=SLOW).status_code == 200
     controller, terminal = pty.openpty()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lmx_gateway", "chat", "-m", MODEL_ID, "--max-tokens", "4"],
+        [sys.executable, "-m", "lmx_gateway", "chat", "-m", SLOW, "--max-tokens", "30"],
         env={**cli_env(server.url), "TERM": "dumb"}, stdin=terminal, stdout=terminal,
         stderr=terminal, close_fds=True)
     os.close(terminal)
     try:
         _read_until(controller, r"you> ")
-        os.write(controller, b"Hello!\n")
-        _read_until(controller, r"completion tokens.*\]\s.*you> ")
+        os.write(controller, b"Tell me a long story about a dragon.\n")
+        wait_until(lambda: server.admin_models()[SLOW]["in_flight"] >= 1, 30,
+                   what="the answer being generated")
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        _read_until(controller, r"interrupted.*you> ")  # the answer stops, the chat goes on
         os.write(controller, b"/reset\n")
         _read_until(controller, r"conversation cleared.*you> ")
         os.write(controller, b"/exit\n")
         assert proc.wait(timeout=30) == 0
+
+        def aborted() -> bool:  # closing the stream stopped the generation in the worker
+            stats = server.admin_models()[SLOW]["worker_stats"]
+            return bool(stats and stats["requests_aborted"] >= 1)
+        wait_until(aborted, 15, what="the interrupted generation aborted")
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
         os.close(controller)
+        server.http.post("/admin/models/unload", json={"model_id": SLOW})
 
 
 def test_bench(server: LMXServer) -> None:
