@@ -132,10 +132,9 @@ class MemoryGuard:
             reclaimable = sum(estimate_of(m) for m in idle)
             basis = (f"memory budget (memory.budget_bytes at "
                      f"memory.max_memory_percent={cfg.max_memory_percent:g}%)")
-            if needed > sysmem.available + sum(
-                    (wm.rss if (wm := worker_memory(m.pid)) else 0) for m in idle):
-                return Shortfall(needed, sysmem.used, sysmem.total, 0,
-                                 "available system memory")
+            if needed > sysmem.available:  # the budget may promise more than there is
+                idle_rss = sum((wm.rss if (wm := worker_memory(m.pid)) else 0) for m in idle)
+                return Shortfall(needed, sysmem.used, sysmem.total, idle_rss, "system memory")
         if used + needed <= limit:
             return None
         return Shortfall(needed, used, limit, reclaimable, basis)
