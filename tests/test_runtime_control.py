@@ -286,3 +286,15 @@ def test_benchmark_reports_numbers(server: LMXServer) -> None:
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "runs"
     missing = server.http.post("/admin/benchmark", json={"model_id": "ghost"})
     assert missing.status_code == 404
+
+
+def test_reload_resizes_per_model_concurrency(server: LMXServer) -> None:
+    limited = base(server)
+    limited["models"]["per_model_concurrency_limits"] = {MODEL_ID: 1}
+    resp = reload_with(server, limited)
+    assert resp.status_code == 200 and "models" in resp.json()["updated"]
+    assert server.admin_models()[MODEL_ID]["max_concurrent_requests"] == 1
+    assert served_by(server, MODEL_ID) == MODEL_ID  # the one slot admits and frees
+    resp = reload_with(server, base(server))
+    assert resp.status_code == 200
+    assert server.admin_models()[MODEL_ID]["max_concurrent_requests"] == 4
