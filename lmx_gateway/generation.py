@@ -10,7 +10,7 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
 from lmx_gateway.inference_record import current_record
-from lmx_protocol import Finished, Generate, Tokens
+from lmx_protocol import Finished, Generate, TokenLogprob, Tokens
 from lmx_supervisor.errors import InferenceTimeout, LMXError
 from lmx_supervisor.managed_model import ManagedModel
 
@@ -63,20 +63,21 @@ class Generation:
 class Collected:
     text: str
     finished: Finished
-    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 async def collect(gen: Generation) -> Collected:
     parts: list[str] = []
+    logprobs: list[TokenLogprob] = []
     try:
         while True:
             item = await gen.next()
             if item is None:
                 raise RuntimeError("worker stream ended without a Finished frame")
-            if isinstance(item, Tokens):
-                parts.append(item.text)
-            else:
-                parts.append(item.text)
-                return Collected("".join(parts), item)
+            parts.append(item.text)
+            if isinstance(item, Finished):
+                return Collected("".join(parts), item, logprobs)
+            if item.logprobs:
+                logprobs.extend(item.logprobs)
     finally:
         await gen.close()

@@ -14,13 +14,14 @@ from starlette.routing import Route
 
 from lmx_gateway.body import read_json
 from lmx_gateway.errors import error_payload
-from lmx_gateway.generation import Generation, collect
+from lmx_gateway.generation import Collected, Generation, collect
+from lmx_gateway.logprobs import chat_logprobs, completion_logprobs
 from lmx_gateway.routing import route_request
 from lmx_gateway.sampling import chat_generate, completion_generate
 from lmx_gateway.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from lmx_gateway.sse import DONE, EventStreamResponse, sse_data
 from lmx_gateway.state import GatewayState, gateway_state
-from lmx_protocol import Finished, Generate, Tokens
+from lmx_protocol import Finished, Generate, TokenLogprob, Tokens
 from lmx_supervisor.errors import LMXError
 
 
@@ -42,17 +43,24 @@ class ChunkShape:
             "model": model,
         }
         self.include_usage = include_usage
+        self.text_offset = 0  # completions logprobs count characters across chunks
 
-    def choice(self, text: str | None, finish_reason: str | None, first: bool = False
-               ) -> dict[str, Any]:
+    def choice(self, text: str | None, finish_reason: str | None, first: bool = False,
+               logprobs: list[TokenLogprob] | None = None) -> dict[str, Any]:
         if self.kind == "chat":
             delta: dict[str, Any] = {}
             if first:
                 delta["role"] = "assistant"
             if text is not None:
                 delta["content"] = text
-            return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-        return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+            return {"index": 0, "delta": delta, "finish_reason": finish_reason,
+                    "logprobs": chat_logprobs(logprobs) if logprobs else None}
+        rendered = None
+        if logprobs:
+            rendered = completion_logprobs(logprobs, self.text_offset)
+            self.text_offset += sum(len(t) for t in rendered["tokens"])
+        return {"index": 0, "text": text or "", "logprobs": rendered,
+                "finish_reason": finish_reason}
 
     def chunk(self, choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> bytes:
         body = {**self.base, "choices": choices}
@@ -71,8 +79,10 @@ async def _stream(gen: Generation, first: Tokens | Finished, shape: ChunkShape,
         item: Tokens | Finished | None = first
         while item is not None:
             if isinstance(item, Tokens):
-                if item.text:
-                    yield shape.chunk([shape.choice(item.text, None)])
+                # A token whose text is held back (stop-string prefix) still
+                # carries its logprobs when they were asked for.
+                if item.text or item.logprobs:
+                    yield shape.chunk([shape.choice(item.text, None, logprobs=item.logprobs)])
             else:
                 if item.text:
                     yield shape.chunk([shape.choice(item.text, None)])
@@ -91,7 +101,7 @@ async def _stream(gen: Generation, first: Tokens | Finished, shape: ChunkShape,
 
 
 async def _respond(request: Request, req: SamplingFields, frame: Generate, kind: str,
-                   render: Callable[[str, str, Finished], dict[str, Any]]) -> Response:
+                   render: Callable[[str, Collected], dict[str, Any]]) -> Response:
     state = gateway_state(request)
     model = state.supervisor.get(req.model)
     completion_id = ("chatcmpl-" if kind == "chat" else "cmpl-") + frame.request_id
@@ -104,7 +114,7 @@ async def _respond(request: Request, req: SamplingFields, frame: Generate, kind:
             result = await collect(gen)
         finally:
             state.in_flight -= 1
-        return JSONResponse(render(completion_id, result.text, result.finished))
+        return JSONResponse(render(completion_id, result))
     try:
         # Wait for the first token before sending headers: a request that
         # fails early (busy, timeout, dead worker) still gets its real status.
@@ -130,12 +140,15 @@ async def chat_completions(request: Request) -> Response:
     req = route_request(state, await read_json(request, ChatCompletionRequest, limit))
     frame = chat_generate(req, _request_id())
 
-    def render(cid: str, text: str, fin: Finished) -> dict[str, Any]:
+    def render(cid: str, result: Collected) -> dict[str, Any]:
         return {"id": cid, "object": "chat.completion", "created": int(time.time()),
                 "model": req.model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "logprobs": None, "finish_reason": str(fin.finish_reason)}],
-                "usage": _usage(fin)}
+                "choices": [{"index": 0,
+                             "message": {"role": "assistant", "content": result.text},
+                             "logprobs": (chat_logprobs(result.logprobs)
+                                          if frame.params.logprobs else None),
+                             "finish_reason": str(result.finished.finish_reason)}],
+                "usage": _usage(result.finished)}
 
     return await _respond(request, req, frame, "chat", render)
 
@@ -146,12 +159,14 @@ async def completions(request: Request) -> Response:
     req = route_request(state, req)
     frame = completion_generate(req, _request_id())
 
-    def render(cid: str, text: str, fin: Finished) -> dict[str, Any]:
+    def render(cid: str, result: Collected) -> dict[str, Any]:
         return {"id": cid, "object": "text_completion", "created": int(time.time()),
                 "model": req.model,
-                "choices": [{"index": 0, "text": text, "logprobs": None,
-                             "finish_reason": str(fin.finish_reason)}],
-                "usage": _usage(fin)}
+                "choices": [{"index": 0, "text": result.text,
+                             "logprobs": (completion_logprobs(result.logprobs)
+                                          if frame.params.logprobs else None),
+                             "finish_reason": str(result.finished.finish_reason)}],
+                "usage": _usage(result.finished)}
 
     return await _respond(request, req, frame, "completion", render)
 

@@ -23,14 +23,41 @@ def _refuse_unsupported(req: SamplingFields) -> None:
     if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
         raise BadRequest("response_format other than text is not supported yet",
                          param="response_format", code=UNSUPPORTED)
-    if req.logprobs not in (None, False) or req.top_logprobs not in (None, 0):
-        raise BadRequest("logprobs are not supported yet", param="logprobs", code=UNSUPPORTED)
     if req.logit_bias:
         raise BadRequest("logit_bias is not supported", param="logit_bias", code=UNSUPPORTED)
 
 
-def sampling_params(req: SamplingFields, max_tokens: int | None) -> SamplingParams:
+MAX_TOP_LOGPROBS = 20
+
+
+def _top_count(value: object, param: str) -> int:
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadRequest(f"{param} must be an integer", param=param, code="invalid_type")
+    if not 0 <= value <= MAX_TOP_LOGPROBS:
+        raise BadRequest(f"{param} must be between 0 and {MAX_TOP_LOGPROBS}", param=param)
+    return value
+
+
+def logprob_settings(req: SamplingFields, chat: bool) -> tuple[bool, int]:
+    """Chat says `logprobs: true, top_logprobs: N`; legacy completions say
+    `logprobs: N`. Both become (wanted, alternatives per position)."""
+    if not chat:
+        top = _top_count(req.logprobs, "logprobs")
+        return req.logprobs is not None, top
+    if req.logprobs is not None and not isinstance(req.logprobs, bool):
+        raise BadRequest("logprobs must be a boolean", param="logprobs", code="invalid_type")
+    top = _top_count(req.top_logprobs, "top_logprobs")
+    if top and not req.logprobs:
+        raise BadRequest("top_logprobs requires logprobs: true", param="top_logprobs")
+    return bool(req.logprobs), top
+
+
+def sampling_params(req: SamplingFields, max_tokens: int | None, chat: bool = True
+                    ) -> SamplingParams:
     _refuse_unsupported(req)
+    logprobs, top_logprobs = logprob_settings(req, chat)
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     repetition = req.repetition_penalty or req.repeat_penalty or 1.0
     return SamplingParams(
@@ -45,6 +72,8 @@ def sampling_params(req: SamplingFields, max_tokens: int | None) -> SamplingPara
         frequency_penalty=req.frequency_penalty or 0.0,
         repetition_penalty=repetition,
         ignore_eos=req.ignore_eos,
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
     )
 
 
@@ -83,5 +112,5 @@ def completion_generate(req: CompletionRequest, request_id: str) -> Generate:
     prompt = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
     # OpenAI's legacy default is 16 tokens; keep it so clients get what they expect.
     max_tokens = req.max_tokens if req.max_tokens is not None else 16
-    return Generate(request_id=request_id, params=sampling_params(req, max_tokens),
+    return Generate(request_id=request_id, params=sampling_params(req, max_tokens, chat=False),
                     prompt=prompt)

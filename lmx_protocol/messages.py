@@ -71,6 +71,8 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, gc=False):
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     ignore_eos: bool = False
+    logprobs: bool = False
+    top_logprobs: int = 0  # alternatives per position, when logprobs is set
 
 
 # --- supervisor -> worker ----------------------------------------------------
@@ -121,6 +123,15 @@ class Ready(Frame, tag="ready"):
     backend_version: str = ""
 
 
+class TokenLogprob(msgspec.Struct, array_like=True, gc=False):
+    """One token's log-probability under the model's distribution (before
+    sampling transforms), with its raw bytes, and the top alternatives."""
+
+    token: bytes
+    logprob: float
+    top: list[tuple[bytes, float]] = []
+
+
 class Tokens(Frame, tag="tokens"):
     """One or more generated tokens. `text` is the newly visible text; it may
     be empty while a possible stop string or a partial UTF-8 sequence is held
@@ -129,6 +140,7 @@ class Tokens(Frame, tag="tokens"):
     request_id: str
     text: str
     token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when asked for
 
 
 class Finished(Frame, tag="finished"):

@@ -476,7 +476,7 @@ class ManagedModel:
                 with contextlib.suppress(PeerGone):
                     self._hub.send(worker_id, Abort(rid))
 
-    async def worker_stats(self, timeout: float = 1.0) -> WorkerStats | None:
+    async def worker_stats(self, timeout: float = 3.0) -> WorkerStats | None:
         if self.state is not ModelState.READY or self.worker_id is None:
             return None
         nonce = next(self._ping_nonce)

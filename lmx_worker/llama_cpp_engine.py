@@ -21,11 +21,21 @@ from dataclasses import dataclass, field
 
 import llama_cpp
 import msgspec
+import numpy as np
 import psutil
 from llama_cpp import _internals as internals
 from llama_cpp._logger import set_verbose
 
-from lmx_protocol import ErrorCode, Failed, Finished, FinishReason, Generate, Tokens, WorkerStats
+from lmx_protocol import (
+    ErrorCode,
+    Failed,
+    Finished,
+    FinishReason,
+    Generate,
+    TokenLogprob,
+    Tokens,
+    WorkerStats,
+)
 from lmx_worker.chat_template import ChatTemplate
 from lmx_worker.engine import RequestError, StepOutput
 from lmx_worker.spec import WorkerSpec
@@ -273,16 +283,33 @@ class LlamaCppEngine:
             job = slot.job
             assert job is not None
             token = job.sampler.sample(self.ctx, index)
-            out.extend(self._on_token(slot, job, token))
+            logprob = self._logprob(index, token, job) if job.request.params.logprobs else None
+            out.extend(self._on_token(slot, job, token, logprob))
         return out
 
-    def _on_token(self, slot: _Slot, job: _Job, token: int) -> list[StepOutput]:
+    def _logprob(self, index: int, token: int, job: _Job) -> TokenLogprob:
+        """Log-softmax of the raw logits at batch row `index`: only computed
+        for requests that asked, since it touches the whole vocabulary."""
+        row = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx.ctx, index),
+                                    shape=(self._n_vocab,))
+        peak = float(row.max())
+        log_z = peak + float(np.log(np.exp(row - peak).sum()))
+        top: list[tuple[bytes, float]] = []
+        k = job.request.params.top_logprobs
+        if k > 0:
+            best = np.argpartition(row, -k)[-k:]
+            best = best[np.argsort(row[best])[::-1]]
+            top = [(self._token_bytes(int(t)), float(row[t]) - log_z) for t in best]
+        return TokenLogprob(self._token_bytes(token), float(row[token]) - log_z, top)
+
+    def _on_token(self, slot: _Slot, job: _Job, token: int,
+                  logprob: TokenLogprob | None = None) -> list[StepOutput]:
         rid = job.request.request_id
         if token in self._eog and not job.request.params.ignore_eos:
             return [self._end(slot, job, FinishReason.STOP)]
         job.generated.append(token)
         text = job.stream.feed(self._token_bytes(token))
-        tokens = Tokens(rid, text, [token])
+        tokens = Tokens(rid, text, [token], None if logprob is None else [logprob])
         if job.stream.stopped:
             return [tokens, self._end(slot, job, FinishReason.STOP)]
         if len(job.generated) >= job.max_new:
