@@ -13,6 +13,7 @@ from starlette.middleware import Middleware
 
 from lmx_gateway import (
     routes_admin,
+    routes_anthropic,
     routes_compatibility,
     routes_dashboard,
     routes_health,
@@ -74,7 +75,7 @@ def create_app(config: Config, config_source: ConfigSource | None = None) -> Sta
 
     return Starlette(
         routes=[*CONTROL_ROUTES,
-                *routes_health.ROUTES, *routes_inference.ROUTES,
+                *routes_health.ROUTES, *routes_inference.ROUTES, *routes_anthropic.ROUTES,
                 # Before routes_admin/model_files: /admin/models/compatibility
                 # must not be taken for a model id.
                 *routes_memory.ROUTES, *routes_compatibility.ROUTES, *routes_admin.ROUTES,

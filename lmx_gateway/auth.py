@@ -19,6 +19,7 @@ import hmac
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from lmx_gateway.anthropic_errors import anthropic_error_body, is_messages_path
 from lmx_gateway.errors import error_body
 from lmx_supervisor.config import Config, SecurityConfig
 
@@ -92,6 +93,8 @@ class AuthMiddleware:
             key, headers, status = security.inference_api_key, INFERENCE_KEY_HEADERS, 401
             body = error_body("Invalid or missing API key", "authentication_error",
                               "authentication_error")
+            if is_messages_path(path):  # the Anthropic SDK reads its own error shape
+                body = anthropic_error_body(401, "Invalid or missing API key")
         else:
             await self.app(scope, receive, send)
             return

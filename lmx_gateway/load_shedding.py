@@ -16,6 +16,7 @@ import time
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from lmx_gateway.anthropic_errors import anthropic_error_body, is_messages_path
 from lmx_gateway.errors import error_body
 from lmx_gateway.state import GatewayState
 from lmx_supervisor.process_memory import system_memory
@@ -66,7 +67,8 @@ class LoadSheddingMiddleware:
             state.supervisor.emit("memory_warning", {
                 "reason": "load_shedding", "used_percent": round(percent, 1),
                 "load_shedding_percent": threshold})
-        response = JSONResponse(error_body(MESSAGE, "server_error", "overloaded"),
-                                status_code=503,
+        body = (anthropic_error_body(503, MESSAGE) if is_messages_path(scope["path"])
+                else error_body(MESSAGE, "server_error", "overloaded"))
+        response = JSONResponse(body, status_code=503,
                                 headers={"Retry-After": str(RETRY_AFTER_SEC)})
         await response(scope, receive, send)

@@ -87,6 +87,9 @@ class Generate(Frame, tag="generate"):
     messages: list[ChatMessage] | None = None
     prompt: str | None = None
     add_generation_prompt: bool = True
+    # Tokenize only: the worker answers Finished with prompt_tokens and
+    # decodes nothing (Anthropic's count_tokens).
+    count_only: bool = False
 
 
 class Abort(Frame, tag="abort"):
@@ -103,10 +106,48 @@ class Shutdown(Frame, tag="shutdown"):
     drain: bool = False
 
 
-ToWorker = Generate | Abort | Ping | Shutdown
+class Embed(Frame, tag="embed"):
+    """Embed a batch of inputs: `texts`, or `token_ids` (one list per input,
+    taken as the model's complete input, special tokens included). A worker
+    runs every Embed it has pending as one forward pass."""
+
+    request_id: str
+    texts: list[str] | None = None
+    token_ids: list[list[int]] | None = None
+    # Matryoshka truncation (then renormalised); None: the model's width.
+    dimensions: int | None = None
+    # None: what the model's sentence-transformers config says.
+    normalize: bool | None = None
+
+
+class Rerank(Frame, tag="rerank"):
+    """Score every document against the query (cross-encoder, or cosine
+    similarity of embeddings for a bi-encoder)."""
+
+    request_id: str
+    query: str
+    documents: list[str]
+
+
+ToWorker = Generate | Abort | Ping | Shutdown | Embed | Rerank
 
 
 # --- worker -> supervisor ----------------------------------------------------
+
+
+class EncoderInfo(msgspec.Struct, omit_defaults=True, gc=False):
+    """What an embedding or rerank model is, so the gateway can validate a
+    request before it reaches the worker and list the model honestly."""
+
+    dimensions: int = 0  # embedding width (0 for a cross-encoder)
+    max_tokens: int = 0  # longest input per text; longer texts are truncated
+    vocab_size: int = 0  # token ids must lie in [0, vocab_size)
+    # "cross-encoder", "bi-encoder-cosine", or "" (no rerank)
+    rerank_mode: str = ""
+    # Trained for truncated vectors (Matryoshka): `dimensions` below the width.
+    matryoshka: bool = False
+    pooling: str = ""  # e.g. "mean", "cls"
+    normalized: bool = False  # vectors are L2-normalised by default
 
 
 class Ready(Frame, tag="ready"):
@@ -121,6 +162,7 @@ class Ready(Frame, tag="ready"):
     memory_bytes: int
     context_length: int
     backend_version: str = ""
+    encoder: EncoderInfo | None = None  # set by embedding/rerank workers
 
 
 class TokenLogprob(msgspec.Struct, array_like=True, gc=False):
@@ -141,6 +183,9 @@ class Tokens(Frame, tag="tokens"):
     text: str
     token_ids: list[int]
     logprobs: list[TokenLogprob] | None = None  # one per token id, when asked for
+    # Set on a request's first Tokens frame, so a stream can report its input
+    # size before the end (Anthropic's message_start usage).
+    prompt_tokens: int | None = None
 
 
 class Finished(Frame, tag="finished"):
@@ -149,6 +194,8 @@ class Finished(Frame, tag="finished"):
     prompt_tokens: int
     completion_tokens: int
     text: str = ""  # text released at the end (held-back tail)
+    # The stop string that ended the generation (finish_reason stop), if one did.
+    stop_sequence: str | None = None
 
 
 class Failed(Frame, tag="failed"):
@@ -159,6 +206,7 @@ class Failed(Frame, tag="failed"):
     message: str
     fatal: bool = False
     request_id: str | None = None
+    param: str | None = None  # the request field at fault, for a client error
 
 
 class WorkerStats(msgspec.Struct, omit_defaults=True, gc=False):
@@ -178,4 +226,25 @@ class Pong(Frame, tag="pong"):
     stats: WorkerStats
 
 
-FromWorker = Ready | Tokens | Finished | Failed | Pong
+class Embeddings(Frame, tag="embeddings"):
+    """The answer to an Embed: `count` vectors of `dim` little-endian float32
+    values, row-major, as raw bytes (a list of floats would cost ~4x the
+    bytes and a Python object per value)."""
+
+    request_id: str
+    vectors: bytes
+    count: int
+    dim: int
+    prompt_tokens: int
+
+
+class Scores(Frame, tag="scores"):
+    """The answer to a Rerank: one relevance score per document, in the
+    documents' order."""
+
+    request_id: str
+    scores: list[float]
+    prompt_tokens: int
+
+
+FromWorker = Ready | Tokens | Finished | Failed | Pong | Embeddings | Scores

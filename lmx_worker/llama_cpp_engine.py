@@ -124,6 +124,7 @@ class LlamaCppEngine:
         self.chat_template = self._load_template()
         self._slots = [_Slot(i) for i in range(slots)]
         self._pending: deque[_Job] = deque()
+        self._counted: list[StepOutput] = []  # count_only answers, sent at the next step
         self.cached_prompt_tokens = 0
 
     def _load_template(self) -> ChatTemplate | None:
@@ -182,6 +183,9 @@ class LlamaCppEngine:
         prompt = self._prompt_tokens(request)
         if not prompt:
             raise RequestError("invalid_request", "the prompt is empty")
+        if request.count_only:  # no slot, no decode: the count is the answer
+            self._counted.append(Finished(request.request_id, FinishReason.STOP, len(prompt), 0))
+            return
         if len(prompt) >= self.slot_context:
             raise RequestError(
                 "context_length_exceeded",
@@ -205,7 +209,7 @@ class LlamaCppEngine:
         return []
 
     def has_work(self) -> bool:
-        return bool(self._pending) or any(s.job for s in self._slots)
+        return bool(self._pending or self._counted) or any(s.job for s in self._slots)
 
     def fill_stats(self, stats: WorkerStats) -> None:
         stats.active_requests = sum(1 for s in self._slots if s.job)
@@ -271,14 +275,14 @@ class LlamaCppEngine:
         return sample_at
 
     def step(self) -> list[StepOutput]:
+        out, self._counted = self._counted, []
         self._admit()
         sample_at = self._fill_batch()
         if self._batch.n_tokens == 0:
-            return []
+            return out
         status = llama_cpp.llama_decode(self.ctx.ctx, self._batch)
         if status != 0:
-            return self._fail_all(f"llama_decode failed with status {status}")
-        out: list[StepOutput] = []
+            return out + self._fail_all(f"llama_decode failed with status {status}")
         for slot, index in sample_at:
             job = slot.job
             assert job is not None
@@ -309,7 +313,8 @@ class LlamaCppEngine:
             return [self._end(slot, job, FinishReason.STOP)]
         job.generated.append(token)
         text = job.stream.feed(self._token_bytes(token))
-        tokens = Tokens(rid, text, [token], None if logprob is None else [logprob])
+        tokens = Tokens(rid, text, [token], None if logprob is None else [logprob],
+                        len(job.prompt) if len(job.generated) == 1 else None)
         if job.stream.stopped:
             return [tokens, self._end(slot, job, FinishReason.STOP)]
         if len(job.generated) >= job.max_new:
@@ -345,4 +350,6 @@ class LlamaCppEngine:
 
     def _end(self, slot: _Slot, job: _Job, reason: FinishReason) -> Finished:
         slot.job = None
-        return self._finished(job, reason, job.stream.flush())
+        finished = self._finished(job, reason, job.stream.flush())
+        finished.stop_sequence = job.stream.matched
+        return finished

@@ -18,6 +18,7 @@ class TextStream:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._pending = ""
         self.stopped = False
+        self.matched: str | None = None  # the stop string that ended the text
 
     def feed(self, data: bytes) -> str:
         """Add a token's bytes; return the text that is now safe to show.
@@ -29,8 +30,9 @@ class TextStream:
         if not self._stop:
             out, self._pending = self._pending, ""
             return out
-        cut = self._earliest_stop()
-        if cut is not None:
+        found = self._earliest_stop()
+        if found is not None:
+            cut, self.matched = found
             self.stopped = True
             out, self._pending = self._pending[:cut], ""
             return out
@@ -47,9 +49,14 @@ class TextStream:
         self._pending = ""
         return out
 
-    def _earliest_stop(self) -> int | None:
-        found = [i for i in (self._pending.find(s) for s in self._stop) if i >= 0]
-        return min(found) if found else None
+    def _earliest_stop(self) -> tuple[int, str] | None:
+        """Where the first stop string begins, and which one it is (the
+        longest, when several begin there)."""
+        found = [(i, -len(s), s) for s in self._stop if (i := self._pending.find(s)) >= 0]
+        if not found:
+            return None
+        at, _, stop = min(found)
+        return at, stop
 
     def _longest_partial_stop(self) -> int:
         best = 0

@@ -1,0 +1,273 @@
+"""Anthropic Messages API: `POST /v1/messages` and `/v1/messages/count_tokens`.
+
+A thin translation: the request becomes an OpenAI chat request (system
+prompt, turns, tool calls and tool results as the chat template expects
+them), which then takes the same road as `/v1/chat/completions` (routing,
+presets, sampling, the worker). The answer is rendered back as Anthropic
+content blocks and stop reasons. Errors on these routes use Anthropic's
+shape, `{"type": "error", "error": {"type", "message"}}`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from typing import Any
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from lmx_gateway.anthropic_errors import anthropic_error_body
+from lmx_gateway.anthropic_schemas import (
+    CountTokensRequest,
+    MessageIn,
+    MessagesRequest,
+    TextBlock,
+    ToolChoiceAny,
+    ToolChoiceNone,
+    ToolChoiceTool,
+    ToolResultBlock,
+    ToolUseBlock,
+)
+from lmx_gateway.body import read_json
+from lmx_gateway.generation_run import StreamRun, run_collect
+from lmx_gateway.routing import route_request
+from lmx_gateway.sampling import UNSUPPORTED, chat_generate
+from lmx_gateway.schemas import ChatCompletionRequest, ChatMessageIn
+from lmx_gateway.sse import EventStreamResponse, sse_event
+from lmx_gateway.state import GatewayState, gateway_state
+from lmx_protocol import Finished, FinishReason, Generate, Tokens
+from lmx_supervisor.errors import BadRequest, LMXError
+
+log = logging.getLogger("lmx.gateway")
+
+# --- errors ---------------------------------------------------------------------
+
+
+def _error_response(exc: LMXError) -> JSONResponse:
+    message = (f"{exc.param}: {exc.message}" if exc.param
+               and exc.param.lower() not in exc.message.lower() else exc.message)
+    return JSONResponse(anthropic_error_body(exc.status, message), status_code=exc.status,
+                        headers=exc.headers)
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def _anthropic_errors(handler: Handler) -> Handler:
+    async def wrapped(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except LMXError as exc:
+            return _error_response(exc)
+        except Exception as exc:
+            log.exception("unhandled error", exc_info=exc)
+            return JSONResponse(anthropic_error_body(500, f"Internal error: {type(exc).__name__}"),
+                                status_code=500)
+    return wrapped
+
+
+# --- request translation --------------------------------------------------------
+
+
+def _text_of(blocks: str | list[TextBlock] | None) -> str:
+    if blocks is None or isinstance(blocks, str):
+        return blocks or ""
+    return "\n".join(b.text for b in blocks)
+
+
+def _tool_call(block: ToolUseBlock) -> dict[str, Any]:
+    return {"id": block.id, "type": "function",
+            "function": {"name": block.name, "arguments": json.dumps(block.input)}}
+
+
+def _turns(messages: list[MessageIn]) -> list[ChatMessageIn]:
+    """Anthropic turns to chat messages: tool_use blocks become the assistant
+    message's tool_calls, each tool_result its own `tool` message."""
+    out: list[ChatMessageIn] = []
+    tool_use_ids: set[str] = set()
+    for i, msg in enumerate(messages):
+        if isinstance(msg.content, str):
+            out.append(ChatMessageIn(role=msg.role, content=msg.content))
+            continue
+        texts: list[str] = []
+        calls: list[dict[str, Any]] = []
+        results: list[ChatMessageIn] = []
+        for j, block in enumerate(msg.content):
+            where = f"messages[{i}].content[{j}]"
+            if isinstance(block, TextBlock):
+                texts.append(block.text)
+            elif isinstance(block, ToolUseBlock):
+                if msg.role != "assistant":
+                    raise BadRequest("tool_use blocks belong in assistant messages",
+                                     param=f"{where}.type")
+                tool_use_ids.add(block.id)
+                calls.append(_tool_call(block))
+            elif isinstance(block, ToolResultBlock):
+                if msg.role != "user":
+                    raise BadRequest("tool_result blocks belong in user messages",
+                                     param=f"{where}.type")
+                if block.tool_use_id not in tool_use_ids:
+                    raise BadRequest(
+                        f"tool_result refers to tool_use id '{block.tool_use_id}', which no "
+                        "earlier assistant message contains", param=f"{where}.tool_use_id")
+                text = _text_of(block.content)
+                results.append(ChatMessageIn(
+                    role="tool", tool_call_id=block.tool_use_id,
+                    content=f"Error: {text}" if block.is_error else text))
+            # thinking blocks: a previous turn's reasoning, not part of the prompt
+        # Tool results answer the previous assistant turn, so they come first.
+        out.extend(results)
+        if calls:
+            out.append(ChatMessageIn(role="assistant", content="".join(texts) or None,
+                                     tool_calls=calls))
+        elif texts or not results:
+            out.append(ChatMessageIn(role=msg.role, content="".join(texts)))
+    return out
+
+
+def _tools(req: CountTokensRequest) -> tuple[Any, Any]:
+    """Anthropic tools and tool_choice in the OpenAI spelling chat_generate reads."""
+    if not req.tools:
+        if req.tool_choice is not None and not isinstance(req.tool_choice, ToolChoiceNone):
+            raise BadRequest("tool_choice needs a non-empty tools list", param="tool_choice")
+        return None, None
+    names = [t.name for t in req.tools]
+    for i, tool in enumerate(req.tools):
+        if tool.input_schema.get("type") != "object":
+            raise BadRequest("input_schema must be a JSON Schema with type 'object'",
+                             param=f"tools.{i}.input_schema.type")
+        if names.count(tool.name) > 1:
+            raise BadRequest(f"tool name '{tool.name}' is used twice", param=f"tools.{i}.name")
+    tools = [{"type": "function",
+              "function": {"name": t.name, "description": t.description or "",
+                           "parameters": t.input_schema}}
+             for t in req.tools]
+    choice = req.tool_choice
+    if choice is None:
+        return tools, "auto"
+    if isinstance(choice, ToolChoiceTool):
+        if choice.name not in names:
+            raise BadRequest(f"tool_choice names tool '{choice.name}', which is not in tools "
+                             f"({', '.join(names)})", param="tool_choice.name")
+        return tools, {"type": "function", "function": {"name": choice.name}}
+    if isinstance(choice, ToolChoiceAny):
+        return tools, "required"
+    if isinstance(choice, ToolChoiceNone):
+        return tools, "none"
+    return tools, "auto"
+
+
+def _chat_request(req: CountTokensRequest) -> ChatCompletionRequest:
+    if req.thinking is not None and req.thinking.type != "disabled":
+        raise BadRequest("extended thinking is not supported by this server",
+                         param="thinking.type", code=UNSUPPORTED)
+    if req.messages[-1].role == "assistant":
+        raise BadRequest("a final assistant message (response prefill) is not supported; "
+                         "end with a user message", param=f"messages[{len(req.messages) - 1}]",
+                         code=UNSUPPORTED)
+    messages = _turns(req.messages)
+    system = _text_of(req.system)
+    if system:
+        messages.insert(0, ChatMessageIn(role="system", content=system))
+    tools, tool_choice = _tools(req)
+    chat = ChatCompletionRequest(model=req.model, messages=messages, tools=tools,
+                                 tool_choice=tool_choice)
+    if isinstance(req, MessagesRequest):
+        chat = msgspec.structs.replace(
+            chat, max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
+            top_k=req.top_k, stop=req.stop_sequences,
+            user=req.metadata.user_id if req.metadata else None)
+    return chat
+
+
+def _prepare(state: GatewayState, req: CountTokensRequest
+             ) -> tuple[ChatCompletionRequest, Generate]:
+    # Aliases, presets and `default` resolve here; `chat.model` becomes the real id.
+    chat = route_request(state, _chat_request(req))
+    return chat, chat_generate(chat, secrets.token_hex(12))
+
+
+# --- responses ------------------------------------------------------------------
+
+
+def _stop_reason(finished: Finished) -> tuple[str, str | None]:
+    if finished.finish_reason is FinishReason.LENGTH:
+        return "max_tokens", None
+    if finished.finish_reason is FinishReason.TOOL_CALLS:
+        return "tool_use", None
+    if finished.stop_sequence is not None:
+        return "stop_sequence", finished.stop_sequence
+    return "end_turn", None
+
+
+def _message(message_id: str, model: str, content: list[dict[str, Any]],
+             stop: tuple[str | None, str | None], input_tokens: int, output_tokens: int
+             ) -> dict[str, Any]:
+    return {"id": message_id, "type": "message", "role": "assistant", "model": model,
+            "content": content, "stop_reason": stop[0], "stop_sequence": stop[1],
+            "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens}}
+
+
+async def _stream(run: StreamRun, message_id: str, model: str) -> AsyncGenerator[bytes, None]:
+    first = run.first
+    input_tokens = first.prompt_tokens
+    yield sse_event("message_start", {"type": "message_start", "message": _message(
+        message_id, model, [], (None, None), input_tokens or 0, 0)})
+    yield sse_event("content_block_start", {"type": "content_block_start", "index": 0,
+                                            "content_block": {"type": "text", "text": ""}})
+    yield sse_event("ping", {"type": "ping"})
+    try:
+        async for item in run.items():
+            if item.text:
+                yield sse_event("content_block_delta", {
+                    "type": "content_block_delta", "index": 0,
+                    "delta": {"type": "text_delta", "text": item.text}})
+            if isinstance(item, Tokens):
+                continue
+            yield sse_event("content_block_stop", {"type": "content_block_stop", "index": 0})
+            reason, sequence = _stop_reason(item)
+            yield sse_event("message_delta", {
+                "type": "message_delta",
+                "delta": {"stop_reason": reason, "stop_sequence": sequence},
+                "usage": {"input_tokens": item.prompt_tokens,
+                          "output_tokens": item.completion_tokens}})
+            yield sse_event("message_stop", {"type": "message_stop"})
+    except LMXError as exc:
+        yield sse_event("error", anthropic_error_body(exc.status, exc.message))
+
+
+async def create_message(request: Request) -> Response:
+    state = gateway_state(request)
+    req = await read_json(request, MessagesRequest, state.config.server.max_request_body_bytes)
+    chat, frame = _prepare(state, req)
+    model = state.supervisor.get(chat.model)
+    message_id = "msg_" + frame.request_id
+    if req.stream:
+        run = await StreamRun.start(state, model, frame)
+        return EventStreamResponse(_stream(run, message_id, chat.model))
+    result = await run_collect(state, model, frame)
+    fin = result.finished
+    content = [{"type": "text", "text": result.text}]
+    return JSONResponse(_message(message_id, chat.model, content, _stop_reason(fin),
+                                 fin.prompt_tokens, fin.completion_tokens))
+
+
+async def count_tokens(request: Request) -> Response:
+    state = gateway_state(request)
+    req = await read_json(request, CountTokensRequest,
+                          state.config.server.max_request_body_bytes)
+    chat, frame = _prepare(state, req)
+    frame = msgspec.structs.replace(frame, count_only=True)
+    result = await run_collect(state, state.supervisor.get(chat.model), frame)
+    return JSONResponse({"input_tokens": result.finished.prompt_tokens})
+
+
+ROUTES = [
+    Route("/v1/messages", _anthropic_errors(create_message), methods=["POST"]),
+    Route("/v1/messages/count_tokens", _anthropic_errors(count_tokens), methods=["POST"]),
+]
