@@ -30,6 +30,7 @@ from lmx_gateway.observers import Observers
 from lmx_gateway.presets import load_presets
 from lmx_gateway.request_context import RequestContextMiddleware
 from lmx_gateway.routes_control import ROUTES as CONTROL_ROUTES
+from lmx_gateway.routes_encoders import ROUTES as ENCODER_ROUTES
 from lmx_gateway.state import GatewayState
 from lmx_supervisor.config import Config, ConfigSource
 from lmx_supervisor.downloads import DownloadManager
@@ -76,6 +77,7 @@ def create_app(config: Config, config_source: ConfigSource | None = None) -> Sta
     return Starlette(
         routes=[*CONTROL_ROUTES,
                 *routes_health.ROUTES, *routes_inference.ROUTES, *routes_anthropic.ROUTES,
+                *ENCODER_ROUTES,
                 # Before routes_admin/model_files: /admin/models/compatibility
                 # must not be taken for a model id.
                 *routes_memory.ROUTES, *routes_compatibility.ROUTES, *routes_admin.ROUTES,

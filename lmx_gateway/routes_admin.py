@@ -13,6 +13,7 @@ from starlette.routing import Route
 
 from lmx_gateway import __version__
 from lmx_gateway.body import read_json
+from lmx_gateway.routes_encoders import encoder_listing
 from lmx_gateway.routes_model_files import auto_download, needs_download
 from lmx_gateway.schemas import LoadRequest, UnloadRequest
 from lmx_gateway.sse import EventStreamResponse, sse_event
@@ -45,6 +46,7 @@ async def describe_model(model: ManagedModel, with_stats: bool = True) -> dict[s
         "max_concurrent_requests": model.gate.limit,
         "context_length": ready.context_length if ready else None,
         "capabilities": ready.capabilities if ready else [],
+        **encoder_listing(ready),
         "memory_gb": _gb(stats.rss_bytes if stats else (ready.memory_bytes if ready else 0)),
         "loaded_at": model.loaded_at,
         "worker_stats": {
@@ -57,6 +59,7 @@ async def describe_model(model: ManagedModel, with_stats: bool = True) -> dict[s
             "queued_requests": stats.queued_requests,
             "rss_bytes": stats.rss_bytes,
             "prompt_tokens_cached": stats.prompt_tokens_cached,
+            "encoder_batches": stats.encoder_batches,
         } if stats else None,
     }
 

@@ -16,6 +16,7 @@ from lmx_gateway.body import read_json
 from lmx_gateway.errors import error_payload
 from lmx_gateway.generation import Collected, Generation, collect
 from lmx_gateway.logprobs import chat_logprobs, completion_logprobs
+from lmx_gateway.routes_encoders import encoder_listing
 from lmx_gateway.routing import route_request
 from lmx_gateway.sampling import chat_generate, completion_generate
 from lmx_gateway.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
@@ -177,7 +178,8 @@ async def list_models(request: Request) -> Response:
         {"id": m.model_id, "object": "model",
          "created": int(m.loaded_at or state.supervisor.started_at), "owned_by": "lmx",
          "backend": m.backend,
-         "capabilities": m.ready.capabilities if m.ready else []}
+         "capabilities": m.ready.capabilities if m.ready else [],
+         **encoder_listing(m.ready)}
         for m in state.supervisor.ready_models()
     ]
     return JSONResponse({"object": "list", "data": data})

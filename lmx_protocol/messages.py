@@ -219,6 +219,7 @@ class WorkerStats(msgspec.Struct, omit_defaults=True, gc=False):
     queued_requests: int = 0
     rss_bytes: int = 0
     prompt_tokens_cached: int = 0  # prompt tokens served from the prefix cache
+    encoder_batches: int = 0  # forward passes that served Embed frames
 
 
 class Pong(Frame, tag="pong"):

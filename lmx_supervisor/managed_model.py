@@ -19,6 +19,8 @@ from typing import Any
 from lmx_protocol import (
     PROTOCOL_VERSION,
     Abort,
+    Embed,
+    Embeddings,
     ErrorCode,
     Failed,
     Finished,
@@ -27,7 +29,9 @@ from lmx_protocol import (
     Ping,
     Pong,
     Ready,
+    Rerank,
     SamplingParams,
+    Scores,
     Shutdown,
     Tokens,
     WorkerStats,
@@ -56,7 +60,7 @@ log = logging.getLogger("lmx.supervisor")
 
 EventSink = Callable[[str, dict[str, Any]], object]
 # What a request's queue carries: worker frames, or the error that ends it.
-Item = Tokens | Finished | Failed | LMXError
+Item = Tokens | Finished | Failed | LMXError | Embeddings | Scores
 
 # Worker-side request failures that are the client's fault.
 CLIENT_ERROR_CODES = {"invalid_request", "context_length_exceeded", "unsupported_feature"}
@@ -226,7 +230,7 @@ class ManagedModel:
                 raise LoadConflict(f"worker speaks protocol {ready.protocol_version}, "
                                    f"supervisor {PROTOCOL_VERSION}", code="model_probe_failed")
             if self.settings.warmup_on_load:
-                await self._warm_up(worker)
+                await self._warm_up(worker, ready.capabilities)
             self.ready = ready
             self.loaded_at = time.time()
             self.last_used = time.monotonic()  # idle (TTL, LRU) counts from ready
@@ -260,7 +264,7 @@ class ManagedModel:
             f"Loader for '{self.model_id}' crashed: worker {describe_exit(worker.returncode)}"
             f"{detail}", code="model_loader_crashed")
 
-    async def _warm_up(self, worker: WorkerProcess) -> None:
+    async def _warm_up(self, worker: WorkerProcess, capabilities: list[str]) -> None:
         """The canary: one token from the freshly loaded worker before any
         client is routed to it. A model that loads but cannot generate is
         refused here (409 model_canary_failed) and its worker stopped."""
@@ -269,8 +273,14 @@ class ManagedModel:
                            prompt=WARMUP_PROMPT)
 
         async def one_token() -> None:
-            async for _item in self._run(request):
-                pass
+            # An encoder has no tokens to give: one embedding or one score.
+            if "embeddings" in capabilities:
+                await self._call(Embed(request.request_id, texts=[WARMUP_PROMPT]))
+            elif "rerank" in capabilities:
+                await self._call(Rerank(request.request_id, WARMUP_PROMPT, [WARMUP_PROMPT]))
+            else:
+                async for _item in self._run(request):
+                    pass
 
         task = asyncio.create_task(one_token(), name=f"warmup-{self.model_id}")
         problem: str | None = None
@@ -373,7 +383,7 @@ class ManagedModel:
     # --- frames -------------------------------------------------------------
 
     def _on_frame(self, frame: FromWorker) -> None:
-        if isinstance(frame, (Tokens, Finished)):
+        if isinstance(frame, (Tokens, Finished, Embeddings, Scores)):
             queue = self._inflight.get(frame.request_id)
             if queue is not None:
                 queue.put_nowait(frame)
@@ -466,7 +476,61 @@ class ManagedModel:
                     if item.code in CLIENT_ERROR_CODES:
                         raise BadRequest(item.message, code=str(item.code))
                     raise WorkerError(item.message, code=str(item.code))
+                if not isinstance(item, LMXError):  # an encoder's answer: not ours
+                    raise WorkerError(f"worker answered with a {type(item).__name__} frame")
                 raise item
+        finally:
+            del self._inflight[rid]
+            self.last_used = time.monotonic()
+            if not self._inflight:
+                self._idle.set()
+            if not done and self.worker_id == worker_id and worker_id is not None:
+                with contextlib.suppress(PeerGone):
+                    self._hub.send(worker_id, Abort(rid))
+
+    async def encode(self, request: Embed | Rerank) -> Embeddings | Scores:
+        """One embedding or rerank request: admission and readiness as for a
+        generation, then the worker's single answer. Cancelling the call
+        (client gone, deadline) tells the worker to drop the request."""
+        deadline = time.monotonic() + self.settings.semaphore_timeout_sec
+        try:
+            await self.gate.acquire(self.settings.semaphore_timeout_sec)
+        except AdmissionTimeout:
+            raise RateLimited(
+                f"Model '{self.model_id}' is busy: no slot freed within "
+                f"{self.settings.semaphore_timeout_sec:g}s",
+                headers={"Retry-After": "5"}) from None
+        try:
+            await self._wait_ready(deadline)
+            return await self._call(request)
+        finally:
+            self.gate.release()
+
+    async def _call(self, request: Embed | Rerank) -> Embeddings | Scores:
+        queue: asyncio.Queue[Item] = asyncio.Queue()
+        rid = request.request_id
+        self._inflight[rid] = queue
+        self._idle.clear()
+        self.last_used = time.monotonic()
+        worker_id = self.worker_id
+        done = False
+        try:
+            assert worker_id is not None
+            try:
+                self._hub.send(worker_id, request)
+            except PeerGone as exc:
+                raise WorkerCrashed(str(exc)) from None
+            item = await queue.get()
+            done = True
+            if isinstance(item, (Embeddings, Scores)):
+                return item
+            if isinstance(item, Failed):
+                if item.code in CLIENT_ERROR_CODES:
+                    raise BadRequest(item.message, code=str(item.code), param=item.param)
+                raise WorkerError(item.message, code=str(item.code))
+            if isinstance(item, LMXError):
+                raise item
+            raise WorkerError(f"worker answered with a {type(item).__name__} frame")
         finally:
             del self._inflight[rid]
             self.last_used = time.monotonic()

@@ -25,6 +25,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lmx_supervisor.encoder_models import gguf_encoder_kind, hf_encoder_kind
 from lmx_supervisor.gguf_header import gguf_problem
 
 # Backend names (model_resolver re-exports them; it imports this module).
@@ -114,7 +115,9 @@ def gguf_layout(path: Path) -> Layout:
         problem = cached_gguf_problem(f)
         if problem is not None:
             problems.append(f"{f.name}: {problem}")
-    return Layout(GGUF, LLAMA_CPP, path, tuple(problems), tuple(files))
+    kind = None if problems else gguf_encoder_kind(path)  # embedding models
+    return Layout(GGUF, kind.backend if kind else LLAMA_CPP, path, tuple(problems),
+                  tuple(files))
 
 
 def _safetensors_header(path: Path) -> tuple[dict[str, object], int]:
@@ -203,7 +206,8 @@ def directory_layout(directory: Path) -> Layout:
             problems.append(problem)
     files = tuple(p for p in directory.rglob("*") if p.is_file())
     fmt = MLX_FORMAT if is_mlx else HF_FORMAT
-    return Layout(fmt, MLX, directory, tuple(problems), files)
+    kind = hf_encoder_kind(directory, config) if isinstance(config, dict) else None
+    return Layout(fmt, kind.backend if kind else MLX, directory, tuple(problems), files)
 
 
 def model_ggufs(directory: Path) -> list[Path]:

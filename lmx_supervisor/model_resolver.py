@@ -7,6 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmx_supervisor import hub_cache
+from lmx_supervisor.encoder_models import (
+    LLAMA_CPP_ENCODER,
+    MLX_ENCODER,
+    gguf_encoder_kind,
+    hf_encoder_kind,
+)
 from lmx_supervisor.errors import BadRequest, LoadConflict, ModelNotFound, UnsupportedModel
 from lmx_supervisor.model_layout import LLAMA_CPP, MLX, inspect_path
 
@@ -17,10 +23,14 @@ BACKEND_ALIASES = {
     "llama.cpp": LLAMA_CPP,
     "llamacpp": LLAMA_CPP,
     "mlx": MLX,
+    "mlx_encoder": MLX_ENCODER,
+    "llama_cpp_encoder": LLAMA_CPP_ENCODER,
 }
+# An embedding/rerank model asked for by its generic backend name.
+_ENCODER_OF = {MLX: MLX_ENCODER, LLAMA_CPP: LLAMA_CPP_ENCODER}
 
 # Backends this build can run in a worker.
-AVAILABLE_BACKENDS = frozenset({LLAMA_CPP})
+AVAILABLE_BACKENDS = frozenset({LLAMA_CPP, MLX_ENCODER, LLAMA_CPP_ENCODER})
 
 
 @dataclass(frozen=True)
@@ -68,6 +78,21 @@ def _detect_backend(path: Path) -> str | None:
     return None
 
 
+def _detect_encoder(path: Path, detected: str | None) -> str | None:
+    """The encoder backend for an embedding/rerank model, else `detected`."""
+    if detected == LLAMA_CPP and path.is_file():
+        kind = gguf_encoder_kind(path)
+    elif detected == MLX and path.is_dir():
+        kind = hf_encoder_kind(path)
+    else:
+        return detected
+    if kind is None:
+        return detected
+    if kind.unsupported:
+        raise UnsupportedModel(kind.unsupported)
+    return kind.backend
+
+
 def resolve_model(
     ref: str, models_dir: Path, backend: str | None = None, served_name: str | None = None
 ) -> ResolvedModel:
@@ -84,7 +109,9 @@ def resolve_model(
                 f"unknown backend '{backend}' (use one of: {', '.join(sorted(BACKEND_ALIASES))})",
                 param="backend",
             )
-    detected = _detect_backend(path)
+    detected = _detect_encoder(path, _detect_backend(path))
+    if wanted is not None and _ENCODER_OF.get(wanted) == detected:
+        wanted = detected
     layout = inspect_path(path)
     if layout is not None and not layout.complete:
         raise LoadConflict(

@@ -16,6 +16,8 @@ Points:
                       MB MiB more before every token, until the worker's
                       memory cap stops it with a MemoryError. Without a cap
                       it stops at ALLOC_CEILING and merely holds that much.
+  slow_encode:MS      sleep MS milliseconds before every embedding/rerank
+                      batch (so concurrent requests pile up into one batch)
 """
 
 from __future__ import annotations
@@ -71,6 +73,11 @@ class Failpoints:
         grow = self._points.get("alloc_mid_stream")
         if grow is not None and tokens_emitted >= 1:
             self._allocate(int(grow or "64") * 1024 * 1024)
+
+    def before_encode(self) -> None:
+        slow = self._points.get("slow_encode")
+        if slow:
+            time.sleep(int(slow) / 1000.0)
 
     @property
     def fails_generate(self) -> bool:

@@ -12,4 +12,15 @@ def load_engine(spec: WorkerSpec) -> Engine:
         from lmx_worker.llama_cpp_engine import LlamaCppEngine
 
         return LlamaCppEngine(spec)
+    if spec.backend == "mlx_encoder":
+        from lmx_worker.system_blas import use_system_blas
+
+        use_system_blas(spec.n_threads)  # before MLX loads: see system_blas
+        from lmx_worker.mlx_encoder_engine import MlxEncoderEngine
+
+        return MlxEncoderEngine(spec)
+    if spec.backend == "llama_cpp_encoder":
+        from lmx_worker.llama_cpp_encoder_engine import LlamaCppEncoderEngine
+
+        return LlamaCppEncoderEngine(spec)
     raise ValueError(f"backend '{spec.backend}' is not available in this worker")

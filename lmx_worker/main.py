@@ -35,6 +35,7 @@ from lmx_protocol import (
     encode,
 )
 from lmx_protocol.messages import Frame
+from lmx_worker.encoder_loop import EncoderFrame, serve_encoder_frames
 from lmx_worker.engine import Engine, RequestError, StepOutput
 from lmx_worker.exit_codes import EXIT_OUT_OF_MEMORY
 from lmx_worker.failpoints import Failpoints
@@ -76,6 +77,8 @@ class WorkerLoop:
         self.shutting_down = False
         self._emitted: dict[str, int] = {}
         self._process = psutil.Process()
+        # Embed/Rerank frames drained but not yet run (one batch per drain).
+        self._encoder_frames: list[EncoderFrame] = []
 
     def send(self, frame: Frame) -> None:
         self.sock.send(encode(frame), copy=False)
@@ -95,6 +98,9 @@ class WorkerLoop:
             try:
                 raw = self.sock.recv(zmq.NOBLOCK)
             except zmq.Again:
+                frames, self._encoder_frames = self._encoder_frames, []
+                serve_encoder_frames(self.engine, frames, self.stats, self.send,
+                                     self.failpoints)
                 return
             try:
                 frame = decode_from_supervisor(raw)
@@ -103,7 +109,14 @@ class WorkerLoop:
                 continue
             self._handle(frame)
 
-    def _handle(self, frame: Generate | Abort | Ping | Shutdown) -> None:
+    def _handle(self, frame: Generate | Abort | Ping | Shutdown | EncoderFrame) -> None:
+        if isinstance(frame, EncoderFrame):
+            if self.shutting_down:
+                self.send(Failed(ErrorCode.INTERNAL, "worker is shutting down",
+                                 request_id=frame.request_id))
+            else:
+                self._encoder_frames.append(frame)
+            return
         if isinstance(frame, Generate):
             if self.shutting_down:
                 self.send(Failed(ErrorCode.INTERNAL, "worker is shutting down",
@@ -121,6 +134,9 @@ class WorkerLoop:
             self.stats.requests_started += 1
             self._emitted[frame.request_id] = 0
         elif isinstance(frame, Abort):
+            # A client gone before its batch ran: drop it, nothing to answer.
+            self._encoder_frames = [f for f in self._encoder_frames
+                                    if f.request_id != frame.request_id]
             outputs = self.engine.abort(frame.request_id)
             if outputs:
                 self.stats.requests_aborted += 1
@@ -231,6 +247,7 @@ def serve(spec: WorkerSpec) -> int:
         memory_bytes=engine.memory_bytes(),
         context_length=engine.context_length,
         backend_version=engine.backend_version,
+        encoder=getattr(engine, "encoder_info", None),
     )))
     try:
         WorkerLoop(spec, sock, engine).run()
