@@ -21,6 +21,7 @@ from lmx_gateway import (
     routes_memory,
     routes_model_files,
     routes_observability,
+    routes_responses,
 )
 from lmx_gateway.auth import AuthMiddleware
 from lmx_gateway.errors import EXCEPTION_HANDLERS
@@ -77,6 +78,7 @@ def create_app(config: Config, config_source: ConfigSource | None = None) -> Sta
     return Starlette(
         routes=[*CONTROL_ROUTES,
                 *routes_health.ROUTES, *routes_inference.ROUTES, *routes_anthropic.ROUTES,
+                *routes_responses.ROUTES,
                 *ENCODER_ROUTES,
                 # Before routes_admin/model_files: /admin/models/compatibility
                 # must not be taken for a model id.

@@ -12,6 +12,7 @@ from starlette.requests import Request
 from lmx_gateway.events import EventBus
 from lmx_gateway.metrics import Metrics
 from lmx_gateway.presets import PresetSet
+from lmx_gateway.response_store import ResponseStore
 from lmx_supervisor.config import Config, ConfigSource
 from lmx_supervisor.model_files import ModelFiles
 from lmx_supervisor.supervisor import Supervisor
@@ -32,6 +33,8 @@ class GatewayState:
     in_flight: int = 0
     # Inventory, downloads and deletion (lmx_supervisor/model_files.py).
     model_files: ModelFiles | None = None
+    # /v1/responses kept for previous_response_id (lmx_gateway/response_store.py).
+    responses: ResponseStore = field(default_factory=ResponseStore)
 
     @property
     def uptime_seconds(self) -> float:

@@ -1,0 +1,313 @@
+"""OpenAI Responses API: `POST /v1/responses`, `GET` and `DELETE
+/v1/responses/{id}`.
+
+A thin translation onto the chat path: `instructions` + the stored
+conversation of `previous_response_id` + this `input` become chat
+messages (function calls and their outputs as assistant tool_calls and
+`tool` messages), `text.format` and `tools` become `response_format` and
+`tools`, and the answer comes back as output items. Stored responses live
+in a bounded in-memory LRU (response_store.py)."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from lmx_gateway.body import read_json
+from lmx_gateway.generation_run import StreamRun, run_collect
+from lmx_gateway.response_store import StoredResponse
+from lmx_gateway.responses_schemas import (
+    FormatJsonObject,
+    FormatJsonSchema,
+    FunctionCallItem,
+    FunctionCallOutputItem,
+    FunctionChoice,
+    InputItem,
+    InputText,
+    MessageItem,
+    OutputText,
+    ResponsesRequest,
+    input_items,
+)
+from lmx_gateway.routing import route_request
+from lmx_gateway.sampling import chat_generate
+from lmx_gateway.schemas import ChatCompletionRequest, ChatMessageIn
+from lmx_gateway.sse import EventStreamResponse, sse_event
+from lmx_gateway.state import GatewayState, gateway_state
+from lmx_protocol import Finished, FinishReason, Generate
+from lmx_supervisor.errors import BadRequest, LMXError, NotFound
+
+# --- request translation --------------------------------------------------------
+
+
+def _part_text(content: str | list[Any]) -> str:
+    if isinstance(content, str):
+        return content
+    return "".join(p.text if isinstance(p, InputText | OutputText) else p.refusal
+                   for p in content)
+
+
+def _turns(items: list[InputItem], known_calls: set[str]) -> list[ChatMessageIn]:
+    out: list[ChatMessageIn] = []
+    for i, item in enumerate(items):
+        if isinstance(item, MessageItem):
+            out.append(ChatMessageIn(role=item.role, content=_part_text(item.content)))
+        elif isinstance(item, FunctionCallItem):
+            call = {"id": item.call_id, "type": "function",
+                    "function": {"name": item.name, "arguments": item.arguments}}
+            known_calls.add(item.call_id)
+            last = out[-1] if out else None
+            # Calls made in one turn belong to one assistant message.
+            if last is not None and last.role == "assistant":
+                out[-1] = msgspec.structs.replace(last, tool_calls=[*(last.tool_calls or []),
+                                                                    call])
+            else:
+                out.append(ChatMessageIn(role="assistant", tool_calls=[call]))
+        elif isinstance(item, FunctionCallOutputItem):
+            if item.call_id not in known_calls:
+                raise BadRequest(
+                    f"function_call_output refers to call_id '{item.call_id}', which no "
+                    "function_call in this input or the previous response made",
+                    param=f"input[{i}].call_id")
+            out.append(ChatMessageIn(role="tool", tool_call_id=item.call_id,
+                                     content=_part_text(item.output)))
+        # reasoning items: not part of the prompt
+    return out
+
+
+def _response_format(req: ResponsesRequest) -> dict[str, Any] | None:
+    fmt = req.text.format if req.text else None
+    if isinstance(fmt, FormatJsonObject):
+        return {"type": "json_object"}
+    if isinstance(fmt, FormatJsonSchema):
+        spec: dict[str, Any] = {"name": fmt.name, "schema": fmt.schema}
+        if fmt.strict is not None:
+            spec["strict"] = fmt.strict
+        if fmt.description is not None:
+            spec["description"] = fmt.description
+        return {"type": "json_schema", "json_schema": spec}
+    return None
+
+
+def _tools(req: ResponsesRequest) -> tuple[Any, Any]:
+    if not req.tools:
+        if req.tool_choice not in (None, "none", "auto"):
+            raise BadRequest("tool_choice needs a non-empty tools list", param="tool_choice")
+        return None, None
+    names = [t.name for t in req.tools]
+    tools = []
+    for i, tool in enumerate(req.tools):
+        if names.count(tool.name) > 1:
+            raise BadRequest(f"tool name '{tool.name}' is used twice", param=f"tools[{i}].name")
+        function: dict[str, Any] = {"name": tool.name, "description": tool.description or "",
+                                    "parameters": tool.parameters or {"type": "object"}}
+        if tool.strict is not None:
+            function["strict"] = tool.strict
+        tools.append({"type": "function", "function": function})
+    choice = req.tool_choice
+    if isinstance(choice, FunctionChoice):
+        if choice.name not in names:
+            raise BadRequest(f"tool_choice names function '{choice.name}', which is not in "
+                             f"tools ({', '.join(names)})", param="tool_choice.name")
+        return tools, {"type": "function", "function": {"name": choice.name}}
+    return tools, choice or "auto"
+
+
+@dataclass
+class _Prepared:
+    chat: ChatCompletionRequest
+    frame: Generate
+    conversation: list[ChatMessageIn]  # without instructions
+
+
+def _prepare(state: GatewayState, req: ResponsesRequest) -> _Prepared:
+    conversation: list[ChatMessageIn] = []
+    if req.previous_response_id is not None:
+        previous = state.responses.get(req.previous_response_id)
+        if previous is None:
+            raise NotFound(f"Previous response with id '{req.previous_response_id}' not found "
+                           "(responses are kept in memory, up to "
+                           f"{state.responses.capacity}, and only with store: true)",
+                           param="previous_response_id", code="previous_response_not_found")
+        conversation = list(previous.conversation)
+    known_calls = {c.get("id") for m in conversation for c in (m.tool_calls or [])}
+    if isinstance(req.input, str):
+        conversation.append(ChatMessageIn(role="user", content=req.input))
+    else:
+        conversation.extend(_turns(input_items(req.input), {c for c in known_calls if c}))
+    messages = list(conversation)
+    if req.instructions:
+        messages.insert(0, ChatMessageIn(role="system", content=req.instructions))
+    tools, tool_choice = _tools(req)
+    chat = ChatCompletionRequest(
+        model=req.model, messages=messages, max_tokens=req.max_output_tokens,
+        temperature=req.temperature, top_p=req.top_p, tools=tools, tool_choice=tool_choice,
+        response_format=_response_format(req), user=req.user)
+    # Aliases, presets and `default` resolve here; `chat.model` becomes the real id.
+    chat = route_request(state, chat)
+    return _Prepared(chat, chat_generate(chat, secrets.token_hex(12)), conversation)
+
+
+# --- the response object --------------------------------------------------------
+
+
+class _Shape:
+    """One response's fixed fields, and the output items built for it."""
+
+    def __init__(self, req: ResponsesRequest, prepared: _Prepared) -> None:
+        self.req = req
+        self.prepared = prepared
+        rid = prepared.frame.request_id
+        self.id = "resp_" + rid
+        self.message_id = "msg_" + rid
+        self.created_at = int(time.time())
+
+    def body(self, status: str, output: list[dict[str, Any]],
+             finished: Finished | None = None, error: dict[str, Any] | None = None
+             ) -> dict[str, Any]:
+        req = self.req
+        fmt = req.text.format if req.text and req.text.format else None
+        usage = None
+        if finished is not None:
+            usage = {"input_tokens": finished.prompt_tokens,
+                     "input_tokens_details": {"cached_tokens": 0},
+                     "output_tokens": finished.completion_tokens,
+                     "output_tokens_details": {"reasoning_tokens": 0},
+                     "total_tokens": finished.prompt_tokens + finished.completion_tokens}
+        incomplete = ({"reason": "max_output_tokens"} if status == "incomplete" else None)
+        return {
+            "id": self.id, "object": "response", "created_at": self.created_at,
+            "status": status, "error": error, "incomplete_details": incomplete,
+            "instructions": req.instructions, "max_output_tokens": req.max_output_tokens,
+            "model": self.prepared.chat.model, "output": output,
+            "parallel_tool_calls": (True if req.parallel_tool_calls is None
+                                    else req.parallel_tool_calls),
+            "previous_response_id": req.previous_response_id,
+            "reasoning": {"effort": None, "summary": None}, "store": req.store,
+            "temperature": 1.0 if req.temperature is None else req.temperature,
+            "text": {"format": msgspec.to_builtins(fmt) if fmt else {"type": "text"}},
+            "tool_choice": (msgspec.to_builtins(req.tool_choice)
+                            if req.tool_choice is not None else "auto"),
+            "tools": msgspec.to_builtins(req.tools or []),
+            "top_p": 1.0 if req.top_p is None else req.top_p,
+            "truncation": "disabled", "usage": usage, "user": req.user,
+            "metadata": req.metadata or {},
+        }
+
+    def message(self, text: str, status: str) -> dict[str, Any]:
+        content = [] if status == "in_progress" else [self.text_part(text)]
+        return {"id": self.message_id, "type": "message", "status": status,
+                "role": "assistant", "content": content}
+
+    @staticmethod
+    def text_part(text: str) -> dict[str, Any]:
+        return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+def _status(finished: Finished) -> str:
+    return "incomplete" if finished.finish_reason is FinishReason.LENGTH else "completed"
+
+
+def _remember(state: GatewayState, shape: _Shape, body: dict[str, Any], text: str) -> None:
+    if not shape.req.store:
+        return
+    conversation = [*shape.prepared.conversation,
+                    ChatMessageIn(role="assistant", content=text)]
+    state.responses.put(shape.id, StoredResponse(body, conversation))
+
+
+class _Sequenced:
+    """Streaming events, each `event: <type>` + data with `type` and
+    `sequence_number` (counted from 0 across the stream)."""
+
+    def __init__(self) -> None:
+        self.number = 0
+
+    def __call__(self, type_: str, **fields: Any) -> bytes:
+        payload = {"type": type_, "sequence_number": self.number, **fields}
+        self.number += 1
+        return sse_event(type_, payload)
+
+
+async def _stream(state: GatewayState, run: StreamRun, shape: _Shape
+                  ) -> AsyncGenerator[bytes, None]:
+    event = _Sequenced()
+    mid = shape.message_id
+    where = {"item_id": mid, "output_index": 0, "content_index": 0}
+    yield event("response.created", response=shape.body("in_progress", []))
+    yield event("response.in_progress", response=shape.body("in_progress", []))
+    yield event("response.output_item.added", output_index=0,
+                item=shape.message("", "in_progress"))
+    yield event("response.content_part.added", **where, part=shape.text_part(""))
+    parts: list[str] = []
+    try:
+        async for item in run.items():
+            if item.text:
+                parts.append(item.text)
+                yield event("response.output_text.delta", **where, delta=item.text,
+                            logprobs=[])
+            if not isinstance(item, Finished):
+                continue
+            text = "".join(parts)
+            status = _status(item)
+            yield event("response.output_text.done", **where, text=text, logprobs=[])
+            yield event("response.content_part.done", **where, part=shape.text_part(text))
+            message = shape.message(text, status)
+            yield event("response.output_item.done", output_index=0, item=message)
+            body = shape.body(status, [message], item)
+            _remember(state, shape, body, text)
+            yield event(f"response.{status}", response=body)
+    except LMXError as exc:
+        failed = shape.body("failed", [], error={"code": exc.code, "message": exc.message})
+        yield event("response.failed", response=failed)
+
+
+async def create_response(request: Request) -> Response:
+    state = gateway_state(request)
+    req = await read_json(request, ResponsesRequest, state.config.server.max_request_body_bytes)
+    prepared = _prepare(state, req)
+    shape = _Shape(req, prepared)
+    model = state.supervisor.get(prepared.chat.model)
+    if req.stream:
+        run = await StreamRun.start(state, model, prepared.frame)
+        return EventStreamResponse(_stream(state, run, shape))
+    result = await run_collect(state, model, prepared.frame)
+    status = _status(result.finished)
+    body = shape.body(status, [shape.message(result.text, status)], result.finished)
+    _remember(state, shape, body, result.text)
+    return JSONResponse(body)
+
+
+def _stored(request: Request) -> tuple[GatewayState, str, StoredResponse]:
+    state = gateway_state(request)
+    response_id = request.path_params["response_id"]
+    stored = state.responses.get(response_id)
+    if stored is None:
+        raise NotFound(f"Response with id '{response_id}' not found", param="response_id")
+    return state, response_id, stored
+
+
+async def get_response(request: Request) -> Response:
+    _, _, stored = _stored(request)
+    return JSONResponse(stored.body)
+
+
+async def delete_response(request: Request) -> Response:
+    state, response_id, _ = _stored(request)
+    state.responses.delete(response_id)
+    return JSONResponse({"id": response_id, "object": "response", "deleted": True})
+
+
+ROUTES = [
+    Route("/v1/responses", create_response, methods=["POST"]),
+    Route("/v1/responses/{response_id}", get_response, methods=["GET"]),
+    Route("/v1/responses/{response_id}", delete_response, methods=["DELETE"]),
+]
