@@ -21,6 +21,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from lmx_gateway import cli_convert
 from lmx_gateway.cli_http import EXIT_FAILED, EXIT_OK, ApiError, LmxClient, add_common_options
 from lmx_gateway.cli_output import Output, error_line, human_bytes, run_command, state_text
 
@@ -262,3 +263,4 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = leaf("rm", models_rm, "delete a model from disk (it must be unloaded)")
     p.add_argument("model")
     p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
+    cli_convert.register(msub)

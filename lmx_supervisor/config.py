@@ -63,6 +63,9 @@ class ModelsConfig(Section):
     # Requests one worker decodes together (llama.cpp sequences sharing a
     # batch); each slot may use up to context_length tokens.
     parallel_slots: PositiveInt = 4
+    # MLX weights: "auto" dequantizes to float32 on a CPU (BLAS beats MLX's
+    # quantized CPU kernels) and keeps them quantized on a GPU; true/false force it.
+    mlx_dequantize: Literal["auto"] | bool = "auto"
     n_threads: PositiveInt | None = None
     crash_loop_max_crashes: PositiveInt = 3
     crash_loop_window_sec: PositiveFloat = 60

@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from lmx_protocol import (
     PROTOCOL_VERSION,
@@ -87,6 +87,7 @@ class ModelSettings:
     context_length: int = 4096
     n_threads: int | None = None
     parallel_slots: int = 1
+    mlx_dequantize: Literal["auto"] | bool = "auto"
 
 
 class ManagedModel:
@@ -208,6 +209,7 @@ class ManagedModel:
             context_length=self.settings.context_length, n_threads=self.settings.n_threads,
             memory_cap_bytes=self.memory_cap_bytes,
             parallel_slots=self.settings.parallel_slots,
+            mlx_dequantize=self.settings.mlx_dequantize,
         )
         started = time.monotonic()
         try:

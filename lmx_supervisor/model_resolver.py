@@ -4,6 +4,7 @@ the backend that can serve it, and the id clients will route by."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from importlib.util import find_spec
 from pathlib import Path
 
 from lmx_supervisor import hub_cache
@@ -29,8 +30,16 @@ BACKEND_ALIASES = {
 # An embedding/rerank model asked for by its generic backend name.
 _ENCODER_OF = {MLX: MLX_ENCODER, LLAMA_CPP: LLAMA_CPP_ENCODER}
 
+
+def _mlx_installed() -> bool:
+    """mlx and mlx-lm are installed (found, not imported: importing MLX in the
+    supervisor would cost memory and time for nothing; a worker imports it)."""
+    return find_spec("mlx") is not None and find_spec("mlx_lm") is not None
+
+
 # Backends this build can run in a worker.
-AVAILABLE_BACKENDS = frozenset({LLAMA_CPP, MLX_ENCODER, LLAMA_CPP_ENCODER})
+AVAILABLE_BACKENDS = frozenset({LLAMA_CPP, MLX_ENCODER, LLAMA_CPP_ENCODER}
+                               | ({MLX} if _mlx_installed() else set()))
 
 
 @dataclass(frozen=True)

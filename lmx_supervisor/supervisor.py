@@ -24,6 +24,8 @@ from lmx_supervisor.lifecycle_records import LifecycleRecorder
 from lmx_supervisor.managed_model import EventSink, ManagedModel, ModelSettings
 from lmx_supervisor.memory_estimate import estimate_model_memory
 from lmx_supervisor.memory_guard import MemoryGuard, is_idle
+from lmx_supervisor.mlx_memory import mlx_estimate
+from lmx_supervisor.model_layout import MLX
 from lmx_supervisor.model_resolver import resolve_model
 from lmx_supervisor.restart_policy import CrashHistory
 from lmx_supervisor.runtime_state import RuntimeStateStore
@@ -34,7 +36,7 @@ log = logging.getLogger("lmx.supervisor")
 
 # ModelSettings baked into a worker when it is spawned: a config reload leaves
 # them alone for running models (a restart after a crash must not change them).
-SPAWN_TIME_SETTINGS = ("context_length", "n_threads", "parallel_slots")
+SPAWN_TIME_SETTINGS = ("context_length", "n_threads", "parallel_slots", "mlx_dequantize")
 
 
 def settings_from(config: Config, model_id: str) -> ModelSettings:
@@ -53,6 +55,7 @@ def settings_from(config: Config, model_id: str) -> ModelSettings:
         context_length=m.context_length,
         n_threads=m.n_threads,
         parallel_slots=m.parallel_slots,
+        mlx_dequantize=m.mlx_dequantize,
     )
 
 
@@ -151,6 +154,9 @@ class Supervisor:
             estimate = await asyncio.to_thread(
                 estimate_model_memory, resolved.path,
                 settings.context_length * max(1, settings.parallel_slots))
+            if resolved.backend == MLX:  # float32 on a CPU: see mlx_memory
+                estimate = await asyncio.to_thread(mlx_estimate, estimate, resolved.path,
+                                                   settings.mlx_dequantize)
             await self.memory.admit(resolved.model_id, estimate)  # 507, or evicts idle LRU
             # No await from here until the model is registered: a concurrent
             # admission must count it.

@@ -12,6 +12,13 @@ def load_engine(spec: WorkerSpec) -> Engine:
         from lmx_worker.llama_cpp_engine import LlamaCppEngine
 
         return LlamaCppEngine(spec)
+    if spec.backend == "mlx":
+        from lmx_worker.system_blas import use_system_blas
+
+        use_system_blas(spec.n_threads)  # before MLX loads: see system_blas
+        from lmx_worker.mlx_engine import MlxEngine
+
+        return MlxEngine(spec)
     if spec.backend == "mlx_encoder":
         from lmx_worker.system_blas import use_system_blas
 

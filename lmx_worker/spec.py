@@ -3,6 +3,8 @@ line so a worker can be started by hand for debugging."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 import msgspec
 
 
@@ -21,6 +23,8 @@ class WorkerSpec(msgspec.Struct, forbid_unknown_fields=True):
     memory_cap_bytes: int | None = None
     # Concurrent sequences decoded together (llama.cpp parallel slots).
     parallel_slots: int = 1
+    # MLX: dequantize weights ("auto": on a CPU yes, on a GPU no; see mlx_weights).
+    mlx_dequantize: Literal["auto"] | bool = "auto"
 
 
 def encode_spec(spec: WorkerSpec) -> str:

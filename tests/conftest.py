@@ -137,6 +137,20 @@ def model_file() -> Path:
     return ensure_default_model()
 
 
+MLX_MODEL_ID = "SmolLM2-135M-Instruct-mlx"
+
+
+@pytest.fixture(scope="session")
+def mlx_model_dir(tmp_path_factory: pytest.TempPathFactory, model_file: Path) -> Path:
+    """The bundled GGUF converted to an MLX directory by `lmx models convert`."""
+    dest = tmp_path_factory.mktemp("mlx-model") / MLX_MODEL_ID
+    done = subprocess.run([sys.executable, "-m", "lmx_gateway", "models", "convert",
+                           str(model_file), str(dest)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    return dest
+
+
 @pytest.fixture
 def models_dir(tmp_path: Path, model_file: Path) -> Path:
     directory = tmp_path / "models"

@@ -72,7 +72,7 @@ def test_inventory_and_delete(start_server: Any, models_dir: Path, model_file: P
     mlx = rows["mlx-community/Tiny-4bit"]
     assert (mlx["format"], mlx["backend"], mlx["complete"]) == ("mlx", "mlx", True)
     assert mlx["size_bytes"] == sum(len(d) for d in mlx_files().values())
-    assert mlx["backend_available"] is False  # no MLX backend in this build
+    assert mlx["backend_available"] is True  # mlx and mlx-lm are installed here
 
     broken = rows["broken-hf"]
     assert broken["format"] == "hf" and broken["complete"] is False
@@ -94,11 +94,13 @@ def test_inventory_and_delete(start_server: Any, models_dir: Path, model_file: P
         assert resp.status_code == 409, resp.text
         assert resp.json()["error"]["code"] == "model_incomplete"
     # Complete MLX models (on disk or in the hub cache by repo id) resolve to
-    # the MLX backend, which this build lacks.
+    # the MLX backend; these tiny fakes hold no real model, so its worker
+    # reports the load failure.
     for model_id in ("mlx-community/Tiny-4bit", HUB_REPO):
         resp = server.load(model_id)
-        assert resp.status_code == 422, resp.text
-        assert resp.json()["error"]["code"] == "model_unsupported_backend"
+        assert resp.status_code == 409, resp.text
+        assert resp.json()["error"]["code"] == "model_loader_crashed"
+        assert "ModelArgs" in resp.json()["error"]["message"]
 
     # --- delete ---------------------------------------------------------------------
     assert server.load("smol-copy").status_code == 200

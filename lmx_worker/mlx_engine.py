@@ -1,0 +1,374 @@
+"""MLX backend (mlx + mlx-lm) for transformers-layout model directories.
+
+Continuous batching comes from mlx-lm's BatchGenerator: every `step()` runs
+one decode step for all generating sequences (each with its own KV cache row
+in a left-padded BatchKVCache, its own sampler and logits processors), plus
+a chunk of prompt processing for requests that joined since the last step.
+A request joins at the next step and leaves when it finishes or is aborted
+(`BatchGenerator.remove`), without disturbing the others. The generator
+pipelines one step ahead (token t+1 is computed while t is handed out), so
+the KV cache of a sequence always holds every token it has returned.
+
+Prefix cache: when a request ends normally, its KV cache (prompt and reply)
+goes into mlx-lm's LRUPromptCache, a token trie; a later request starts from
+the cached entry sharing the longest prefix with its prompt (trimmed where
+they part) and only computes the rest. The cache holds at most
+`2 * parallel_slots` entries and, together with the running sequences'
+caches, no more bytes than `parallel_slots * context_length` tokens of KV.
+
+Stop conditions are decided here, not by the generator: end-of-generation
+ids, stop strings (TextStream), max_tokens and aborts all remove the
+sequence the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import deque
+from dataclasses import dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any, cast
+
+import mlx.core as mx
+import msgspec
+import psutil
+from mlx_lm import load as mlx_load
+from mlx_lm.generate import BatchGenerator, StopSequences
+from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
+from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, greedy_sampler
+
+from lmx_protocol import (
+    ErrorCode,
+    Failed,
+    Finished,
+    FinishReason,
+    Generate,
+    SamplingParams,
+    TokenLogprob,
+    Tokens,
+    WorkerStats,
+)
+from lmx_worker.chat_template import ChatTemplate
+from lmx_worker.engine import RequestError, StepOutput
+from lmx_worker.mlx_weights import apply_plan, plan_weights
+from lmx_worker.spec import WorkerSpec
+from lmx_worker.text_stream import TextStream
+from lmx_worker.token_bytes import token_byte_table
+
+log = logging.getLogger("lmx.worker.mlx")
+
+# Prompt tokens read per step: a long prompt must not stall the decoding
+# sequences (or delay an abort) for more than a fraction of a second on CPU.
+PREFILL_STEP = 256
+PENALTY_LAST_N = 64  # as the llama.cpp backend
+_CACHE_KEY = "model"  # one model per worker: the trie needs only one key
+
+Sampler = Any  # mlx-lm's Callable[[mx.array], mx.array]
+Processor = Any  # mlx-lm's Callable[[mx.array, mx.array], mx.array]
+
+
+@dataclass
+class _Job:
+    request: Generate
+    prompt: list[int]
+    stream: TextStream
+    max_new: int
+    uid: int | None = None
+    generated: list[int] = field(default_factory=list)
+
+
+def _seeded_sampler(p: SamplingParams, vocab: int) -> Sampler:
+    """top_k -> top_p -> min_p -> temperature -> draw, with a PRNG key owned
+    by the request: a seed reproduces the text whatever else is running."""
+    key = [mx.random.key(p.seed if p.seed is not None else random.getrandbits(31))]
+    top_k, top_p, min_p, inv_temp = p.top_k, p.top_p, p.min_p, 1.0 / p.temperature
+
+    def sample(logprobs: mx.array) -> mx.array:
+        keys = mx.random.split(key[0])
+        key[0] = keys[0]
+        if 0 < top_k < vocab:
+            logprobs = apply_top_k(logprobs, top_k)
+        if 0.0 < top_p < 1.0:
+            logprobs = apply_top_p(logprobs, top_p)
+        if min_p > 0.0:
+            logprobs = apply_min_p(logprobs, min_p)
+        return mx.random.categorical(logprobs * inv_temp, key=keys[1])
+
+    return sample
+
+
+def _penalties(p: SamplingParams, prompt_len: int, vocab: int) -> Processor:
+    """llama.cpp's penalties: over the last PENALTY_LAST_N generated tokens,
+    divide positive / multiply negative logits of seen tokens by the
+    repetition penalty, subtract frequency * count and presence * seen."""
+    rep, freq, pres = p.repetition_penalty, p.frequency_penalty, p.presence_penalty
+
+    def apply(tokens: mx.array, logits: mx.array) -> mx.array:
+        window = tokens[prompt_len:][-PENALTY_LAST_N:]
+        if window.size == 0:
+            return logits
+        counts = mx.zeros((vocab,), dtype=logits.dtype).at[window].add(1.0)
+        seen = counts > 0
+        if rep != 1.0:
+            logits = mx.where(seen, mx.where(logits <= 0, logits * rep, logits / rep), logits)
+        return logits - counts * freq - seen.astype(logits.dtype) * pres
+
+    return apply
+
+
+class MlxEngine:
+    backend = "mlx"
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.capabilities = ["chat", "completions"]
+        path = Path(spec.model_path)
+        model, tokenizer, config = cast(tuple[Any, Any, dict[str, Any]],
+                                        mlx_load(str(path), lazy=True, return_config=True))
+        self.plan = plan_weights(model, spec.mlx_dequantize)
+        apply_plan(model, self.plan)
+        log.info("weights: %s", self.plan.describe())
+        self.model = model
+        self.tokenizer = tokenizer
+        self.backend_version = (f"mlx-lm {version('mlx-lm')}, mlx {version('mlx')}; "
+                                f"{self.plan.describe()}")
+        limit = config.get("max_position_embeddings")
+        self.context_length = min(spec.context_length, int(limit)) if limit else \
+            spec.context_length
+        self.slots = max(1, spec.parallel_slots)
+        hf = tokenizer._tokenizer
+        self._vocab = int(config.get("vocab_size") or len(hf))
+        self._eog = {int(t) for t in tokenizer.eos_token_ids}
+        self._eog_mask = mx.zeros((self._vocab,), dtype=mx.bool_)
+        if self._eog:
+            self._eog_mask[mx.array(sorted(self._eog))] = True
+        self._bytes = self._byte_table(hf)
+        self._add_bos = self._adds_bos(hf)
+        self.chat_template = self._load_template(tokenizer)
+        self._gen = self._new_generator()
+        self._prefix = LRUPromptCache(max_size=2 * self.slots)
+        self._kv_budget = self._kv_bytes_per_token(config) * self.context_length * self.slots
+        self._pending: deque[_Job] = deque()
+        self._active: dict[int, _Job] = {}
+        self.cached_prompt_tokens = 0
+
+    # --- loading helpers ------------------------------------------------------
+
+    def _new_generator(self) -> Any:  # mlx-lm is untyped
+        return BatchGenerator(self.model, completion_batch_size=self.slots,
+                              prefill_batch_size=self.slots, prefill_step_size=PREFILL_STEP)
+
+    @staticmethod
+    def _kv_bytes_per_token(config: dict[str, Any]) -> int:
+        text = config.get("text_config") or config
+        layers = int(text.get("num_hidden_layers", 1))
+        heads = int(text.get("num_attention_heads", 1))
+        kv_heads = int(text.get("num_key_value_heads") or heads)
+        head_dim = int(text.get("head_dim") or int(text.get("hidden_size", 64)) // heads)
+        itemsize = 4 if mx.default_device().type == mx.cpu else 2
+        return layers * 2 * kv_heads * head_dim * itemsize
+
+    def _byte_table(self, hf: Any) -> list[bytes]:
+        backend = getattr(hf, "backend_tokenizer", None)
+        special = {int(i) for i in getattr(hf, "all_special_ids", [])}
+        return token_byte_table(
+            backend.to_str() if backend is not None else None, self._vocab,
+            hf.convert_ids_to_tokens, special, lambda i: hf.decode([i]))
+
+    @staticmethod
+    def _adds_bos(hf: Any) -> bool:
+        bos = getattr(hf, "bos_token_id", None)
+        if bos is None:
+            return False
+        probe = hf.encode("a", add_special_tokens=True)
+        return bool(probe) and probe[0] == bos
+
+    @staticmethod
+    def _load_template(tokenizer: Any) -> ChatTemplate | None:
+        source = getattr(tokenizer, "chat_template", None)
+        if not isinstance(source, str) or not source:
+            return None
+        hf = tokenizer._tokenizer
+        return ChatTemplate(source, bos_token=str(getattr(hf, "bos_token", None) or ""),
+                            eos_token=str(getattr(hf, "eos_token", None) or ""))
+
+    def memory_bytes(self) -> int:
+        return int(psutil.Process().memory_info().rss)
+
+    # --- requests -------------------------------------------------------------
+
+    def _prompt_tokens(self, request: Generate) -> list[int]:
+        hf = self.tokenizer._tokenizer
+        if request.messages is not None:
+            if self.chat_template is None:
+                raise RequestError("unsupported_feature",
+                                   "this model has no chat template; use /v1/completions")
+            messages = [{k: v for k, v in msgspec.structs.asdict(m).items() if v is not None}
+                        for m in request.messages]
+            text = self.chat_template.render(messages, request.add_generation_prompt)
+            # The template writes BOS itself when the model wants one.
+            return list(hf.encode(text, add_special_tokens=False))
+        return list(hf.encode(request.prompt or "", add_special_tokens=self._add_bos))
+
+    def _processors(self, p: SamplingParams, prompt_len: int) -> list[Processor]:
+        processors: list[Processor] = []
+        if p.ignore_eos and self._eog:
+            mask = self._eog_mask
+            processors.append(lambda _tokens, logits: mx.where(mask, -mx.inf, logits))
+        if (p.repetition_penalty, p.frequency_penalty, p.presence_penalty) != (1.0, 0.0, 0.0):
+            processors.append(_penalties(p, prompt_len, self._vocab))
+        return processors
+
+    def add(self, request: Generate) -> None:
+        prompt = self._prompt_tokens(request)
+        if not prompt:
+            raise RequestError("invalid_request", "the prompt is empty")
+        if len(prompt) >= self.context_length:
+            raise RequestError(
+                "context_length_exceeded",
+                f"prompt is {len(prompt)} tokens; the context holds {self.context_length}")
+        room = self.context_length - len(prompt)
+        p = request.params
+        max_new = min(p.max_tokens, room) if p.max_tokens is not None else room
+        if max_new <= 0:
+            raise RequestError("invalid_request", "max_tokens must be at least 1")
+        self._pending.append(_Job(request, prompt, TextStream(p.stop), max_new))
+
+    def abort(self, request_id: str) -> list[StepOutput]:
+        for uid, job in self._active.items():
+            if job.request.request_id == request_id:
+                del self._active[uid]
+                self._gen.remove([uid])
+                return [self._finished(job, FinishReason.ABORT, "")]
+        for job in self._pending:
+            if job.request.request_id == request_id:
+                self._pending.remove(job)
+                return [Finished(request_id, FinishReason.ABORT, len(job.prompt), 0)]
+        return []
+
+    def has_work(self) -> bool:
+        return bool(self._pending) or bool(self._active)
+
+    def fill_stats(self, stats: WorkerStats) -> None:
+        stats.active_requests = len(self._active)
+        stats.queued_requests = len(self._pending)
+        stats.prompt_tokens_cached = self.cached_prompt_tokens
+
+    # --- scheduling -----------------------------------------------------------
+
+    def _cached_start(self, prompt: list[int]) -> tuple[list[Any] | None, int]:
+        """A copy of the longest cached KV prefix of `prompt` and its length
+        (at least one prompt token is left to compute, for the logits)."""
+        cache, rest = self._prefix.fetch_nearest_cache(_CACHE_KEY, prompt)
+        if cache is None:
+            return None, 0
+        if not rest:  # the whole prompt is cached: recompute its last token
+            if not can_trim_prompt_cache(cache):
+                return None, 0
+            trim_prompt_cache(cache, 1)
+            rest = prompt[-1:]
+        return cache, len(prompt) - len(rest)
+
+    def _admit(self) -> None:
+        while self._pending and len(self._active) < self.slots:
+            job = self._pending.popleft()
+            p = job.request.params
+            cache, cached = self._cached_start(job.prompt)
+            sampler = greedy_sampler if p.temperature == 0 else \
+                _seeded_sampler(p, self._vocab)
+            (uid,) = self._gen.insert(
+                [job.prompt[cached:]],
+                # One more than we allow: the generator must never end a
+                # sequence on its own, so every ending goes through _retire.
+                max_tokens=[job.max_new + 1],
+                caches=[cache] if cache is not None else None,
+                all_tokens=[job.prompt[:cached]],
+                samplers=[sampler],
+                logits_processors=[self._processors(p, len(job.prompt))],
+                stop_sequences=[StopSequences()],
+            )
+            self.cached_prompt_tokens += cached
+            job.uid = uid
+            self._active[uid] = job
+
+    def step(self) -> list[StepOutput]:
+        self._admit()
+        if not self._active:
+            return []
+        try:
+            _, responses = self._gen.next()
+        except MemoryError:
+            raise
+        except Exception as exc:  # the batch state is unknown now
+            log.exception("MLX batch step failed")
+            return self._fail_all(f"MLX step failed: {exc}")
+        out: list[StepOutput] = []
+        ended: list[int] = []
+        for r in responses:
+            job = self._active.get(r.uid)
+            if job is None:
+                continue
+            frames, done = self._on_token(job, int(r.token), r.logprobs)
+            out.extend(frames)
+            if done:
+                ended.append(r.uid)
+        if ended:
+            self._retire(ended)
+        return out
+
+    def _retire(self, uids: list[int]) -> None:
+        """Remove finished sequences and keep their KV for later prompts."""
+        for uid in uids:
+            self._active.pop(uid, None)
+        caches = self._gen.remove(uids, return_prompt_caches=True)
+        for cache, tokens in caches.values():
+            self._prefix.insert_cache(_CACHE_KEY, list(tokens), cache)
+        # Cached entries and running sequences together stay within the KV
+        # memory the worker was configured for.
+        self._prefix.trim_to(n_bytes=self._kv_budget - self._gen.prompt_cache_nbytes)
+
+    def _on_token(self, job: _Job, token: int, logprobs: mx.array
+                  ) -> tuple[list[StepOutput], bool]:
+        rid = job.request.request_id
+        p = job.request.params
+        if token in self._eog and not p.ignore_eos:
+            return [self._finished(job, FinishReason.STOP, job.stream.flush())], True
+        job.generated.append(token)
+        text = job.stream.feed(self._token_bytes(token))
+        logprob = self._logprob(token, logprobs, p.top_logprobs) if p.logprobs else None
+        tokens = Tokens(rid, text, [token], None if logprob is None else [logprob])
+        if job.stream.stopped:
+            return [tokens, self._finished(job, FinishReason.STOP, "")], True
+        if len(job.generated) >= job.max_new:
+            return [tokens, self._finished(job, FinishReason.LENGTH, job.stream.flush())], True
+        return [tokens], False
+
+    def _logprob(self, token: int, logprobs: mx.array, k: int) -> TokenLogprob:
+        """The generator's log-softmax row (after penalties and the EOS mask
+        of ignore_eos, before temperature and truncation)."""
+        top: list[tuple[bytes, float]] = []
+        if k > 0:
+            best = mx.argpartition(-logprobs, kth=k - 1)[:k]
+            ids = cast(list[int], best.tolist())
+            values = cast(list[float], logprobs[best].tolist())
+            pairs = sorted(zip(ids, values, strict=True), key=lambda x: -x[1])
+            top = [(self._token_bytes(t), v) for t, v in pairs]
+        chosen = cast(float, logprobs[token].item())
+        return TokenLogprob(self._token_bytes(token), float(chosen), top)
+
+    def _token_bytes(self, token: int) -> bytes:
+        return self._bytes[token] if 0 <= token < len(self._bytes) else b""
+
+    def _fail_all(self, message: str) -> list[StepOutput]:
+        out: list[StepOutput] = [Failed(ErrorCode.INTERNAL, message,
+                                        request_id=job.request.request_id)
+                                 for job in self._active.values()]
+        self._active.clear()
+        self._gen.close()
+        self._gen = self._new_generator()
+        return out
+
+    def _finished(self, job: _Job, reason: FinishReason, text: str) -> Finished:
+        return Finished(job.request.request_id, reason, len(job.prompt), len(job.generated),
+                        text)
