@@ -134,14 +134,17 @@ def cosine_scores(query: Vectors, documents: Vectors) -> list[float]:
 
 def length_chunks(lengths: list[int], max_tokens: int = 8192, max_rows: int = 128
                   ) -> list[list[int]]:
-    """Group sequence indices for padded forward passes: sorted by length so
-    little is padding, each group within `max_tokens` padded tokens."""
+    """Group sequence indices for padded forward passes: sorted by length,
+    each group within `max_tokens` padded tokens, and a new group once the
+    longest would be over twice the shortest (padding is computed like real
+    tokens: one long text must not make a dozen short ones cost as much)."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     chunks: list[list[int]] = []
     current: list[int] = []
     for i in order:
         longest = lengths[i]  # sorted: the newcomer is the longest
-        if current and ((len(current) + 1) * longest > max_tokens or len(current) >= max_rows):
+        if current and ((len(current) + 1) * longest > max_tokens or len(current) >= max_rows
+                        or longest > 2 * lengths[current[0]] + 8):
             chunks.append(current)
             current = []
         current.append(i)
