@@ -13,6 +13,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from lmx_gateway.body import read_json
+from lmx_gateway.chat_tools import chat_message, event_delta, finish_reason, tool_parser
 from lmx_gateway.errors import error_payload
 from lmx_gateway.generation import Collected, Generation, collect
 from lmx_gateway.logprobs import chat_logprobs, completion_logprobs
@@ -22,6 +23,7 @@ from lmx_gateway.sampling import chat_generate, completion_generate
 from lmx_gateway.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from lmx_gateway.sse import DONE, EventStreamResponse, sse_data
 from lmx_gateway.state import GatewayState, gateway_state
+from lmx_gateway.tool_calls import Event, ToolCallParser
 from lmx_protocol import Finished, Generate, TokenLogprob, Tokens
 from lmx_supervisor.errors import LMXError
 
@@ -35,8 +37,10 @@ def _usage(finished: Finished) -> dict[str, int]:
 class ChunkShape:
     """How one route's stream chunks look (chat deltas or completion text)."""
 
-    def __init__(self, kind: str, completion_id: str, model: str, include_usage: bool) -> None:
+    def __init__(self, kind: str, completion_id: str, model: str, include_usage: bool,
+                 tools: ToolCallParser | None = None) -> None:
         self.kind = kind
+        self.tools = tools  # set when the request offers tools: output goes through it
         self.base: dict[str, Any] = {
             "id": completion_id,
             "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
@@ -63,6 +67,21 @@ class ChunkShape:
         return {"index": 0, "text": text or "", "logprobs": rendered,
                 "finish_reason": finish_reason}
 
+    def tool_chunks(self, events: list[Event], logprobs: list[TokenLogprob] | None = None
+                    ) -> list[bytes]:
+        """Chat chunks for tool-parser events; the tokens' logprobs ride on
+        the first (or on an empty delta when the text is still held back)."""
+        rendered = chat_logprobs(logprobs) if logprobs else None
+        out = []
+        for event in events:
+            out.append(self.chunk([{"index": 0, "delta": event_delta(event),
+                                    "finish_reason": None, "logprobs": rendered}]))
+            rendered = None
+        if rendered is not None:
+            out.append(self.chunk([{"index": 0, "delta": {}, "finish_reason": None,
+                                    "logprobs": rendered}]))
+        return out
+
     def chunk(self, choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> bytes:
         body = {**self.base, "choices": choices}
         if self.include_usage:
@@ -79,16 +98,24 @@ async def _stream(gen: Generation, first: Tokens | Finished, shape: ChunkShape,
             yield shape.chunk([shape.choice("", None, first=True)])
         item: Tokens | Finished | None = first
         while item is not None:
-            if isinstance(item, Tokens):
+            if isinstance(item, Tokens) and shape.tools is not None:
+                for chunk in shape.tool_chunks(shape.tools.feed(item.text), item.logprobs):
+                    yield chunk
+            elif isinstance(item, Tokens):
                 # A token whose text is held back (stop-string prefix) still
                 # carries its logprobs when they were asked for.
                 if item.text or item.logprobs:
                     yield shape.chunk([shape.choice(item.text, None, logprobs=item.logprobs)])
             else:
-                if item.text:
+                reason = str(item.finish_reason)
+                if shape.tools is not None:
+                    events = shape.tools.feed(item.text) + shape.tools.finish()
+                    for chunk in shape.tool_chunks(events):
+                        yield chunk
+                    reason = finish_reason(item.finish_reason, bool(shape.tools.calls))
+                elif item.text:
                     yield shape.chunk([shape.choice(item.text, None)])
-                yield shape.chunk([shape.choice(None if shape.kind == "chat" else "",
-                                                str(item.finish_reason))])
+                yield shape.chunk([shape.choice(None if shape.kind == "chat" else "", reason)])
                 if shape.include_usage:
                     yield shape.chunk([], _usage(item))
                 break
@@ -126,7 +153,8 @@ async def _respond(request: Request, req: SamplingFields, frame: Generate, kind:
         raise
     assert first is not None
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    shape = ChunkShape(kind, completion_id, model.model_id, include_usage)
+    shape = ChunkShape(kind, completion_id, model.model_id, include_usage,
+                       tool_parser(model, frame) if kind == "chat" else None)
     return EventStreamResponse(_stream(gen, first, shape, state))
 
 
@@ -140,15 +168,18 @@ async def chat_completions(request: Request) -> Response:
     # Aliases, presets and `default` resolve here; `req.model` becomes the real id.
     req = route_request(state, await read_json(request, ChatCompletionRequest, limit))
     frame = chat_generate(req, _request_id())
+    model = state.supervisor.get(req.model)
 
     def render(cid: str, result: Collected) -> dict[str, Any]:
+        message = chat_message(result.text, model, frame)
         return {"id": cid, "object": "chat.completion", "created": int(time.time()),
                 "model": req.model,
                 "choices": [{"index": 0,
-                             "message": {"role": "assistant", "content": result.text},
+                             "message": message,
                              "logprobs": (chat_logprobs(result.logprobs)
                                           if frame.params.logprobs else None),
-                             "finish_reason": str(result.finished.finish_reason)}],
+                             "finish_reason": finish_reason(result.finished.finish_reason,
+                                                            "tool_calls" in message)}],
                 "usage": _usage(result.finished)}
 
     return await _respond(request, req, frame, "chat", render)

@@ -4,6 +4,7 @@ spellings clients use, refuse what would otherwise be silently ignored."""
 from __future__ import annotations
 
 from lmx_gateway.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields, TextPart
+from lmx_gateway.structured_output import response_schema, tool_settings
 from lmx_protocol import ChatMessage, Generate, SamplingParams
 from lmx_supervisor.errors import BadRequest
 
@@ -14,15 +15,6 @@ def _refuse_unsupported(req: SamplingFields) -> None:
     if req.n != 1:
         raise BadRequest("n > 1 is not supported; send separate requests", param="n",
                          code=UNSUPPORTED)
-    if req.tools:
-        raise BadRequest("tool calling is not supported yet", param="tools", code=UNSUPPORTED)
-    if req.tool_choice not in (None, "none", "auto"):
-        raise BadRequest("tool_choice is not supported yet", param="tool_choice",
-                         code=UNSUPPORTED)
-    fmt = req.response_format
-    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
-        raise BadRequest("response_format other than text is not supported yet",
-                         param="response_format", code=UNSUPPORTED)
     if req.logit_bias:
         raise BadRequest("logit_bias is not supported", param="logit_bias", code=UNSUPPORTED)
 
@@ -74,6 +66,7 @@ def sampling_params(req: SamplingFields, max_tokens: int | None, chat: bool = Tr
         ignore_eos=req.ignore_eos,
         logprobs=logprobs,
         top_logprobs=top_logprobs,
+        json_schema=response_schema(req.response_format),
     )
 
 
@@ -98,8 +91,10 @@ def chat_generate(req: ChatCompletionRequest, request_id: str) -> Generate:
                     tool_calls=m.tool_calls, tool_call_id=m.tool_call_id)
         for i, m in enumerate(req.messages)
     ]
+    tools = tool_settings(req.tools, req.tool_choice, req.parallel_tool_calls)
     return Generate(request_id=request_id, params=sampling_params(req, max_tokens),
-                    messages=messages)
+                    messages=messages, tools=tools.tools_json, tool_choice=tools.choice,
+                    tool_name=tools.name, parallel_tool_calls=tools.parallel)
 
 
 def completion_generate(req: CompletionRequest, request_id: str) -> Generate:
@@ -107,6 +102,10 @@ def completion_generate(req: CompletionRequest, request_id: str) -> Generate:
         raise BadRequest("echo is not supported", param="echo", code=UNSUPPORTED)
     if req.suffix:
         raise BadRequest("suffix is not supported", param="suffix", code=UNSUPPORTED)
+    if req.tools is not None or req.tool_choice is not None:
+        raise BadRequest("tools are only supported on /v1/chat/completions",
+                         param="tools" if req.tools is not None else "tool_choice",
+                         code=UNSUPPORTED)
     if req.best_of not in (None, 1):
         raise BadRequest("best_of > 1 is not supported", param="best_of", code=UNSUPPORTED)
     prompt = req.prompt if isinstance(req.prompt, str) else req.prompt[0]

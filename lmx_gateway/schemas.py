@@ -1,8 +1,9 @@
 """Request bodies of the OpenAI-compatible routes, validated by msgspec.
 
 Unknown fields are ignored, as OpenAI clients send fields a local server may
-not know; fields whose silent ignoring would change the answer (tools,
-response_format, n > 1...) are rejected explicitly in `sampling.py`."""
+not know; fields whose silent ignoring would change the answer (n > 1,
+logit_bias...) are rejected explicitly in `sampling.py`, and tools and
+response_format are validated in `structured_output.py`."""
 
 from __future__ import annotations
 
@@ -61,11 +62,13 @@ class SamplingFields(msgspec.Struct, kw_only=True):
     n: PositiveInt = 1
     ignore_eos: bool = False
     user: str | None = None
-    # Accepted so they can be refused by name instead of ignored.
+    # Typed loosely so bad values are refused with a precise param (sampling.py,
+    # structured_output.py) rather than a generic decode error.
     logprobs: Any = None
     top_logprobs: Any = None
     tools: Any = None
     tool_choice: Any = None
+    parallel_tool_calls: Any = None
     response_format: Any = None
     logit_bias: Any = None
 

@@ -73,6 +73,9 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, gc=False):
     ignore_eos: bool = False
     logprobs: bool = False
     top_logprobs: int = 0  # alternatives per position, when logprobs is set
+    # JSON text of a JSON schema the output must match (response_format
+    # json_object / json_schema), enforced by constrained decoding.
+    json_schema: str = ""
 
 
 # --- supervisor -> worker ----------------------------------------------------
@@ -90,6 +93,13 @@ class Generate(Frame, tag="generate"):
     # Tokenize only: the worker answers Finished with prompt_tokens and
     # decodes nothing (Anthropic's count_tokens).
     count_only: bool = False
+    # Tools offered to the model: a JSON array in OpenAI's shape ("" = none).
+    # The worker renders them into the prompt; tool_choice "required" or
+    # "named" (tool_name) makes it force calls by constrained decoding.
+    tools: str = ""
+    tool_choice: str = "auto"
+    tool_name: str = ""
+    parallel_tool_calls: bool = True
 
 
 class Abort(Frame, tag="abort"):
@@ -163,6 +173,9 @@ class Ready(Frame, tag="ready"):
     context_length: int
     backend_version: str = ""
     encoder: EncoderInfo | None = None  # set by embedding/rerank workers
+    # How the model writes tool calls (lmx_worker.tool_format.ToolFormat),
+    # so the gateway parses them back; "" when it has no chat template.
+    tool_format: str = ""
 
 
 class TokenLogprob(msgspec.Struct, array_like=True, gc=False):

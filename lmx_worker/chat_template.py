@@ -14,6 +14,7 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from lmx_worker.engine import RequestError
+from lmx_worker.tool_format import ToolSupport, inspect_template
 
 
 class GenerationTag(jinja2.ext.Extension):
@@ -44,6 +45,9 @@ class ChatTemplate:
             extensions=[GenerationTag, jinja2.ext.loopcontrols])
         env.filters["tojson"] = _tojson
         self._template = env.from_string(source)
+        self.source = source
+        # How this template takes tools and how its model writes calls.
+        self.tool_support: ToolSupport = inspect_template(source, env)
         self.bos_token = bos_token
         self.eos_token = eos_token
 

@@ -20,11 +20,11 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import llama_cpp
-import msgspec
 import numpy as np
 import psutil
 from llama_cpp import _internals as internals
 from llama_cpp._logger import set_verbose
+from llguidance import LLTokenizer
 
 from lmx_protocol import (
     ErrorCode,
@@ -36,7 +36,14 @@ from lmx_protocol import (
     Tokens,
     WorkerStats,
 )
+from lmx_worker.chat_request import chat_prompt, request_grammar, request_tools
 from lmx_worker.chat_template import ChatTemplate
+from lmx_worker.constraints import (
+    ConstraintError,
+    TokenConstraint,
+    special_token_id,
+    tokenizer_from_llama_vocab,
+)
 from lmx_worker.engine import RequestError, StepOutput
 from lmx_worker.spec import WorkerSpec
 from lmx_worker.text_stream import TextStream
@@ -60,6 +67,8 @@ class _Job:
     sampler: internals.LlamaSampler
     stream: TextStream
     max_new: int
+    constraint: TokenConstraint | None = None  # grammar the output must follow
+    special_text: bool = False  # show control tokens (tool-call markers) as text
     to_prefill: list[int] = field(default_factory=list)
     generated: list[int] = field(default_factory=list)
     next_token: int | None = None  # sampled, not yet in the KV cache
@@ -88,7 +97,7 @@ class LlamaCppEngine:
         _init_backend()
         verbose = os.environ.get("LMX_WORKER_LOG_LEVEL") == "DEBUG"
         set_verbose(verbose)  # llama.cpp logs every context detail otherwise
-        self.capabilities = ["chat", "completions"]
+        self.capabilities = ["chat", "completions", "structured_output"]
         self.backend_version = str(llama_cpp.__version__)
         self.slot_context = spec.context_length
         self.n_batch = 512
@@ -122,6 +131,9 @@ class LlamaCppEngine:
         self._eog = {t for t in range(self._n_vocab)
                      if llama_cpp.llama_vocab_is_eog(self._vocab, t)}
         self.chat_template = self._load_template()
+        if self.chat_template is not None:
+            self.capabilities.append("tools")
+        self._llg_tokenizer: LLTokenizer | None = None  # built on first constrained request
         self._slots = [_Slot(i) for i in range(slots)]
         self._pending: deque[_Job] = deque()
         self._counted: list[StepOutput] = []  # count_only answers, sent at the next step
@@ -148,9 +160,7 @@ class LlamaCppEngine:
             if self.chat_template is None:
                 raise RequestError("unsupported_feature",
                                    "this model has no chat template; use /v1/completions")
-            messages = [{k: v for k, v in msgspec.structs.asdict(m).items() if v is not None}
-                        for m in request.messages]
-            text = self.chat_template.render(messages, request.add_generation_prompt)
+            text = chat_prompt(self.chat_template, request)
             # The template writes BOS itself when the model wants one.
             return list(self.model.tokenize(text.encode(), add_bos=False, special=True))
         prompt = (request.prompt or "").encode()
@@ -179,6 +189,24 @@ class LlamaCppEngine:
         sampler.add_dist(p.seed if p.seed is not None else random.getrandbits(31))
         return sampler
 
+    def _tokenizer(self) -> LLTokenizer:
+        if self._llg_tokenizer is None:
+            self._llg_tokenizer = tokenizer_from_llama_vocab(self._vocab, sorted(self._eog))
+        return self._llg_tokenizer
+
+    def _constraint(self, request: Generate) -> TokenConstraint | None:
+        template = self.chat_template if request.messages is not None else None
+        support = template.tool_support if template is not None else None
+        try:
+            grammar = request_grammar(request, support,
+                                      lambda text: special_token_id(self._tokenizer(), text))
+            if grammar is None:
+                return None
+            return TokenConstraint(self._tokenizer(), grammar)
+        except ConstraintError as exc:
+            raise RequestError("invalid_request",
+                               f"cannot enforce the requested output format: {exc}") from exc
+
     def add(self, request: Generate) -> None:
         prompt = self._prompt_tokens(request)
         if not prompt:
@@ -193,8 +221,10 @@ class LlamaCppEngine:
         room = self.slot_context - len(prompt)
         p = request.params
         max_new = min(p.max_tokens, room) if p.max_tokens is not None else room
-        self._pending.append(_Job(request, prompt, self._sampler(request), TextStream(p.stop),
-                                  max_new))
+        job = _Job(request, prompt, self._sampler(request), TextStream(p.stop), max_new)
+        job.constraint = self._constraint(request)
+        job.special_text = request.messages is not None and request_tools(request) is not None
+        self._pending.append(job)
 
     def abort(self, request_id: str) -> list[StepOutput]:
         for slot in self._slots:
@@ -286,16 +316,38 @@ class LlamaCppEngine:
         for slot, index in sample_at:
             job = slot.job
             assert job is not None
+            wants_logprobs = job.request.params.logprobs
+            raw = None
+            if job.constraint is not None:
+                # The sampler chain reads the context's logits row, so
+                # masking that row in place constrains what it can pick.
+                row = self._logits_row(index)
+                raw = row.copy() if wants_logprobs else None  # logprobs: the model's view
+                job.constraint.mask_logits(row)
+                if job.constraint.error:
+                    out.append(self._fail(slot, job, job.constraint.error))
+                    continue
             token = job.sampler.sample(self.ctx, index)
-            logprob = self._logprob(index, token, job) if job.request.params.logprobs else None
+            logprob = None
+            if wants_logprobs:
+                logprob = self._logprob(raw if raw is not None else self._logits_row(index),
+                                        token, job)
             out.extend(self._on_token(slot, job, token, logprob))
         return out
 
-    def _logprob(self, index: int, token: int, job: _Job) -> TokenLogprob:
-        """Log-softmax of the raw logits at batch row `index`: only computed
-        for requests that asked, since it touches the whole vocabulary."""
-        row = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx.ctx, index),
-                                    shape=(self._n_vocab,))
+    def _logits_row(self, index: int) -> np.ndarray:
+        """The logits at batch row `index`, as a view on llama.cpp's buffer."""
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx.ctx, index),
+                                     shape=(self._n_vocab,))
+
+    def _fail(self, slot: _Slot, job: _Job, why: str) -> Failed:
+        slot.job = None
+        return Failed(ErrorCode.INTERNAL, f"constrained decoding failed: {why}",
+                      request_id=job.request.request_id)
+
+    def _logprob(self, row: np.ndarray, token: int, job: _Job) -> TokenLogprob:
+        """Log-softmax of the raw logits `row`: only computed for requests
+        that asked, since it touches the whole vocabulary."""
         peak = float(row.max())
         log_z = peak + float(np.log(np.exp(row - peak).sum()))
         top: list[tuple[bytes, float]] = []
@@ -311,11 +363,13 @@ class LlamaCppEngine:
         rid = job.request.request_id
         if token in self._eog and not job.request.params.ignore_eos:
             return [self._end(slot, job, FinishReason.STOP)]
+        if job.constraint is not None and not job.constraint.advance(token):
+            return [self._fail(slot, job, job.constraint.error or "token rejected")]
         job.generated.append(token)
-        text = job.stream.feed(self._token_bytes(token))
+        text = job.stream.feed(self._token_bytes(token, job.special_text))
         tokens = Tokens(rid, text, [token], None if logprob is None else [logprob],
                         len(job.prompt) if len(job.generated) == 1 else None)
-        if job.stream.stopped:
+        if job.stream.stopped or (job.constraint is not None and job.constraint.done):
             return [tokens, self._end(slot, job, FinishReason.STOP)]
         if len(job.generated) >= job.max_new:
             return [tokens, self._end(slot, job, FinishReason.LENGTH)]
@@ -335,12 +389,12 @@ class LlamaCppEngine:
             slot.cached = []
         return out
 
-    def _token_bytes(self, token: int) -> bytes:
+    def _token_bytes(self, token: int, special: bool = False) -> bytes:
         n = llama_cpp.llama_token_to_piece(self._vocab, token, self._piece, _PIECE_BUFFER, 0,
-                                           False)
+                                           special)
         if n < 0:  # piece longer than the buffer
             buf = ctypes.create_string_buffer(-n)
-            n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, -n, 0, False)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, -n, 0, special)
             return buf.raw[:n]
         return self._piece.raw[:n]
 

@@ -214,6 +214,13 @@ def report_out_of_memory(sock: zmq.Socket[bytes], ballast: list[bytearray],
     return EXIT_OUT_OF_MEMORY
 
 
+def tool_format(engine: Engine) -> str:
+    """How the model writes tool calls, read off its chat template (an
+    engine without one, e.g. an encoder, has none)."""
+    template = getattr(engine, "chat_template", None)
+    return str(template.tool_support.format) if template is not None else ""
+
+
 def serve(spec: WorkerSpec) -> int:
     if spec.death_fd is not None:
         watch_parent(spec.death_fd)
@@ -248,6 +255,7 @@ def serve(spec: WorkerSpec) -> int:
         context_length=engine.context_length,
         backend_version=engine.backend_version,
         encoder=getattr(engine, "encoder_info", None),
+        tool_format=tool_format(engine),
     )))
     try:
         WorkerLoop(spec, sock, engine).run()

@@ -1,0 +1,63 @@
+"""From a Generate frame to what an engine decodes: the prompt text (tools
+rendered the way the chat template wants them) and the grammar, if any, the
+output must follow. Shared by every backend."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+from lmx_protocol import Generate
+from lmx_worker.chat_template import ChatTemplate
+from lmx_worker.constraints import json_schema_grammar, lark_grammar
+from lmx_worker.tool_format import ToolSupport, call_grammar, prepare_chat
+
+# Generate.tool_choice values
+AUTO, REQUIRED, NAMED = "auto", "required", "named"
+
+
+def request_tools(request: Generate) -> list[dict[str, Any]] | None:
+    """The tools offered to the model (OpenAI's shape), or None."""
+    if not request.tools:
+        return None
+    tools: list[dict[str, Any]] = json.loads(request.tools)
+    return tools or None
+
+
+def chat_prompt(template: ChatTemplate, request: Generate) -> str:
+    """The templated prompt for a chat request (`request.messages` set)."""
+    assert request.messages is not None
+    messages = [{k: v for k, v in msgspec.structs.asdict(m).items() if v is not None}
+                for m in request.messages]
+    messages, extra = prepare_chat(
+        messages, template.tool_support, request_tools(request), request.tool_choice,
+        request.tool_name or None, request.parallel_tool_calls)
+    return template.render(messages, request.add_generation_prompt, **extra)
+
+
+def request_grammar(request: Generate, support: ToolSupport | None,
+                    special: Callable[[str], int | None]) -> str | None:
+    """The llguidance grammar this request decodes under, or None (free
+    text). `required` / named tool_choice force calls in the model's format;
+    a response_format schema forces the answer (still letting the model call
+    a tool instead when tools are offered with tool_choice auto).
+    Raises ConstraintError for a grammar that cannot be built."""
+    schema = json.loads(request.params.json_schema) if request.params.json_schema else None
+    tools = request_tools(request) if support is not None else None
+    if tools and support is not None and request.tool_choice in (REQUIRED, NAMED):
+        parallel = request.parallel_tool_calls
+        if request.tool_choice == NAMED:
+            # A named function is called once: small models otherwise repeat
+            # the same call until max_tokens.
+            tools = [t for t in tools if t["function"]["name"] == request.tool_name]
+            parallel = False
+        return lark_grammar(call_grammar(tools, support, parallel, special))
+    if schema is None:
+        return None
+    if tools and support is not None and isinstance(schema, dict):
+        return lark_grammar(call_grammar(tools, support, request.parallel_tool_calls, special,
+                                         answer_schema=schema))
+    return json_schema_grammar(schema)
