@@ -38,8 +38,10 @@ def _mlx_installed() -> bool:
 
 
 # Backends this build can run in a worker.
-AVAILABLE_BACKENDS = frozenset({LLAMA_CPP, MLX_ENCODER, LLAMA_CPP_ENCODER}
-                               | ({MLX} if _mlx_installed() else set()))
+AVAILABLE_BACKENDS = frozenset({LLAMA_CPP, LLAMA_CPP_ENCODER}
+                               | ({MLX} if _mlx_installed() else set())
+                               | ({MLX_ENCODER} if find_spec("mlx") is not None
+                                  and find_spec("tokenizers") is not None else set()))
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,9 @@ class LlamaCppEncoderEngine(NoGeneration):
         params.n_batch = self.n_batch
         params.n_ubatch = self.n_batch
         params.n_seq_max = _MAX_SEQUENCES
+        # One pool for all sequences: a decoder-based embedding model's KV
+        # cache is then not split into n_seq_max slivers of n_ctx.
+        params.kv_unified = True
         if f"{arch}.pooling_type" not in meta:
             params.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_MEAN
         threads = spec.n_threads or os.cpu_count() or 1

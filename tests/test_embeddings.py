@@ -269,3 +269,42 @@ def test_token_ids_checked_by_the_worker_too() -> None:
     assert isinstance(bad, Failed) and bad.param == "input" and "99999" in bad.message
     good = by_id["good"]
     assert isinstance(good, Embeddings) and (good.count, good.dim) == (1, 384)
+
+
+def test_gguf_embedding_model_on_llama_cpp(server: LMXServer, tokenizer: Tokenizer) -> None:
+    """The same model as a GGUF file (tests/gguf_bert.py) loads on the
+    llama.cpp embedding backend and gives sentence-transformers' vectors.
+    Its GGUF context is the model's 512 positions, not sentence-transformers'
+    max_seq_length of 256, so the one text longer than 256 tokens is checked
+    by its first 256 tokens, sent as token ids."""
+    from tests.gguf_bert import minilm_gguf
+
+    path = minilm_gguf()
+    loaded = server.load(str(path))
+    assert loaded.status_code == 200, loaded.text
+    model = loaded.json()["model_id"]
+    assert loaded.json()["backend"] == "llama_cpp_encoder"
+    listed = {m["id"]: m for m in server.http.get("/v1/models").json()["data"]}[model]
+    assert listed["capabilities"] == ["embeddings", "rerank"]
+    assert listed["embedding_dimensions"] == 384 and listed["embedding_pooling"] == "mean"
+    assert listed["rerank_mode"] == "bi-encoder-cosine"
+    client = server.openai()
+    texts = reference()["texts"]
+    short, long_text = texts[:-1], texts[-1]
+    result = client.embeddings.create(model=model, input=short, encoding_format="float")
+    for i, item in enumerate(result.data):
+        _check_reference_one(item.embedding, i)
+    assert result.usage.prompt_tokens == sum(len(e.ids) for e in tokenizer.encode_batch(short))
+    cut = tokenizer.encode(long_text).ids  # 256 tokens, [SEP] last
+    assert len(cut) == 256
+    by_ids = client.embeddings.create(model=model, input=[cut])
+    _check_reference_one(by_ids.data[0].embedding, len(texts) - 1)
+    whole = client.embeddings.create(model=model, input=long_text)
+    assert 256 < whole.usage.prompt_tokens <= 512
+    ranked = server.http.post("/v1/rerank", json={
+        "model": model, "query": "capital of France",
+        "documents": ["I like bananas", "Paris is the capital of France"]}).json()
+    assert ranked["results"][0]["index"] == 1
+    bad = server.http.post("/v1/embeddings", json={"model": model, "input": [[101, 40000]]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "input"
+    assert server.http.post("/admin/models/unload", json={"model_id": model}).status_code == 200
