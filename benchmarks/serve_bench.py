@@ -478,14 +478,17 @@ def gguf_eog_ids(model: Path) -> list[int]:
         llm.close()
 
 
-def mlx_backend_missing() -> str | None:
+def mlx_engine_missing() -> str | None:
     if not (REPO / "lmx_worker" / "mlx_engine.py").is_file():
         return "lmx_worker/mlx_engine.py is not in this tree yet (no MLX backend)"
+    return None
+
+
+def convert_help() -> str | None:
+    """`lmx models convert --help`, or None while the command does not exist."""
     helped = subprocess.run([sys.executable, "-m", "lmx_gateway", "models", "convert", "--help"],
                             capture_output=True, text=True, cwd=REPO)
-    if helped.returncode != 0:
-        return "`lmx models convert` is not available yet"
-    return None
+    return helped.stdout if helped.returncode == 0 else None
 
 
 @dataclass
@@ -494,15 +497,18 @@ class MlxDirs:
     f32: Path | None = None
     q4_reason: str = ""
     f32_reason: str = ""
+    q4_how: str = ""
     f32_how: str = ""
 
 
 class Conversions:
-    """GGUF -> MLX directories, made once per run in the run's temp dir."""
+    """GGUF -> MLX directories, made once per run in the run's temp dir (or the quantized
+    one given with --mlx-dir)."""
 
-    def __init__(self, gguf: Path, root: Path) -> None:
+    def __init__(self, gguf: Path, root: Path, given: Path | None) -> None:
         self.gguf = gguf
         self.root = root / "mlx-models"
+        self.given = given
         self._dirs: MlxDirs | None = None
 
     def dirs(self) -> MlxDirs:
@@ -512,27 +518,31 @@ class Conversions:
 
     def _convert(self) -> MlxDirs:
         out = MlxDirs()
-        missing = mlx_backend_missing()
-        if missing:
-            out.q4_reason = out.f32_reason = missing
-            return out
         self.root.mkdir(parents=True, exist_ok=True)
-        stem = self.gguf.name.removesuffix(".gguf")
-        q4 = self.root / f"{stem}-mlx"
-        log(f"converting {self.gguf.name} -> {q4.name} (lmx models convert) ...")
-        done = subprocess.run([sys.executable, "-m", "lmx_gateway", "models", "convert",
-                               str(self.gguf), str(q4)], capture_output=True, text=True, cwd=REPO)
-        if done.returncode != 0:
+        help_text = convert_help()
+        if self.given is not None:
+            q4 = self.given
+            out.q4_how = "given with --mlx-dir"
+        elif help_text is None:
             out.q4_reason = out.f32_reason = (
-                f"lmx models convert failed ({done.returncode}): "
-                f"{(done.stderr or done.stdout).strip()[-300:]}")
+                "`lmx models convert` is not available yet (or give a converted dir with "
+                "--mlx-dir)")
             return out
+        else:
+            q4 = self.root / f"{self.gguf.name.removesuffix('.gguf')}-mlx"
+            log(f"converting {self.gguf.name} -> {q4.name} (lmx models convert) ...")
+            done = subprocess.run([sys.executable, "-m", "lmx_gateway", "models", "convert",
+                                   str(self.gguf), str(q4)], capture_output=True, text=True,
+                                  cwd=REPO)
+            if done.returncode != 0:
+                out.q4_reason = out.f32_reason = (
+                    f"lmx models convert failed ({done.returncode}): "
+                    f"{(done.stderr or done.stdout).strip()[-300:]}")
+                return out
+            out.q4_how = "lmx models convert"
         out.q4 = q4
-        f32 = self.root / f"{stem}-mlx-f32"
-        help_text = subprocess.run(
-            [sys.executable, "-m", "lmx_gateway", "models", "convert", "--help"],
-            capture_output=True, text=True, cwd=REPO).stdout
-        if "--dequantize" in help_text:
+        f32 = self.root / f"{q4.name}-f32"
+        if self.given is None and help_text and "--dequantize" in help_text:
             argv = [sys.executable, "-m", "lmx_gateway", "models", "convert", str(self.gguf),
                     str(f32), "--dequantize"]
             out.f32_how = "lmx models convert --dequantize"
@@ -579,7 +589,7 @@ class Bench:
         self.tmp = tmp
         self.levels: list[int] = args.levels
         self.eog = gguf_eog_ids(model)
-        self.conversions = Conversions(model, tmp)
+        self.conversions = Conversions(model, tmp, args.mlx_dir)
 
     # LMX ------------------------------------------------------------------------------------
 
@@ -633,10 +643,15 @@ class Bench:
         self._lmx("lmx-llama", self.model, result)
 
     def lmx_mlx(self, result: TargetResult) -> None:
+        missing = mlx_engine_missing()
+        if missing:
+            result.skipped = missing
+            return
         dirs = self.conversions.dirs()
         if dirs.q4 is None:
             result.skipped = dirs.q4_reason
             return
+        result.notes.append(f"MLX dir from {dirs.q4_how}")
         self._lmx("lmx-mlx", dirs.q4, result)
 
     # llama_cpp.server -------------------------------------------------------------------------
@@ -652,8 +667,8 @@ class Bench:
                 "--host", "127.0.0.1", "--port", str(port), "--n_threads", str(self.args.threads),
                 "--n_threads_batch", str(self.args.threads), "--n_ctx", "2048",
                 "--interrupt_requests", str(interrupt)]
-        result.description = " ".join(["python -m llama_cpp.server", *argv[3:]]).replace(
-            str(self.model), self.model.name)
+        result.description = " ".join(["python", *argv[1:]]).replace(str(self.model),
+                                                                       self.model.name)
         result.eos_method = (f"logit_bias {EOS_BIAS:g} on every end-of-generation id "
                              f"{self.eog} (it has no ignore_eos; min_tokens covers only one id)")
         result.token_source = "content deltas (it sends no usage when streaming)"
@@ -691,8 +706,8 @@ class Bench:
         argv = [str(py), "-m", "mlx_lm.server", "--model", str(model_dir), "--host", "127.0.0.1",
                 "--port", str(port), "--decode-concurrency", str(max(top, 16)),
                 "--prompt-concurrency", "8", "--log-level", "WARNING"]
-        result.description = ("python -m mlx_lm.server --model " + model_dir.name + " "
-                              + " ".join(argv[7:]))
+        result.description = " ".join(["python", *argv[1:]]).replace(str(model_dir),
+                                                                       model_dir.name)
         eos = mlx_eos_ids(model_dir, self.eog)
         result.eos_method = (f"logit_bias {EOS_BIAS:g} on {eos} (no ignore_eos; logit_bias "
                              "keeps a request batchable, seed would not)")
@@ -707,6 +722,8 @@ class Bench:
 
     def mlx_lm_server(self, result: TargetResult) -> None:
         d = self.conversions.dirs()
+        if d.q4 is not None:
+            result.notes.append(f"MLX dir from {d.q4_how}")
         self._mlx_lm_server(result, d.q4, d.q4_reason)
 
     def mlx_lm_server_f32(self, result: TargetResult) -> None:
@@ -943,7 +960,7 @@ def render(report: dict[str, Any]) -> str:
         "",
         f"{'server':<25}{'conc':>5}{'reqs':>5}{'agg tok/s':>10}{'req tok/s':>10}"
         f"{'TTFT p50':>10}{'TTFT p95':>10}{'lat p50':>9}{'lat p95':>9}{'err':>5}{'trunc':>6}"
-        f"{'stop<N':>7}",
+        f"{'stop<N':>7}{'peak RSS':>10}",
     ]
     for t in report["targets"]:
         if t["skipped"]:
@@ -954,9 +971,11 @@ def render(report: dict[str, Any]) -> str:
                 f"{_f(s['aggregate_tok_s']):>10}{_f(s['request_decode_tok_s_median']):>10}"
                 f"{_f(s['ttft_ms_p50'], '.0f') + 'ms':>10}{_f(s['ttft_ms_p95'], '.0f') + 'ms':>10}"
                 f"{_f(s['latency_s_p50'], '.2f') + 's':>9}{_f(s['latency_s_p95'], '.2f') + 's':>9}"
-                f"{s['errors']:>5}{s['truncations']:>6}{s['stopped_early']:>7}")
+                f"{s['errors']:>5}{s['truncations']:>6}{s['stopped_early']:>7}"
+                f"{_mb(s['peak_rss_bytes']):>10}")
     lines.append("(agg tok/s: generated tokens of all answered requests / wall time; req tok/s: "
-                 "median per-request decode rate; stop<N: ended by EOS before N tokens)")
+                 "median per-request decode rate; stop<N: ended by EOS before N tokens; peak RSS: "
+                 "the server process (LMX: its worker) during the level)")
     ratios = report["ratios"]
     if ratios:
         lines += ["", "ratios LMX / peer, aggregate tok/s:"]
@@ -1059,8 +1078,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ctx", type=int, default=1024, help="LMX context_length per slot")
     parser.add_argument("--model", type=Path, default=None,
                         help="GGUF file (default: the bundled SmolLM2-135M-Instruct Q4_1)")
+    parser.add_argument("--mlx-dir", type=Path, default=None,
+                        help="an MLX directory converted from --model already (default: "
+                             "convert with `lmx models convert` into a temp dir)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     args = parser.parse_args(argv)
+    if args.mlx_dir is not None and not (args.mlx_dir / "config.json").is_file():
+        parser.error(f"--mlx-dir {args.mlx_dir}: no config.json there")
     if args.tokens is None:
         args.tokens = 32 if args.quick else 128
     if args.requests is None:
