@@ -26,7 +26,7 @@ import msgspec
 from lmx_gateway.presets import PRESET_PREFIX, Preset, apply_preset
 from lmx_gateway.schemas import SamplingFields
 from lmx_gateway.state import GatewayState
-from lmx_supervisor.errors import ModelNotFound, NoModelLoaded
+from lmx_supervisor.errors import BadRequest, ModelNotFound, NoModelLoaded
 from lmx_supervisor.managed_model import ManagedModel
 from lmx_supervisor.states import ModelState
 
@@ -68,6 +68,11 @@ def route_request(state: GatewayState, req: R) -> R:
     """An OpenAI-shaped request ready for its model: preset applied and
     `model` replaced by the id actually serving it (which the response names)."""
     target = resolve_route(state, req.model)
+    ready = target.model.ready
+    if ready is not None and ready.encoder is not None:  # embedding/rerank models
+        raise BadRequest(f"Model '{target.model.model_id}' cannot generate text (its "
+                         f"capabilities: {', '.join(ready.capabilities)})", param="model",
+                         code="model_lacks_capability")
     return msgspec.structs.replace(apply_preset(req, target.preset),
                                    model=target.model.model_id)
 

@@ -203,7 +203,12 @@ def test_generation_on_an_embedding_model_is_refused(server: LMXServer) -> None:
     resp = server.http.post("/v1/chat/completions", json={
         "model": MINILM, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
     assert resp.status_code == 400, resp.text
-    assert "embedding model" in resp.json()["error"]["message"]
+    error = resp.json()["error"]
+    assert (error["code"], error["param"]) == ("model_lacks_capability", "model")
+    assert "cannot generate text" in error["message"]
+    completion = server.http.post("/v1/completions", json={"model": MINILM, "prompt": "x"})
+    assert completion.status_code == 400
+    assert completion.json()["error"]["code"] == "model_lacks_capability"
     assert server.http.get("/healthz").status_code == 200
 
 
@@ -255,7 +260,8 @@ def test_bad_input(server: LMXServer, body: dict[str, Any], status: int, code: s
 def test_token_ids_checked_by_the_worker_too() -> None:
     """The worker refuses out-of-vocabulary ids itself (the gateway's check
     is only an early answer): run the engine in-process on the same model."""
-    from lmx_protocol import Embed, Embeddings, Failed
+    from lmx_protocol import Embed, Embeddings, Failed, Generate, SamplingParams
+    from lmx_worker.engine import RequestError
     from lmx_worker.mlx_encoder_engine import MlxEncoderEngine
     from lmx_worker.spec import WorkerSpec
 
@@ -269,6 +275,10 @@ def test_token_ids_checked_by_the_worker_too() -> None:
     assert isinstance(bad, Failed) and bad.param == "input" and "99999" in bad.message
     good = by_id["good"]
     assert isinstance(good, Embeddings) and (good.count, good.dim) == (1, 384)
+    # ...and a generation that got past the gateway is refused, not hung.
+    with pytest.raises(RequestError, match="cannot generate text"):
+        engine.add(Generate("g", SamplingParams(), prompt="hi"))
+    assert not engine.has_work()
 
 
 def test_gguf_embedding_model_on_llama_cpp(server: LMXServer, tokenizer: Tokenizer) -> None:
