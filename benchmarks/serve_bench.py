@@ -505,10 +505,11 @@ class Conversions:
     """GGUF -> MLX directories, made once per run in the run's temp dir (or the quantized
     one given with --mlx-dir)."""
 
-    def __init__(self, gguf: Path, root: Path, given: Path | None) -> None:
+    def __init__(self, gguf: Path, root: Path, given: Path | None, want_f32: bool) -> None:
         self.gguf = gguf
         self.root = root / "mlx-models"
         self.given = given
+        self.want_f32 = want_f32
         self._dirs: MlxDirs | None = None
 
     def dirs(self) -> MlxDirs:
@@ -541,6 +542,9 @@ class Conversions:
                 return out
             out.q4_how = "lmx models convert"
         out.q4 = q4
+        if not self.want_f32:
+            out.f32_reason = "no float32 target selected"
+            return out
         f32 = self.root / f"{q4.name}-f32"
         if self.given is None and help_text and "--dequantize" in help_text:
             argv = [sys.executable, "-m", "lmx_gateway", "models", "convert", str(self.gguf),
@@ -589,7 +593,8 @@ class Bench:
         self.tmp = tmp
         self.levels: list[int] = args.levels
         self.eog = gguf_eog_ids(model)
-        self.conversions = Conversions(model, tmp, args.mlx_dir)
+        want_f32 = any(t.endswith("-f32") for t in args.only)
+        self.conversions = Conversions(model, tmp, args.mlx_dir, want_f32)
 
     # LMX ------------------------------------------------------------------------------------
 
