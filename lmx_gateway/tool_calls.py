@@ -362,10 +362,7 @@ class ToolCallParser:
                 return True
         at, marker = self._find_marker(buf)
         if marker:
-            before = buf[:at]
-            text = before.rstrip(_WS)
-            self._content(text)
-            self._content(before[len(text):])  # held; dropped if a call follows
+            self._content(buf[:at])
             self._region = marker
             self._region_calls = 0
             self._buf = buf[at + len(marker):]
@@ -544,13 +541,14 @@ class ToolCallParser:
         return best
 
     def _content(self, text: str) -> None:
-        if not text:
+        # Trailing whitespace is held: shown if more text follows, dropped
+        # if a call does (so streamed and whole parses agree).
+        body = text.rstrip(_WS)
+        if not body:
+            self._held_space += text
             return
-        if text.strip(_WS) == "":
-            self._held_space += text  # shown only if more text follows
-            return
-        self._events.append(ContentDelta(self._held_space + text))
-        self._held_space = ""
+        self._events.append(ContentDelta(self._held_space + body))
+        self._held_space = text[len(body):]
         self._said_anything = True
 
     def _maybe_start(self, call: _CallState, bare: bool) -> None:
