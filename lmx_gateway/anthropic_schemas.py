@@ -14,7 +14,7 @@ from msgspec import Meta
 
 from lmx_gateway.schemas import ModelName, NonNegativeInt, PositiveInt
 
-ToolName = Annotated[str, Meta(pattern=r"^[a-zA-Z0-9_-]{1,128}$")]
+ToolName = Annotated[str, Meta(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
 
 
 class TextBlock(msgspec.Struct, tag_field="type", tag="text", kw_only=True):
@@ -95,6 +95,15 @@ class Thinking(msgspec.Struct, kw_only=True):
     budget_tokens: int | None = None
 
 
+class JsonOutputFormat(msgspec.Struct, tag_field="type", tag="json_schema", kw_only=True):
+    schema: dict[str, Any]
+
+
+class OutputConfig(msgspec.Struct, kw_only=True):
+    format: JsonOutputFormat | None = None
+    effort: str | None = None  # a reasoning budget: nothing to spend it on here
+
+
 class CountTokensRequest(msgspec.Struct, kw_only=True):
     model: ModelName
     messages: Annotated[list[MessageIn], Meta(min_length=1)]
@@ -102,6 +111,9 @@ class CountTokensRequest(msgspec.Struct, kw_only=True):
     tools: list[ToolIn] | None = None
     tool_choice: ToolChoice | None = None
     thinking: Thinking | None = None
+    # Structured output: `output_config.format`, or the older `output_format`.
+    output_config: OutputConfig | None = None
+    output_format: JsonOutputFormat | None = None
 
 
 class MessagesRequest(CountTokensRequest, kw_only=True):

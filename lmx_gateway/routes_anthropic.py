@@ -35,11 +35,14 @@ from lmx_gateway.anthropic_schemas import (
 )
 from lmx_gateway.body import read_json
 from lmx_gateway.generation_run import StreamRun, run_collect
+from lmx_gateway.param_rename import rename_params
 from lmx_gateway.routing import route_request
 from lmx_gateway.sampling import UNSUPPORTED, chat_generate
 from lmx_gateway.schemas import ChatCompletionRequest, ChatMessageIn
 from lmx_gateway.sse import EventStreamResponse, sse_event
 from lmx_gateway.state import GatewayState, gateway_state
+from lmx_gateway.tool_calls import CallStart, ContentDelta, Event
+from lmx_gateway.turn_output import TurnOutput, arguments_object
 from lmx_protocol import Finished, FinishReason, Generate, Tokens
 from lmx_supervisor.errors import BadRequest, LMXError
 
@@ -140,9 +143,9 @@ def _tools(req: CountTokensRequest) -> tuple[Any, Any]:
     for i, tool in enumerate(req.tools):
         if tool.input_schema.get("type") != "object":
             raise BadRequest("input_schema must be a JSON Schema with type 'object'",
-                             param=f"tools.{i}.input_schema.type")
+                             param=f"tools[{i}].input_schema.type")
         if names.count(tool.name) > 1:
-            raise BadRequest(f"tool name '{tool.name}' is used twice", param=f"tools.{i}.name")
+            raise BadRequest(f"tool name '{tool.name}' is used twice", param=f"tools[{i}].name")
     tools = [{"type": "function",
               "function": {"name": t.name, "description": t.description or "",
                            "parameters": t.input_schema}}
@@ -162,6 +165,14 @@ def _tools(req: CountTokensRequest) -> tuple[Any, Any]:
     return tools, "auto"
 
 
+def _output_schema(req: CountTokensRequest) -> dict[str, Any] | None:
+    fmt = req.output_config.format if req.output_config else None
+    fmt = fmt or req.output_format
+    if fmt is None:
+        return None
+    return {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt.schema}}
+
+
 def _chat_request(req: CountTokensRequest) -> ChatCompletionRequest:
     if req.thinking is not None and req.thinking.type != "disabled":
         raise BadRequest("extended thinking is not supported by this server",
@@ -175,8 +186,12 @@ def _chat_request(req: CountTokensRequest) -> ChatCompletionRequest:
     if system:
         messages.insert(0, ChatMessageIn(role="system", content=system))
     tools, tool_choice = _tools(req)
+    parallel = None
+    if req.tool_choice is not None and not isinstance(req.tool_choice, ToolChoiceNone):
+        parallel = not req.tool_choice.disable_parallel_tool_use
     chat = ChatCompletionRequest(model=req.model, messages=messages, tools=tools,
-                                 tool_choice=tool_choice)
+                                 tool_choice=tool_choice, parallel_tool_calls=parallel,
+                                 response_format=_output_schema(req))
     if isinstance(req, MessagesRequest):
         chat = msgspec.structs.replace(
             chat, max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
@@ -185,20 +200,33 @@ def _chat_request(req: CountTokensRequest) -> ChatCompletionRequest:
     return chat
 
 
+# The chat path validates tools and schemas under OpenAI's names.
+_RENAMES = ((r"tools\[(\d+)\]\.function\.parameters", r"tools[\1].input_schema"),
+            (r"tools\[(\d+)\]\.function\.", r"tools[\1]."),
+            (r"response_format(\.json_schema\.schema)?", "output_config.format.schema"))
+
+
 def _prepare(state: GatewayState, req: CountTokensRequest
              ) -> tuple[ChatCompletionRequest, Generate]:
     # Aliases, presets and `default` resolve here; `chat.model` becomes the real id.
     chat = route_request(state, _chat_request(req))
-    return chat, chat_generate(chat, secrets.token_hex(12))
+    try:
+        return chat, chat_generate(chat, secrets.token_hex(12))
+    except BadRequest as exc:
+        raise rename_params(exc, _RENAMES) from None
 
 
 # --- responses ------------------------------------------------------------------
 
 
-def _stop_reason(finished: Finished) -> tuple[str, str | None]:
+def _tool_use_id() -> str:
+    return "toolu_" + secrets.token_hex(12)
+
+
+def _stop_reason(finished: Finished, output: TurnOutput) -> tuple[str, str | None]:
     if finished.finish_reason is FinishReason.LENGTH:
         return "max_tokens", None
-    if finished.finish_reason is FinishReason.TOOL_CALLS:
+    if output.called_tools(finished.finish_reason):
         return "tool_use", None
     if finished.stop_sequence is not None:
         return "stop_sequence", finished.stop_sequence
@@ -213,32 +241,92 @@ def _message(message_id: str, model: str, content: list[dict[str, Any]],
             "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens}}
 
 
-async def _stream(run: StreamRun, message_id: str, model: str) -> AsyncGenerator[bytes, None]:
-    first = run.first
-    input_tokens = first.prompt_tokens
-    yield sse_event("message_start", {"type": "message_start", "message": _message(
-        message_id, model, [], (None, None), input_tokens or 0, 0)})
-    yield sse_event("content_block_start", {"type": "content_block_start", "index": 0,
-                                            "content_block": {"type": "text", "text": ""}})
-    yield sse_event("ping", {"type": "ping"})
+def _event(type_: str, **fields: Any) -> bytes:
+    return sse_event(type_, {"type": type_, **fields})
+
+
+class _Blocks:
+    """Streamed content blocks: a text block while text comes, a tool_use
+    block per call; each opened with content_block_start and closed with
+    content_block_stop, indexed in order. The first start is followed by
+    the ping, as Anthropic's own streams do."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.open: str | None = None  # "text" or "tool_use"
+
+    def _start(self, block: dict[str, Any]) -> list[bytes]:
+        out = self.close()
+        out.append(_event("content_block_start", index=self.count, content_block=block))
+        if self.count == 0:
+            out.append(_event("ping"))
+        self.open = block["type"]
+        return out
+
+    def close(self) -> list[bytes]:
+        if self.open is None:
+            return []
+        self.open = None
+        self.count += 1
+        return [_event("content_block_stop", index=self.count - 1)]
+
+    def text(self, text: str) -> list[bytes]:
+        out = [] if self.open == "text" else self._start({"type": "text", "text": ""})
+        if text:
+            out.append(_event("content_block_delta", index=self.count,
+                              delta={"type": "text_delta", "text": text}))
+        return out
+
+    def events(self, events: list[Event]) -> list[bytes]:
+        out: list[bytes] = []
+        for event in events:
+            if isinstance(event, ContentDelta):
+                out += self.text(event.text)
+            elif isinstance(event, CallStart):
+                out += self._start({"type": "tool_use", "id": event.id, "name": event.name,
+                                    "input": {}})
+            else:
+                out.append(_event("content_block_delta", index=self.count,
+                                  delta={"type": "input_json_delta", "partial_json": event.text}))
+        return out
+
+
+async def _stream(run: StreamRun, output: TurnOutput, message_id: str, model: str
+                  ) -> AsyncGenerator[bytes, None]:
+    yield _event("message_start", message=_message(
+        message_id, model, [], (None, None), run.first.prompt_tokens or 0, 0))
+    blocks = _Blocks()
+    if not output.parses_tools:
+        for chunk in blocks.text(""):  # plain text: the one block opens at once
+            yield chunk
     try:
         async for item in run.items():
-            if item.text:
-                yield sse_event("content_block_delta", {
-                    "type": "content_block_delta", "index": 0,
-                    "delta": {"type": "text_delta", "text": item.text}})
+            for chunk in blocks.events(output.feed(item.text)):
+                yield chunk
             if isinstance(item, Tokens):
                 continue
-            yield sse_event("content_block_stop", {"type": "content_block_stop", "index": 0})
-            reason, sequence = _stop_reason(item)
-            yield sse_event("message_delta", {
-                "type": "message_delta",
-                "delta": {"stop_reason": reason, "stop_sequence": sequence},
-                "usage": {"input_tokens": item.prompt_tokens,
-                          "output_tokens": item.completion_tokens}})
-            yield sse_event("message_stop", {"type": "message_stop"})
+            for chunk in blocks.events(output.finish()):
+                yield chunk
+            if blocks.count == 0 and blocks.open is None:
+                for chunk in blocks.text(""):  # nothing at all was said: one empty block
+                    yield chunk
+            for chunk in blocks.close():
+                yield chunk
+            reason, sequence = _stop_reason(item, output)
+            yield _event("message_delta", delta={"stop_reason": reason, "stop_sequence": sequence},
+                         usage={"input_tokens": item.prompt_tokens,
+                                "output_tokens": item.completion_tokens})
+            yield _event("message_stop")
     except LMXError as exc:
         yield sse_event("error", anthropic_error_body(exc.status, exc.message))
+
+
+def _content(output: TurnOutput, text: str) -> list[dict[str, Any]]:
+    blocks = [{"type": "text", "text": s} if isinstance(s, str) else
+              {"type": "tool_use", "id": s.id, "name": s.name,
+               "input": arguments_object(s.arguments)}
+              for s in output.segments(text)]
+    return blocks or [{"type": "text", "text": ""}]
 
 
 async def create_message(request: Request) -> Response:
@@ -247,13 +335,14 @@ async def create_message(request: Request) -> Response:
     chat, frame = _prepare(state, req)
     model = state.supervisor.get(chat.model)
     message_id = "msg_" + frame.request_id
+    output = TurnOutput(model, frame, _tool_use_id)
     if req.stream:
         run = await StreamRun.start(state, model, frame)
-        return EventStreamResponse(_stream(run, message_id, chat.model))
+        return EventStreamResponse(_stream(run, output, message_id, chat.model))
     result = await run_collect(state, model, frame)
     fin = result.finished
-    content = [{"type": "text", "text": result.text}]
-    return JSONResponse(_message(message_id, chat.model, content, _stop_reason(fin),
+    content = _content(output, result.text)
+    return JSONResponse(_message(message_id, chat.model, content, _stop_reason(fin, output),
                                  fin.prompt_tokens, fin.completion_tokens))
 
 

@@ -23,6 +23,7 @@ from starlette.routing import Route
 
 from lmx_gateway.body import read_json
 from lmx_gateway.generation_run import StreamRun, run_collect
+from lmx_gateway.param_rename import rename_params
 from lmx_gateway.response_store import StoredResponse
 from lmx_gateway.responses_schemas import (
     FormatJsonObject,
@@ -42,6 +43,8 @@ from lmx_gateway.sampling import chat_generate
 from lmx_gateway.schemas import ChatCompletionRequest, ChatMessageIn
 from lmx_gateway.sse import EventStreamResponse, sse_event
 from lmx_gateway.state import GatewayState, gateway_state
+from lmx_gateway.tool_calls import CallStart, ContentDelta, Event, ToolCall, new_call_id
+from lmx_gateway.turn_output import TurnOutput, content_of
 from lmx_protocol import Finished, FinishReason, Generate
 from lmx_supervisor.errors import BadRequest, LMXError, NotFound
 
@@ -150,24 +153,50 @@ def _prepare(state: GatewayState, req: ResponsesRequest) -> _Prepared:
     chat = ChatCompletionRequest(
         model=req.model, messages=messages, max_tokens=req.max_output_tokens,
         temperature=req.temperature, top_p=req.top_p, tools=tools, tool_choice=tool_choice,
-        response_format=_response_format(req), user=req.user)
+        parallel_tool_calls=req.parallel_tool_calls, response_format=_response_format(req),
+        user=req.user)
     # Aliases, presets and `default` resolve here; `chat.model` becomes the real id.
     chat = route_request(state, chat)
-    return _Prepared(chat, chat_generate(chat, secrets.token_hex(12)), conversation)
+    try:
+        frame = chat_generate(chat, secrets.token_hex(12))
+    except BadRequest as exc:
+        raise rename_params(exc, _RENAMES) from None
+    return _Prepared(chat, frame, conversation)
+
+
+# The chat path validates tools and schemas under OpenAI's names.
+_RENAMES = ((r"tools\[(\d+)\]\.function\.", r"tools[\1]."),
+            (r"response_format(\.json_schema)?(\.schema)?", r"text.format\2"))
 
 
 # --- the response object --------------------------------------------------------
 
 
+def _item_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(12)}"
+
+
+def _text_part(text: str) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+def _message_item(item_id: str, text: str | None, status: str) -> dict[str, Any]:
+    return {"id": item_id, "type": "message", "status": status, "role": "assistant",
+            "content": [] if text is None else [_text_part(text)]}
+
+
+def _call_item(item_id: str, call: ToolCall, status: str) -> dict[str, Any]:
+    return {"id": item_id, "type": "function_call", "status": status, "call_id": call.id,
+            "name": call.name, "arguments": call.arguments}
+
+
 class _Shape:
-    """One response's fixed fields, and the output items built for it."""
+    """One response's fixed fields."""
 
     def __init__(self, req: ResponsesRequest, prepared: _Prepared) -> None:
         self.req = req
         self.prepared = prepared
-        rid = prepared.frame.request_id
-        self.id = "resp_" + rid
-        self.message_id = "msg_" + rid
+        self.id = "resp_" + prepared.frame.request_id
         self.created_at = int(time.time())
 
     def body(self, status: str, output: list[dict[str, Any]],
@@ -202,26 +231,19 @@ class _Shape:
             "metadata": req.metadata or {},
         }
 
-    def message(self, text: str, status: str) -> dict[str, Any]:
-        content = [] if status == "in_progress" else [self.text_part(text)]
-        return {"id": self.message_id, "type": "message", "status": status,
-                "role": "assistant", "content": content}
-
-    @staticmethod
-    def text_part(text: str) -> dict[str, Any]:
-        return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
-
 
 def _status(finished: Finished) -> str:
     return "incomplete" if finished.finish_reason is FinishReason.LENGTH else "completed"
 
 
-def _remember(state: GatewayState, shape: _Shape, body: dict[str, Any], text: str) -> None:
+def _remember(state: GatewayState, shape: _Shape, body: dict[str, Any], text: str,
+              calls: list[ToolCall]) -> None:
+    """Keep the response, and the conversation it ends, for previous_response_id."""
     if not shape.req.store:
         return
-    conversation = [*shape.prepared.conversation,
-                    ChatMessageIn(role="assistant", content=text)]
-    state.responses.put(shape.id, StoredResponse(body, conversation))
+    reply = ChatMessageIn(role="assistant", content=text or None,
+                          tool_calls=[c.openai() for c in calls] or None)
+    state.responses.put(shape.id, StoredResponse(body, [*shape.prepared.conversation, reply]))
 
 
 class _Sequenced:
@@ -237,36 +259,109 @@ class _Sequenced:
         return sse_event(type_, payload)
 
 
-async def _stream(state: GatewayState, run: StreamRun, shape: _Shape
+class _Items:
+    """Streamed output items: a message while text comes (one output_text
+    part), a function_call per call; each added, filled by deltas, done."""
+
+    def __init__(self, event: _Sequenced) -> None:
+        self.event = event
+        self.items: list[dict[str, Any]] = []  # done items, in output order
+        self.kind: str | None = None  # the open item's type
+        self.item_id = ""
+        self.parts: list[str] = []
+        self.call: ToolCall | None = None
+        self.text = ""  # all message text so far, for the stored conversation
+
+    @property
+    def index(self) -> int:
+        return len(self.items)
+
+    def _where(self) -> dict[str, Any]:
+        return {"item_id": self.item_id, "output_index": self.index, "content_index": 0}
+
+    def open_message(self) -> list[bytes]:
+        out = self.close("completed")
+        self.kind, self.item_id, self.parts = "message", _item_id("msg"), []
+        out.append(self.event("response.output_item.added", output_index=self.index,
+                              item=_message_item(self.item_id, None, "in_progress")))
+        out.append(self.event("response.content_part.added", **self._where(),
+                              part=_text_part("")))
+        return out
+
+    def on(self, events: list[Event], calls: list[ToolCall]) -> list[bytes]:
+        out: list[bytes] = []
+        for ev in events:
+            if isinstance(ev, ContentDelta):
+                if self.kind != "message":
+                    out += self.open_message()
+                self.parts.append(ev.text)
+                out.append(self.event("response.output_text.delta", **self._where(),
+                                      delta=ev.text, logprobs=[]))
+            elif isinstance(ev, CallStart):
+                out += self.close("completed")
+                self.kind, self.item_id, self.call = "call", _item_id("fc"), calls[ev.index]
+                out.append(self.event("response.output_item.added", output_index=self.index,
+                                      item=_call_item(self.item_id, ToolCall(
+                                          ev.id, ev.name), "in_progress")))
+            else:
+                out.append(self.event("response.function_call_arguments.delta",
+                                      item_id=self.item_id, output_index=self.index,
+                                      delta=ev.text))
+        return out
+
+    def close(self, status: str) -> list[bytes]:
+        out: list[bytes] = []
+        if self.kind == "message":
+            text = "".join(self.parts)
+            self.text += text
+            out.append(self.event("response.output_text.done", **self._where(), text=text,
+                                  logprobs=[]))
+            out.append(self.event("response.content_part.done", **self._where(),
+                                  part=_text_part(text)))
+            item = _message_item(self.item_id, text, status)
+        elif self.kind == "call":
+            assert self.call is not None
+            out.append(self.event("response.function_call_arguments.done",
+                                  item_id=self.item_id, output_index=self.index,
+                                  name=self.call.name, arguments=self.call.arguments))
+            item = _call_item(self.item_id, self.call, "completed")
+        else:
+            return out
+        out.append(self.event("response.output_item.done", output_index=self.index, item=item))
+        self.items.append(item)
+        self.kind = None
+        return out
+
+
+async def _stream(state: GatewayState, run: StreamRun, shape: _Shape, output: TurnOutput
                   ) -> AsyncGenerator[bytes, None]:
     event = _Sequenced()
-    mid = shape.message_id
-    where = {"item_id": mid, "output_index": 0, "content_index": 0}
     yield event("response.created", response=shape.body("in_progress", []))
     yield event("response.in_progress", response=shape.body("in_progress", []))
-    yield event("response.output_item.added", output_index=0,
-                item=shape.message("", "in_progress"))
-    yield event("response.content_part.added", **where, part=shape.text_part(""))
-    parts: list[str] = []
+    items = _Items(event)
+    if not output.parses_tools:
+        for chunk in items.open_message():  # plain text: the one message opens at once
+            yield chunk
     try:
         async for item in run.items():
-            if item.text:
-                parts.append(item.text)
-                yield event("response.output_text.delta", **where, delta=item.text,
-                            logprobs=[])
+            for chunk in items.on(output.feed(item.text), output.calls):
+                yield chunk
             if not isinstance(item, Finished):
                 continue
-            text = "".join(parts)
+            for chunk in items.on(output.finish(), output.calls):
+                yield chunk
+            if not items.items and items.kind is None:
+                for chunk in items.open_message():  # nothing at all was said
+                    yield chunk
             status = _status(item)
-            yield event("response.output_text.done", **where, text=text, logprobs=[])
-            yield event("response.content_part.done", **where, part=shape.text_part(text))
-            message = shape.message(text, status)
-            yield event("response.output_item.done", output_index=0, item=message)
-            body = shape.body(status, [message], item)
-            _remember(state, shape, body, text)
+            for chunk in items.close(status):
+                yield chunk
+            body = shape.body(status, items.items, item)
+            _remember(state, shape, body, items.text, output.calls)
             yield event(f"response.{status}", response=body)
     except LMXError as exc:
-        failed = shape.body("failed", [], error={"code": exc.code, "message": exc.message})
+        failed = shape.body("failed", items.items,
+                            error={"code": exc.code, "message": exc.message})
         yield event("response.failed", response=failed)
 
 
@@ -276,13 +371,18 @@ async def create_response(request: Request) -> Response:
     prepared = _prepare(state, req)
     shape = _Shape(req, prepared)
     model = state.supervisor.get(prepared.chat.model)
+    output = TurnOutput(model, prepared.frame, new_call_id)
     if req.stream:
         run = await StreamRun.start(state, model, prepared.frame)
-        return EventStreamResponse(_stream(state, run, shape))
+        return EventStreamResponse(_stream(state, run, shape, output))
     result = await run_collect(state, model, prepared.frame)
     status = _status(result.finished)
-    body = shape.body(status, [shape.message(result.text, status)], result.finished)
-    _remember(state, shape, body, result.text)
+    segments = output.segments(result.text)
+    items = [_message_item(_item_id("msg"), s, status) if isinstance(s, str) else
+             _call_item(_item_id("fc"), s, "completed") for s in segments]
+    body = shape.body(status, items or [_message_item(_item_id("msg"), "", status)],
+                      result.finished)
+    _remember(state, shape, body, content_of(segments), output.calls)
     return JSONResponse(body)
 
 

@@ -11,11 +11,12 @@ from typing import Any
 
 import anthropic
 import httpx
+import jsonschema
 import pytest
 
 from tests.conftest import MODEL_ID, LMXServer, base_config
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(180)
 
 API_KEY = "anthropic-test-key"
 SYSTEM = "You are a concise assistant."
@@ -225,3 +226,101 @@ def test_non_json_and_unknown_model_for_count(server: LMXServer) -> None:
                             json={"model": MODEL_ID, "messages": QUESTION},
                             headers={"authorization": f"Bearer {API_KEY}"})
     assert resp.status_code == 200 and resp.json()["input_tokens"] > 0
+
+
+# --- tools and structured output (constrained decoding) ---------------------------
+
+WEATHER = {"name": "get_weather", "description": "Current weather for a city",
+           "input_schema": {"type": "object", "additionalProperties": False,
+                            "properties": {"city": {"type": "string"},
+                                           "unit": {"type": "string", "enum": ["c", "f"]}},
+                            "required": ["city", "unit"]}}
+ASK_WEATHER = [{"role": "user", "content": "What is the weather in Paris?"}]
+FORCE_WEATHER = {"type": "tool", "name": "get_weather", "disable_parallel_tool_use": True}
+
+
+def test_forced_tool_use_and_tool_result_round_trip(client: anthropic.Anthropic) -> None:
+    msg = client.messages.create(model=MODEL_ID, max_tokens=60, tools=[WEATHER],  # type: ignore[list-item]
+                                 tool_choice=FORCE_WEATHER, messages=ASK_WEATHER,  # type: ignore[arg-type]
+                                 extra_body=GREEDY)
+    assert msg.stop_reason == "tool_use"
+    uses = [b for b in msg.content if b.type == "tool_use"]
+    assert len(uses) == 1 and uses[0].name == "get_weather"
+    assert uses[0].id.startswith("toolu_")
+    jsonschema.validate(uses[0].input, WEATHER["input_schema"])
+    # The call and its result go back as the next turn's history.
+    def turns(result: str) -> list[dict[str, Any]]:
+        return [*ASK_WEATHER, {"role": "assistant", "content": msg.content},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": uses[0].id,
+                                              "content": result}]}]
+    answer = client.messages.create(model=MODEL_ID, max_tokens=4, tools=[WEATHER],  # type: ignore[list-item]
+                                    messages=turns("18 degrees and sunny"),  # type: ignore[arg-type]
+                                    extra_body=GREEDY)
+    assert answer.usage.input_tokens > msg.usage.input_tokens + msg.usage.output_tokens
+    short = client.messages.count_tokens(model=MODEL_ID, tools=[WEATHER],  # type: ignore[list-item]
+                                         messages=turns("18 degrees and sunny"))  # type: ignore[arg-type]
+    longer = client.messages.count_tokens(
+        model=MODEL_ID, tools=[WEATHER], messages=turns("18 degrees and sunny, " * 5))  # type: ignore[list-item,arg-type]
+    assert short.input_tokens == answer.usage.input_tokens
+    assert longer.input_tokens > short.input_tokens + 10  # the result is in the prompt
+
+
+def test_streamed_tool_use_events(server: LMXServer, client: anthropic.Anthropic) -> None:
+    body = {"model": MODEL_ID, "max_tokens": 60, "tools": [WEATHER], "stream": True,
+            "tool_choice": {"type": "any", "disable_parallel_tool_use": True},
+            "messages": ASK_WEATHER, **GREEDY}
+    events: list[dict[str, Any]] = []
+    with server.http.stream("POST", "/v1/messages", json=body,
+                            headers={"x-api-key": API_KEY}) as resp:
+        assert resp.status_code == 200
+        events = [json.loads(line[len("data: "):]) for line in resp.iter_lines()
+                  if line.startswith("data: ")]
+    names = [e["type"] for e in events]
+    assert names[:3] == ["message_start", "content_block_start", "ping"]
+    assert names[-3:] == ["content_block_stop", "message_delta", "message_stop"]
+    assert set(names[3:-3]) == {"content_block_delta"}
+    block = events[1]["content_block"]
+    assert block["type"] == "tool_use" and block["name"] == "get_weather"
+    assert block["input"] == {}
+    deltas = [e["delta"] for e in events[3:-3]]
+    assert all(d["type"] == "input_json_delta" for d in deltas) and len(deltas) > 1
+    arguments = json.loads("".join(d["partial_json"] for d in deltas))
+    jsonschema.validate(arguments, WEATHER["input_schema"])
+    assert events[-2]["delta"]["stop_reason"] == "tool_use"
+    # The SDK assembles the same call from the same stream.
+    with client.messages.stream(model=MODEL_ID, max_tokens=60, tools=[WEATHER],  # type: ignore[list-item]
+                                tool_choice=body["tool_choice"], messages=ASK_WEATHER,  # type: ignore[arg-type]
+                                extra_body=GREEDY) as stream:
+        final = stream.get_final_message()
+    assert [b.type for b in final.content] == ["tool_use"]
+    assert final.content[0].input == arguments  # type: ignore[union-attr]
+
+
+def test_output_config_json_schema(client: anthropic.Anthropic) -> None:
+    schema = {"type": "object", "additionalProperties": False,
+              "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+              "required": ["name", "age"]}
+    msg = client.messages.create(model=MODEL_ID, max_tokens=40, extra_body=GREEDY,
+                                 messages=[{"role": "user", "content": "Invent a person."}],
+                                 output_config={"format": {"type": "json_schema",
+                                                           "schema": schema}})
+    assert msg.stop_reason == "end_turn"
+    jsonschema.validate(json.loads(_text(msg)), schema)
+
+
+@pytest.mark.parametrize(("body", "named"), [
+    ({"tools": [{**WEATHER, "input_schema": {"type": "object", "properties": 5}}]},
+     "tools[0].input_schema"),
+    ({"tools": [{**WEATHER, "input_schema": {"type": "object", "properties": {
+        "city": {"type": "strin"}}}}]}, "tools[0].input_schema"),
+    ({"output_config": {"format": {"type": "json_schema", "schema": {"type": "wrong"}}}},
+     "output_config.format.schema"),
+    ({"output_config": {"format": {"type": "xml"}}}, "output_config.format.type"),
+])
+def test_invalid_schemas_are_refused(server: LMXServer, body: dict[str, Any],
+                                     named: str) -> None:
+    resp = _post(server, "/v1/messages", {"model": MODEL_ID, "max_tokens": 4,
+                                          "messages": ASK_WEATHER, **body})
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"]["type"] == "invalid_request_error"
+    assert named in resp.json()["error"]["message"]

@@ -7,12 +7,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import jsonschema
 import openai
 import pytest
 
 from tests.conftest import MODEL_ID, LMXServer
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(180)
 
 SHORT = "Answer yes or no: is the sky blue?"  # SmolLM2 answers in two tokens and stops
 
@@ -165,3 +166,86 @@ def test_unknown_ids_and_model(shared_server: LMXServer) -> None:
     resp = shared_server.http.post("/v1/responses", json={"model": "nope", "input": "hi"})
     assert resp.status_code == 404
     assert resp.json()["error"]["code"] == "model-not-found"
+
+
+# --- function tools and text.format (constrained decoding) ------------------------
+
+WEATHER = {"type": "function", "name": "get_weather", "description": "Weather for a city",
+           "parameters": {"type": "object", "additionalProperties": False,
+                          "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+ASK = "What is the weather in Paris?"
+
+
+def test_function_call_and_output_round_trip(shared_server: LMXServer) -> None:
+    client = shared_server.openai()
+    first = client.responses.create(model=MODEL_ID, input=ASK, tools=[WEATHER],  # type: ignore[list-item]
+                                    tool_choice={"type": "function", "name": "get_weather"},
+                                    parallel_tool_calls=False, max_output_tokens=40,
+                                    temperature=0)
+    assert first.status == "completed"
+    calls = [o for o in first.output if o.type == "function_call"]
+    assert len(calls) == 1 and calls[0].name == "get_weather"
+    assert calls[0].call_id.startswith("call_") and calls[0].id.startswith("fc_")
+    jsonschema.validate(json.loads(calls[0].arguments), WEATHER["parameters"])
+    second = client.responses.create(
+        model=MODEL_ID, previous_response_id=first.id, tools=[WEATHER],  # type: ignore[list-item]
+        input=[{"type": "function_call_output", "call_id": calls[0].call_id,
+                "output": "18 degrees and sunny"}], max_output_tokens=2, temperature=0)
+    assert first.usage is not None and second.usage is not None
+    # The call and its output are in the second prompt.
+    assert second.usage.input_tokens > first.usage.input_tokens + first.usage.output_tokens
+    assert [o.type for o in second.output] == ["message"]
+
+
+def test_streamed_function_call_events(shared_server: LMXServer) -> None:
+    client = shared_server.openai()
+    with client.responses.stream(model=MODEL_ID, input=ASK, tools=[WEATHER],  # type: ignore[list-item]
+                                 tool_choice="required", parallel_tool_calls=False,
+                                 max_output_tokens=40, temperature=0) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    types = [e.type for e in events]
+    assert types[:3] == ["response.created", "response.in_progress",
+                         "response.output_item.added"]
+    assert types[-3:] == ["response.function_call_arguments.done",
+                          "response.output_item.done", "response.completed"]
+    assert set(types[3:-3]) == {"response.function_call_arguments.delta"}
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    added = events[2].item  # type: ignore[union-attr]
+    assert added.type == "function_call" and added.name == "get_weather"
+    arguments = "".join(e.delta for e in events  # type: ignore[union-attr]
+                        if e.type == "response.function_call_arguments.delta")
+    jsonschema.validate(json.loads(arguments), WEATHER["parameters"])
+    assert [o.type for o in final.output] == ["function_call"]
+    assert final.output[0].arguments == arguments  # type: ignore[union-attr]
+
+
+def test_text_format_json_schema(shared_server: LMXServer) -> None:
+    schema = {"type": "object", "additionalProperties": False,
+              "properties": {"name": {"type": "string"},
+                             "colour": {"type": "string", "enum": ["red", "blue"]}},
+              "required": ["name", "colour"]}
+    client = shared_server.openai()
+    resp = client.responses.create(model=MODEL_ID, input="Invent a person.", temperature=0,
+                                   max_output_tokens=40,
+                                   text={"format": {"type": "json_schema", "name": "person",
+                                                    "schema": schema, "strict": True}})
+    assert resp.status == "completed"
+    jsonschema.validate(json.loads(resp.output_text), schema)
+    assert resp.text is not None and resp.text.format is not None
+    assert resp.text.format.type == "json_schema"
+
+
+@pytest.mark.parametrize(("body", "named"), [
+    ({"tools": [{**WEATHER, "parameters": {"type": "object", "properties": 5}}]},
+     "tools[0].parameters"),
+    ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "wrong"}}}},
+     "text.format"),
+])
+def test_invalid_schemas_are_refused(shared_server: LMXServer, body: dict[str, Any],
+                                     named: str) -> None:
+    resp = shared_server.http.post("/v1/responses",
+                                   json={"model": MODEL_ID, "input": "hi", **body})
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert named in error["message"] and named in str(error["param"])
