@@ -151,6 +151,7 @@ class MlxEngine:
         self._kv_budget = self._kv_bytes_per_token(config) * self.context_length * self.slots
         self._pending: deque[_Job] = deque()
         self._active: dict[int, _Job] = {}
+        self._counted: list[StepOutput] = []  # count_only answers, sent at the next step
         self.cached_prompt_tokens = 0
 
     # --- loading helpers ------------------------------------------------------
@@ -224,6 +225,9 @@ class MlxEngine:
         prompt = self._prompt_tokens(request)
         if not prompt:
             raise RequestError("invalid_request", "the prompt is empty")
+        if request.count_only:  # no decode: the count is the answer
+            self._counted.append(Finished(request.request_id, FinishReason.STOP, len(prompt), 0))
+            return
         if len(prompt) >= self.context_length:
             raise RequestError(
                 "context_length_exceeded",
@@ -248,7 +252,7 @@ class MlxEngine:
         return []
 
     def has_work(self) -> bool:
-        return bool(self._pending) or bool(self._active)
+        return bool(self._pending or self._active or self._counted)
 
     def fill_stats(self, stats: WorkerStats) -> None:
         stats.active_requests = len(self._active)
@@ -293,6 +297,9 @@ class MlxEngine:
             self._active[uid] = job
 
     def step(self) -> list[StepOutput]:
+        counted, self._counted = self._counted, []
+        if counted:
+            return counted
         self._admit()
         if not self._active:
             return []
@@ -337,7 +344,8 @@ class MlxEngine:
         job.generated.append(token)
         text = job.stream.feed(self._token_bytes(token))
         logprob = self._logprob(token, logprobs, p.top_logprobs) if p.logprobs else None
-        tokens = Tokens(rid, text, [token], None if logprob is None else [logprob])
+        tokens = Tokens(rid, text, [token], None if logprob is None else [logprob],
+                        len(job.prompt) if len(job.generated) == 1 else None)
         if job.stream.stopped:
             return [tokens, self._finished(job, FinishReason.STOP, "")], True
         if len(job.generated) >= job.max_new:
@@ -371,4 +379,4 @@ class MlxEngine:
 
     def _finished(self, job: _Job, reason: FinishReason, text: str) -> Finished:
         return Finished(job.request.request_id, reason, len(job.prompt), len(job.generated),
-                        text)
+                        text, job.stream.matched)
