@@ -339,11 +339,16 @@ def summarize(samples: list[Sample], n_tokens: int, args: argparse.Namespace,
 
 def render(result: dict[str, Any]) -> str:
     cfg, sides = result["config"], result["sides"]
+    load = cfg["loadavg_1m"]
+    # This benchmark alone keeps about `threads` cores busy; much more means outside noise.
+    busy = max(load["start"], load["end"]) > cfg["threads"] + 1.0
     lines = [
         f"model: {cfg['model']}",
         f"N={cfg['tokens']} tokens, {cfg['prompts']} prompts x {cfg['reps']} reps "
         f"(+{cfg['warmup_rounds']} warm-up round), threads={cfg['threads']}, "
         f"cpus={cfg['cpus']}, llama-cpp-python {cfg['llama_cpp_python']}",
+        f"1-min load average: {load['start']:.2f} at start, {load['end']:.2f} at end"
+        + ("  (WARNING: other processes competed for the CPUs)" if busy else ""),
         "",
         f"{'side':<11} {'reqs':>4} {'tokens':>9} {'TTFT med':>9} {'TTFT p90':>9} "
         f"{'tok/s med':>10} {'tok/s p90':>10}",
@@ -406,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     n = args.tokens
     samples: list[Sample] = []
+    load_start = os.getloadavg()[0]
     try:
         log(f"loading {model.name} in-process ...")
         inproc = InProcess(model, args.threads)
@@ -430,6 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         log("interrupted; server stopped")
         return 130
     result = summarize(samples, n, args, model)
+    result["config"]["loadavg_1m"] = {"start": load_start, "end": os.getloadavg()[0]}
     if args.json:
         print(json.dumps(result, indent=2))
     else:
