@@ -97,6 +97,9 @@ def _turns(messages: list[MessageIn]) -> list[ChatMessageIn]:
         if isinstance(msg.content, str):
             out.append(ChatMessageIn(role=msg.role, content=msg.content))
             continue
+        if not msg.content:
+            raise BadRequest("message content must not be empty",
+                             param=f"messages[{i}].content")
         texts: list[str] = []
         calls: list[dict[str, Any]] = []
         results: list[ChatMessageIn] = []
