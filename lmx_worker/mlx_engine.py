@@ -17,8 +17,13 @@ they part) and only computes the rest. The cache holds at most
 caches, no more bytes than `parallel_slots * context_length` tokens of KV.
 
 Stop conditions are decided here, not by the generator: end-of-generation
-ids, stop strings (TextStream), max_tokens and aborts all remove the
-sequence the same way.
+ids, stop strings (TextStream), max_tokens, a finished grammar and aborts all
+remove the sequence the same way.
+
+Per-request logits processors (mlx-lm's hook) carry what changes a
+request's distribution: ignore_eos, llama.cpp-style penalties, and the
+llguidance grammar of structured output / forced tool calls
+(lmx_worker.constraints), which only that request waits for.
 """
 
 from __future__ import annotations
@@ -32,8 +37,9 @@ from pathlib import Path
 from typing import Any, cast
 
 import mlx.core as mx
-import msgspec
+import numpy as np
 import psutil
+from llguidance import LLTokenizer
 from mlx_lm import load as mlx_load
 from mlx_lm.generate import BatchGenerator, StopSequences
 from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
@@ -50,7 +56,14 @@ from lmx_protocol import (
     Tokens,
     WorkerStats,
 )
+from lmx_worker.chat_request import chat_prompt, request_grammar, request_tools
 from lmx_worker.chat_template import ChatTemplate
+from lmx_worker.constraints import (
+    ConstraintError,
+    TokenConstraint,
+    special_token_id,
+    tokenizer_from_hf,
+)
 from lmx_worker.engine import RequestError, StepOutput
 from lmx_worker.mlx_weights import apply_plan, plan_weights
 from lmx_worker.spec import WorkerSpec
@@ -77,6 +90,13 @@ class _Job:
     max_new: int
     uid: int | None = None
     generated: list[int] = field(default_factory=list)
+    constraint: TokenConstraint | None = None  # grammar the output must follow
+    constraint_failure: str = ""  # an exception raised while masking
+    special_text: bool = False  # show control tokens (tool-call markers) as text
+    # Raw logits rows (before penalties, masks, grammar), one per token not
+    # yet handed out, kept only when logprobs are asked for and processors
+    # would otherwise change what the generator reports.
+    raw_rows: deque[mx.array] = field(default_factory=deque)
 
 
 def _seeded_sampler(p: SamplingParams, vocab: int) -> Sampler:
@@ -122,7 +142,7 @@ class MlxEngine:
     backend = "mlx"
 
     def __init__(self, spec: WorkerSpec) -> None:
-        self.capabilities = ["chat", "completions"]
+        self.capabilities = ["chat", "completions", "structured_output"]
         path = Path(spec.model_path)
         model, tokenizer, config = cast(tuple[Any, Any, dict[str, Any]],
                                         mlx_load(str(path), lazy=True, return_config=True))
@@ -144,8 +164,14 @@ class MlxEngine:
         if self._eog:
             self._eog_mask[mx.array(sorted(self._eog))] = True
         self._bytes = self._byte_table(hf)
+        # Control tokens are invisible in text, except in tool-call replies
+        # where they mark the calls for the gateway's parser.
+        self._special_bytes = {i: str(t).encode() for i, t in self._added_special(hf).items()}
         self._add_bos = self._adds_bos(hf)
         self.chat_template = self._load_template(tokenizer)
+        if self.chat_template is not None:
+            self.capabilities.append("tools")
+        self._llg_tokenizer: LLTokenizer | None = None  # built on first constrained request
         self._gen = self._new_generator()
         self._prefix = LRUPromptCache(max_size=2 * self.slots)
         self._kv_budget = self._kv_bytes_per_token(config) * self.context_length * self.slots
@@ -178,6 +204,14 @@ class MlxEngine:
             hf.convert_ids_to_tokens, special, lambda i: hf.decode([i]))
 
     @staticmethod
+    def _added_special(hf: Any) -> dict[int, str]:
+        backend = getattr(hf, "backend_tokenizer", None)
+        if backend is None:
+            return {}
+        added = backend.get_added_tokens_decoder()
+        return {int(i): str(t.content) for i, t in added.items() if t.special}
+
+    @staticmethod
     def _adds_bos(hf: Any) -> bool:
         bos = getattr(hf, "bos_token_id", None)
         if bos is None:
@@ -205,20 +239,79 @@ class MlxEngine:
             if self.chat_template is None:
                 raise RequestError("unsupported_feature",
                                    "this model has no chat template; use /v1/completions")
-            messages = [{k: v for k, v in msgspec.structs.asdict(m).items() if v is not None}
-                        for m in request.messages]
-            text = self.chat_template.render(messages, request.add_generation_prompt)
+            text = chat_prompt(self.chat_template, request)
             # The template writes BOS itself when the model wants one.
             return list(hf.encode(text, add_special_tokens=False))
         return list(hf.encode(request.prompt or "", add_special_tokens=self._add_bos))
 
-    def _processors(self, p: SamplingParams, prompt_len: int) -> list[Processor]:
+    def _tokenizer(self) -> LLTokenizer:
+        if self._llg_tokenizer is None:
+            self._llg_tokenizer = tokenizer_from_hf(self.tokenizer._tokenizer,
+                                                    sorted(self._eog), self._vocab)
+        return self._llg_tokenizer
+
+    def _constraint(self, request: Generate) -> TokenConstraint | None:
+        template = self.chat_template if request.messages is not None else None
+        support = template.tool_support if template is not None else None
+        try:
+            grammar = request_grammar(request, support,
+                                      lambda text: special_token_id(self._tokenizer(), text))
+            if grammar is None:
+                return None
+            return TokenConstraint(self._tokenizer(), grammar)
+        except ConstraintError as exc:
+            raise RequestError("invalid_request",
+                               f"cannot enforce the requested output format: {exc}") from exc
+
+    def _grammar_mask(self, job: _Job) -> Processor:
+        """Masks the logits with the job's grammar. The generator builds
+        step t+1 before it hands out token t (pipelining), so the matcher is
+        advanced here, with the token the context has just gained (reading
+        it waits for that one token; unconstrained batch mates do not care).
+        Never raises: a failure is recorded and ends the request."""
+        constraint = job.constraint
+        assert constraint is not None
+        consumed = [len(job.prompt)]
+        row = np.zeros(self._vocab, dtype=np.float32)
+        ends = set() if job.request.params.ignore_eos else self._eog
+
+        def apply(tokens: mx.array, logits: mx.array) -> mx.array:
+            try:
+                if tokens.size > consumed[0]:
+                    new = cast(list[int], tokens[consumed[0]:].tolist())
+                    consumed[0] = tokens.size
+                    for token in new:
+                        if token in ends or not constraint.advance(token):
+                            return logits  # the request ends at this token
+                if constraint.error or constraint.done:
+                    return logits
+                row[:] = 0.0
+                constraint.mask_logits(row)
+                return logits + mx.array(row)
+            except Exception as exc:  # must not fail the batch mates' step
+                job.constraint_failure = f"{type(exc).__name__}: {exc}"
+                return logits
+
+        return apply
+
+    def _processors(self, job: _Job) -> list[Processor]:
+        p = job.request.params
         processors: list[Processor] = []
         if p.ignore_eos and self._eog:
             mask = self._eog_mask
             processors.append(lambda _tokens, logits: mx.where(mask, -mx.inf, logits))
         if (p.repetition_penalty, p.frequency_penalty, p.presence_penalty) != (1.0, 0.0, 0.0):
-            processors.append(_penalties(p, prompt_len, self._vocab))
+            processors.append(_penalties(p, len(job.prompt), self._vocab))
+        if job.constraint is not None:
+            processors.append(self._grammar_mask(job))
+        if processors and p.logprobs:
+            rows = job.raw_rows
+
+            def record(_tokens: mx.array, logits: mx.array) -> mx.array:
+                rows.append(logits[0])
+                return logits
+
+            processors.insert(0, record)
         return processors
 
     def add(self, request: Generate) -> None:
@@ -237,7 +330,10 @@ class MlxEngine:
         max_new = min(p.max_tokens, room) if p.max_tokens is not None else room
         if max_new <= 0:
             raise RequestError("invalid_request", "max_tokens must be at least 1")
-        self._pending.append(_Job(request, prompt, TextStream(p.stop), max_new))
+        job = _Job(request, prompt, TextStream(p.stop), max_new)
+        job.constraint = self._constraint(request)
+        job.special_text = request.messages is not None and request_tools(request) is not None
+        self._pending.append(job)
 
     def abort(self, request_id: str) -> list[StepOutput]:
         for uid, job in self._active.items():
@@ -289,7 +385,7 @@ class MlxEngine:
                 caches=[cache] if cache is not None else None,
                 all_tokens=[job.prompt[:cached]],
                 samplers=[sampler],
-                logits_processors=[self._processors(p, len(job.prompt))],
+                logits_processors=[self._processors(job)],
                 stop_sequences=[StopSequences()],
             )
             self.cached_prompt_tokens += cached
@@ -339,22 +435,29 @@ class MlxEngine:
                   ) -> tuple[list[StepOutput], bool]:
         rid = job.request.request_id
         p = job.request.params
+        raw = job.raw_rows.popleft() if job.raw_rows else None
         if token in self._eog and not p.ignore_eos:
             return [self._finished(job, FinishReason.STOP, job.stream.flush())], True
+        failure = job.constraint_failure or (job.constraint.error if job.constraint else "")
+        if failure:
+            return [Failed(ErrorCode.INTERNAL, f"constrained decoding failed: {failure}",
+                           request_id=rid)], True
         job.generated.append(token)
-        text = job.stream.feed(self._token_bytes(token))
-        logprob = self._logprob(token, logprobs, p.top_logprobs) if p.logprobs else None
+        text = job.stream.feed(self._token_bytes(token, job.special_text))
+        logprob = None
+        if p.logprobs:  # the model's own distribution, before processors
+            row = logprobs if raw is None else raw - mx.logsumexp(raw)
+            logprob = self._logprob(token, row, p.top_logprobs)
         tokens = Tokens(rid, text, [token], None if logprob is None else [logprob],
                         len(job.prompt) if len(job.generated) == 1 else None)
-        if job.stream.stopped:
-            return [tokens, self._finished(job, FinishReason.STOP, "")], True
+        if job.stream.stopped or (job.constraint is not None and job.constraint.done):
+            return [tokens, self._finished(job, FinishReason.STOP, job.stream.flush())], True
         if len(job.generated) >= job.max_new:
             return [tokens, self._finished(job, FinishReason.LENGTH, job.stream.flush())], True
         return [tokens], False
 
     def _logprob(self, token: int, logprobs: mx.array, k: int) -> TokenLogprob:
-        """The generator's log-softmax row (after penalties and the EOS mask
-        of ignore_eos, before temperature and truncation)."""
+        """`token`'s entry of a log-softmax row, and the row's top `k`."""
         top: list[tuple[bytes, float]] = []
         if k > 0:
             best = mx.argpartition(-logprobs, kth=k - 1)[:k]
@@ -365,7 +468,9 @@ class MlxEngine:
         chosen = cast(float, logprobs[token].item())
         return TokenLogprob(self._token_bytes(token), float(chosen), top)
 
-    def _token_bytes(self, token: int) -> bytes:
+    def _token_bytes(self, token: int, special: bool = False) -> bytes:
+        if special and token in self._special_bytes:
+            return self._special_bytes[token]
         return self._bytes[token] if 0 <= token < len(self._bytes) else b""
 
     def _fail_all(self, message: str) -> list[StepOutput]:

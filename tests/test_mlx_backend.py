@@ -7,10 +7,12 @@ follow-up turn's time to first token at most half a cold prompt's)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import openai
 import pytest
 
@@ -179,3 +181,44 @@ def test_follow_up_turn_reuses_prefix_cache(mlx_server: LMXServer) -> None:
     cold_history = [{"role": "system", "content": "You keep lists."}, *history[1:]]
     cold = time_to_first_token(client, cold_history)
     assert warm <= cold / 2, f"warm TTFT {warm:.3f}s vs cold {cold:.3f}s"
+
+
+CITY = {"type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 20},
+                       "population": {"type": "integer", "minimum": 0,
+                                      "maximum": 100_000_000}},
+        "required": ["city", "population"]}
+WEATHER_TOOL: Any = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather for a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"]}}}
+
+
+def test_structured_output_and_tool_call_in_one_batch(mlx_server: LMXServer) -> None:
+    """Grammar-constrained requests decode in the same batch as a free one."""
+    fmt: Any = {"type": "json_schema", "json_schema": {"name": "city", "schema": CITY}}
+
+    async def run() -> list[Any]:
+        async with async_client(mlx_server) as client:
+            jobs: list[Any] = [client.chat.completions.create(
+                model=MLX_MODEL_ID, response_format=fmt, max_tokens=64, temperature=0.9,
+                seed=i, messages=[{"role": "user", "content": "Name a big city."}])
+                for i in range(3)]
+            jobs.append(client.chat.completions.create(
+                model=MLX_MODEL_ID, max_tokens=48, temperature=0, tools=[WEATHER_TOOL],
+                tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                messages=[{"role": "user", "content": "What's the weather in Paris?"}]))
+            jobs.append(client.chat.completions.create(
+                model=MLX_MODEL_ID, max_tokens=8, temperature=0,
+                messages=[{"role": "user", "content": "Say hello."}]))
+            return list(await asyncio.gather(*jobs))
+
+    *structured, tool, free = asyncio.run(run())
+    for resp in structured:
+        assert resp.choices[0].finish_reason == "stop"
+        value = json.loads(resp.choices[0].message.content or "")
+        jsonschema.validate(value, CITY)
+    call = tool.choices[0].message.tool_calls
+    assert call and call[0].function.name == "get_weather"
+    assert "city" in json.loads(call[0].function.arguments)
+    assert free.choices[0].message.content
