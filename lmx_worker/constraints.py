@@ -17,6 +17,7 @@ unconstrained requests never touch any of this.
 from __future__ import annotations
 
 import json
+import warnings
 from typing import Any
 
 import llguidance
@@ -96,7 +97,11 @@ def tokenizer_from_llama_vocab(vocab: Any, eos_tokens: list[int]) -> llguidance.
     the model end the way it was trained to."""
     from llguidance.llamacpp import lltokenizer_from_vocab
 
-    return lltokenizer_from_vocab(vocab, eos_token=eos_tokens)
+    with warnings.catch_warnings():
+        # llguidance calls llama_token_get_attr, deprecated in llama-cpp-python:
+        # one DeprecationWarning per vocabulary entry.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return lltokenizer_from_vocab(vocab, eos_token=eos_tokens)
 
 
 def tokenizer_from_hf(tokenizer: Any, eos_tokens: list[int],
@@ -147,6 +152,17 @@ class TokenConstraint:
         width = min(row.shape[0], self._vocab)
         row[:width][allowed[:width] == 0] = -np.inf
         row[width:] = -np.inf
+
+    def forced(self, limit: int) -> list[int]:
+        """Up to `limit` tokens the grammar now forces (e.g. the next JSON
+        key), already fed to the matcher: the engine appends them without
+        sampling, and decodes them in one batch step."""
+        if limit <= 0:
+            return []
+        tokens = [int(t) for t in self._matcher.compute_ff_tokens()[:limit]]
+        if tokens and not self._matcher.consume_tokens(tokens):
+            return []
+        return tokens
 
     def advance(self, token: int) -> bool:
         """Feed the sampled token. False: the grammar rejected it (the

@@ -71,7 +71,8 @@ class _Job:
     special_text: bool = False  # show control tokens (tool-call markers) as text
     to_prefill: list[int] = field(default_factory=list)
     generated: list[int] = field(default_factory=list)
-    next_token: int | None = None  # sampled, not yet in the KV cache
+    # Sampled (and grammar-forced) tokens not yet in the KV cache.
+    next_tokens: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -135,6 +136,9 @@ class LlamaCppEngine:
             self.capabilities.append("tools")
         self._llg_tokenizer: LLTokenizer | None = None  # built on first constrained request
         self._slots = [_Slot(i) for i in range(slots)]
+        # Grammar-forced tokens one sequence may add in a step; bounded so
+        # every slot's share still fits the batch.
+        self._forced_per_step = max(0, min(16, self.n_batch // slots - 1))
         self._pending: deque[_Job] = deque()
         self._counted: list[StepOutput] = []  # count_only answers, sent at the next step
         self.cached_prompt_tokens = 0
@@ -288,9 +292,10 @@ class LlamaCppEngine:
 
         for slot in self._slots:
             job = slot.job
-            if job is not None and job.next_token is not None:
-                put(slot, job.next_token, True)
-                job.next_token = None
+            if job is not None and job.next_tokens:
+                for i, token in enumerate(job.next_tokens):
+                    put(slot, token, i == len(job.next_tokens) - 1)
+                job.next_tokens = []
         for slot in self._slots:
             job = slot.job
             if job is None or not job.to_prefill:
@@ -363,17 +368,31 @@ class LlamaCppEngine:
         rid = job.request.request_id
         if token in self._eog and not job.request.params.ignore_eos:
             return [self._end(slot, job, FinishReason.STOP)]
-        if job.constraint is not None and not job.constraint.advance(token):
-            return [self._fail(slot, job, job.constraint.error or "token rejected")]
+        forced: list[int] = []
+        if job.constraint is not None:
+            if not job.constraint.advance(token):
+                return [self._fail(slot, job, job.constraint.error or "token rejected")]
+            if logprob is None:  # forced tokens have no sampled distribution to report
+                room = min(job.max_new - len(job.generated) - 1, self._forced_per_step)
+                forced = job.constraint.forced(room)
+        first = not job.generated
         job.generated.append(token)
         text = job.stream.feed(self._token_bytes(token, job.special_text))
-        tokens = Tokens(rid, text, [token], None if logprob is None else [logprob],
-                        len(job.prompt) if len(job.generated) == 1 else None)
+        taken = [token]
+        for extra in forced:
+            if job.stream.stopped:
+                break
+            taken.append(extra)
+            job.generated.append(extra)
+            job.sampler.accept(extra)  # penalties see forced tokens too
+            text += job.stream.feed(self._token_bytes(extra, job.special_text))
+        tokens = Tokens(rid, text, taken, None if logprob is None else [logprob],
+                        len(job.prompt) if first else None)
         if job.stream.stopped or (job.constraint is not None and job.constraint.done):
             return [tokens, self._end(slot, job, FinishReason.STOP)]
         if len(job.generated) >= job.max_new:
             return [tokens, self._end(slot, job, FinishReason.LENGTH)]
-        job.next_token = token
+        job.next_tokens = taken
         return [tokens]
 
     def _fail_all(self, message: str) -> list[StepOutput]:

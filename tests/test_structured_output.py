@@ -14,12 +14,12 @@ import pytest
 
 from tests.conftest import MODEL_ID, LMXServer, base_config
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = pytest.mark.timeout(600)
 
 CHARACTER = {
     "type": "object",
     "properties": {
-        "name": {"type": "string", "maxLength": 24},
+        "name": {"type": "string", "maxLength": 16},
         "role": {"enum": ["wizard", "knight", "thief"]},
         "stats": {
             "type": "object",
@@ -34,13 +34,13 @@ CHARACTER = {
             "items": {
                 "type": "object",
                 "properties": {
-                    "item": {"type": "string", "maxLength": 16},
+                    "item": {"type": "string", "maxLength": 12},
                     "kind": {"enum": ["weapon", "potion", "tool"]},
                 },
                 "required": ["item", "kind"],
             },
             "minItems": 1,
-            "maxItems": 3,
+            "maxItems": 2,
         },
     },
     "required": ["name", "role", "stats", "items"],
@@ -55,7 +55,8 @@ def server(tmp_path_factory: pytest.TempPathFactory, model_file: Path) -> Iterat
     models.mkdir()
     (models / model_file.name).symlink_to(model_file)
     config = base_config(models, auto_load=[MODEL_ID], parallel_slots=8,
-                         max_concurrent_requests=8, semaphore_timeout_sec=240)
+                         max_concurrent_requests=8, semaphore_timeout_sec=400,
+                         inference_timeout_sec=400)
     lmx = LMXServer(root, config)
     lmx.wait_ready(MODEL_ID)
     yield lmx
@@ -63,14 +64,14 @@ def server(tmp_path_factory: pytest.TempPathFactory, model_file: Path) -> Iterat
 
 
 def test_json_schema_twenty_of_twenty(server: LMXServer) -> None:
-    client = server.openai(timeout=240)
+    client = server.openai(timeout=400)
     fmt: Any = {"type": "json_schema",
                 "json_schema": {"name": "character", "schema": CHARACTER, "strict": True}}
 
     def one(i: int) -> tuple[str | None, str]:
         resp = client.chat.completions.create(
             model=MODEL_ID, messages=[{"role": "user", "content": f"Invent character {i}."}],
-            response_format=fmt, max_tokens=160, temperature=0.9, seed=i)
+            response_format=fmt, max_tokens=120, temperature=0.9, seed=i)
         return resp.choices[0].finish_reason, resp.choices[0].message.content or ""
 
     with ThreadPoolExecutor(20) as pool:
