@@ -1,7 +1,7 @@
 """Anthropic Messages and Responses on the MLX backend (the bundled SmolLM2
 converted from GGUF): the pieces the engine itself provides — count_only
 token counts, the matched stop string, the prompt size on the first streamed
-token — reach both APIs as they do on llama.cpp."""
+token, constrained tool calls — reach both APIs as they do on llama.cpp."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import anthropic
+import jsonschema
 import pytest
 
 from tests.conftest import MLX_MODEL_ID, LMXServer, base_config
@@ -20,6 +21,9 @@ pytestmark = pytest.mark.timeout(300)
 
 QUESTION = [{"role": "user", "content": "Name three colours."}]
 GREEDY = {"temperature": 0}
+WEATHER = {"name": "get_weather", "description": "Current weather for a city",
+           "input_schema": {"type": "object", "additionalProperties": False,
+                            "properties": {"city": {"type": "string"}}, "required": ["city"]}}
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +50,15 @@ def test_anthropic_messages_on_mlx(server: LMXServer) -> None:
         cut = client.messages.create(model=MLX_MODEL_ID, max_tokens=10, messages=QUESTION,  # type: ignore[arg-type]
                                      stop_sequences=[stop], extra_body=GREEDY)
         assert (cut.stop_reason, cut.stop_sequence) == ("stop_sequence", stop)
+        forced = client.messages.create(
+            model=MLX_MODEL_ID, max_tokens=40, tools=[WEATHER],  # type: ignore[list-item]
+            tool_choice={"type": "tool", "name": "get_weather",
+                         "disable_parallel_tool_use": True},
+            messages=[{"role": "user", "content": "Weather in Rome?"}], extra_body=GREEDY)
+        assert forced.stop_reason == "tool_use"
+        uses = [b for b in forced.content if b.type == "tool_use"]
+        assert len(uses) == 1
+        jsonschema.validate(uses[0].input, WEATHER["input_schema"])
     body = {"model": MLX_MODEL_ID, "max_tokens": 3, "messages": QUESTION, "stream": True}
     with server.http.stream("POST", "/v1/messages", json=body) as resp:
         events = [json.loads(line[6:]) for line in resp.iter_lines()
