@@ -18,10 +18,11 @@ StepOutput = Tokens | Finished | Failed
 class RequestError(Exception):
     """A request the backend cannot serve (bad input, too long prompt)."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.param = param  # the request field at fault, when one is
 
 
 class Engine(Protocol):

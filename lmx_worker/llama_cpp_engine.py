@@ -209,7 +209,8 @@ class LlamaCppEngine:
             return TokenConstraint(self._tokenizer(), grammar)
         except ConstraintError as exc:
             raise RequestError("invalid_request",
-                               f"cannot enforce the requested output format: {exc}") from exc
+                               f"cannot enforce the requested output format: {exc}",
+                               "tools" if request.tools else "response_format") from exc
 
     def add(self, request: Generate) -> None:
         prompt = self._prompt_tokens(request)

@@ -129,7 +129,8 @@ class WorkerLoop:
             try:
                 self.engine.add(frame)
             except RequestError as exc:
-                self.send(Failed(ErrorCode(exc.code), exc.message, request_id=frame.request_id))
+                self.send(Failed(ErrorCode(exc.code), exc.message, request_id=frame.request_id,
+                                 param=exc.param))
                 return
             self.stats.requests_started += 1
             self._emitted[frame.request_id] = 0
