@@ -23,7 +23,8 @@ def convert(args: argparse.Namespace) -> int:
     src, dest = Path(args.src).expanduser(), Path(args.dest).expanduser()
     started = time.monotonic()
     try:
-        config = convert_gguf(src, dest, dtype=args.dtype, overwrite=args.force)
+        config = convert_gguf(src, dest, dtype=args.dtype, overwrite=args.force,
+                              dequantize=args.dequantize)
     except (ConversionError, UnsupportedTokenizer, OSError) as exc:
         error_line(f"cannot convert {src}: {exc}")
         return EXIT_FAILED
@@ -48,6 +49,8 @@ def register(msub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("dest", help="the directory to create")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                    help="dtype of scales and float tensors (float32: lossless, fast on CPU)")
+    p.add_argument("--dequantize", action="store_true",
+                   help="write float weights (of --dtype) instead of quantized blocks")
     p.add_argument("--force", action="store_true", help="replace DEST if it exists")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     p.set_defaults(func=convert)

@@ -162,6 +162,17 @@ def convert_weights(weights: dict[str, mx.array], n_heads: int, n_kv_heads: int,
     return out, bits
 
 
+def dequantize_weights(weights: dict[str, mx.array], bits: dict[str, int],
+                       float_dtype: mx.Dtype) -> dict[str, mx.array]:
+    """The same weights with every quantized module expanded to floats."""
+    out = dict(weights)
+    for module, b in bits.items():
+        scales, biases = out.pop(f"{module}.scales"), out.pop(f"{module}.biases")
+        out[f"{module}.weight"] = mx.dequantize(out[f"{module}.weight"], scales, biases,
+                                                GROUP_SIZE, b).astype(float_dtype)
+    return out
+
+
 def _quantization(bits: dict[str, int]) -> dict[str, Any] | None:
     if not bits:
         return None
@@ -173,9 +184,11 @@ def _quantization(bits: dict[str, int]) -> dict[str, Any] | None:
     return quantization
 
 
-def convert_gguf(src: Path, dest: Path, dtype: str = "float32", overwrite: bool = False
-                 ) -> dict[str, Any]:
+def convert_gguf(src: Path, dest: Path, dtype: str = "float32", overwrite: bool = False,
+                 dequantize: bool = False) -> dict[str, Any]:
     """Write the MLX directory `dest` from the GGUF `src`; returns its config.
+    `dequantize` writes every weight as a `dtype` float instead of keeping
+    the GGUF's quantized blocks.
 
     The directory is assembled beside `dest` and renamed into place, so a
     failed or interrupted conversion never leaves a half-written model."""
@@ -197,7 +210,10 @@ def convert_gguf(src: Path, dest: Path, dtype: str = "float32", overwrite: bool 
     tok = GGUFTokenizer(meta)
     n_heads = int(_scalar(meta, f"{arch}.attention.head_count"))
     n_kv_heads = int(_scalar(meta, f"{arch}.attention.head_count_kv", n_heads))
-    converted, bits = convert_weights(weights, n_heads, n_kv_heads, getattr(mx, dtype))
+    float_dtype = getattr(mx, dtype)
+    converted, bits = convert_weights(weights, n_heads, n_kv_heads, float_dtype)
+    if dequantize:
+        converted, bits = dequantize_weights(converted, bits, float_dtype), {}
     tied = "lm_head.weight" not in converted
     config = _config(meta, arch, tok, tied, _quantization(bits), dtype)
 
