@@ -108,8 +108,8 @@ def test_abort_mid_batch_leaves_others_untouched(batch_server: LMXServer) -> Non
     for a, b in zip(alone, batched, strict=True):
         assert len(b) == 32  # every token arrived: the abort cut nobody else short
         # Here the slots' cached prefixes differ between the two runs, so the
-        # prompts' suffixes are prefilled in differently shaped batches; that
-        # moves logits by up to ~0.3 (measured), more than pure decode order.
+        # prompts' suffixes are prefilled in differently shaped batches, which
+        # moves logits more than decode order alone (seen to exceed 0.1 under load).
         assert_same_or_near_tie(a, b, tie=0.5)
     after = batch_server.admin_models()[MODEL_ID]["worker_stats"]
     assert after["requests_aborted"] == before + 1
