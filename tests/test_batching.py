@@ -22,7 +22,7 @@ TIE = 0.1  # logit gap under which float summation order may flip greedy choice
 
 def chat(subject: str, max_tokens: int = 24) -> dict[str, Any]:
     return {"model": MODEL_ID, "temperature": 0, "max_tokens": max_tokens,
-            "logprobs": True, "top_logprobs": 2,
+            "logprobs": True, "top_logprobs": 5,
             "messages": [{"role": "user", "content": f"Write a short story about a {subject}."}]}
 
 
@@ -38,18 +38,19 @@ async def complete(client: httpx.AsyncClient, body: dict[str, Any]) -> Rows:
 
 
 def assert_same_or_near_tie(alone: Rows, batched: Rows, tie: float = TIE) -> None:
-    """Identical tokens, or the first difference is a near-tie: the two
-    candidates are the top two in one run, their logprobs within TIE."""
+    """Identical tokens, or the first difference is a near-tie: in one run,
+    the other run's token is among the top 5 and within `tie` of the token
+    chosen (three-way ties happen: the runner-up may be a third token)."""
     a = [r["token"] for r in alone]
     b = [r["token"] for r in batched]
     if a == b:
         return
     i = next(k for k in range(min(len(a), len(b))) if a[k] != b[k])
     gaps = []
-    for rows in (alone, batched):
-        top = rows[i]["top_logprobs"]
-        if {t["token"] for t in top[:2]} == {a[i], b[i]}:
-            gaps.append(abs(top[0]["logprob"] - top[1]["logprob"]))
+    for rows, other in ((alone, b[i]), (batched, a[i])):
+        top = {t["token"]: t["logprob"] for t in rows[i]["top_logprobs"]}
+        if other in top:
+            gaps.append(rows[i]["logprob"] - top[other])
     assert gaps and min(gaps) <= tie, (
         f"token {i} differs ({a[i]!r} vs {b[i]!r}) and is no near-tie: gaps {gaps}, "
         f"alone top {alone[i]['top_logprobs']}, batched top {batched[i]['top_logprobs']}")
@@ -107,10 +108,7 @@ def test_abort_mid_batch_leaves_others_untouched(batch_server: LMXServer) -> Non
     assert len(batched) == 3
     for a, b in zip(alone, batched, strict=True):
         assert len(b) == 32  # every token arrived: the abort cut nobody else short
-        # Here the slots' cached prefixes differ between the two runs, so the
-        # prompts' suffixes are prefilled in differently shaped batches, which
-        # moves logits more than decode order alone (seen to exceed 0.1 under load).
-        assert_same_or_near_tie(a, b, tie=0.5)
+        assert_same_or_near_tie(a, b)
     after = batch_server.admin_models()[MODEL_ID]["worker_stats"]
     assert after["requests_aborted"] == before + 1
 
