@@ -4,7 +4,7 @@ What it measures
 ----------------
 For the same GGUF file and thread count, in one run:
 
-* **in-process**: ``llama_cpp.Llama(model, n_ctx=2048, n_threads=T,
+* **in-process**: ``llama_cpp.Llama(model, n_ctx=2048, n_threads=T, n_threads_batch=T,
   chat_format="chat_template.default")`` and ``create_chat_completion(..., stream=True,
   temperature=0, max_tokens=N)``;
 * **LMX**: ``lmx serve`` started as a subprocess on a free 127.0.0.1 port with a temporary
@@ -67,6 +67,7 @@ import httpx
 import llama_cpp
 import numpy as np
 import numpy.typing as npt
+import psutil
 import yaml
 
 from lmx_supervisor.bundled_model import ensure_default_model
@@ -94,6 +95,7 @@ class Sample:
     tokens: int
     finish_reason: str | None
     text: str
+    cpu_ms_per_token: dict[str, float]
 
 
 def log(message: str) -> None:
@@ -131,8 +133,11 @@ class _EogMaskCounter:
 
 class InProcess:
     def __init__(self, model: Path, threads: int) -> None:
+        # n_threads_batch too: left alone it defaults to the CPU count, while LMX's worker uses
+        # n_threads for prompt processing as well (same thing when threads == CPU count).
         self.llm = llama_cpp.Llama(model_path=str(model), n_ctx=N_CTX, n_threads=threads,
-                                   verbose=False, chat_format="chat_template.default")
+                                   n_threads_batch=threads, verbose=False,
+                                   chat_format="chat_template.default")
         self.mask = _EogMaskCounter(self.llm)
 
     def run(self, prompt: str, max_tokens: int) -> tuple[float, float, int, str | None, str]:
@@ -195,6 +200,17 @@ class Server:
                  "--port", str(self.port)],
                 env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
         self.http = httpx.Client(base_url=self.url, timeout=httpx.Timeout(120.0))
+        self.ps = psutil.Process(self.proc.pid)
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU time used so far by the gateway process and by its children (the worker)."""
+        def used(p: psutil.Process) -> float:
+            with contextlib.suppress(psutil.Error):
+                t = p.cpu_times()
+                return float(t.user + t.system)
+            return 0.0
+        return {"gateway": used(self.ps),
+                "worker": sum(used(c) for c in self.ps.children(recursive=True))}
 
     def log_tail(self, lines: int = 40) -> str:
         text = self.log_path.read_text(errors="replace")
@@ -304,6 +320,12 @@ def summarize(samples: list[Sample], n_tokens: int, args: argparse.Namespace,
             "tokens": {"min": min(counts), "max": max(counts),
                        "all_equal_n": all(c == n_tokens for c in counts)},
             "finish_reasons": sorted({str(s.finish_reason) for s in mine}),
+            # Median CPU milliseconds per generated token, by process; unlike wall time this
+            # hardly depends on other load (apart from llama.cpp threads spin-waiting).
+            "cpu_ms_per_token": {
+                part: statistics.median(s.cpu_ms_per_token[part] for s in mine)
+                for part in mine[0].cpu_ms_per_token
+            } | {"total": statistics.median(sum(s.cpu_ms_per_token.values()) for s in mine)},
         }
     inp, lmx = sides["in-process"], sides["lmx"]
     ratio = lmx["decode_tok_s"]["median"] / inp["decode_tok_s"]["median"]
@@ -362,8 +384,13 @@ def render(result: dict[str, Any]) -> str:
             f"{s['ttft_ms']['p90']:>7.1f}ms {s['decode_tok_s']['median']:>10.1f} "
             f"{s['decode_tok_s']['p90']:>10.1f}")
     ok = result["pass"]
+    cpu = {side: sides[side]["cpu_ms_per_token"] for side in SIDES}
+    lmx_parts = ", ".join(f"{k} {v:.2f}" for k, v in cpu["lmx"].items() if k != "total")
     lines += [
         "(tok/s p90 = the slow tail, i.e. the 10th percentile of per-request tok/s)",
+        "",
+        f"CPU ms per token (median): in-process {cpu['in-process']['total']:.2f}; "
+        f"lmx {cpu['lmx']['total']:.2f} ({lmx_parts})",
         "",
         f"decode ratio LMX / in-process (medians): {result['decode_ratio']:.3f}   "
         f"target >= {TARGET_DECODE_RATIO}  {'PASS' if ok['decode_ratio'] else 'FAIL'}",
@@ -428,10 +455,16 @@ def main(argv: list[str] | None = None) -> int:
                     order = SIDES if turn % 2 == 0 else SIDES[::-1]
                     turn += 1
                     for side in order:
+                        cpu_before = {"client": time.process_time(), **server.cpu_seconds()}
                         ttft, rate, tokens, finish, text = runners[side](prompt, n)
+                        cpu_after = {"client": time.process_time(), **server.cpu_seconds()}
+                        # In-process, "client" is the whole in-process engine; the idle
+                        # server's own CPU use is left out of that side.
+                        parts = ("client",) if side == "in-process" else tuple(cpu_after)
+                        cpu = {k: 1000 * (cpu_after[k] - cpu_before[k]) / tokens for k in parts}
                         if measured:
                             samples.append(Sample(side, p_index, round_no - args.warmup,
-                                                  ttft, rate, tokens, finish, text))
+                                                  ttft, rate, tokens, finish, text, cpu))
     except KeyboardInterrupt:
         log("interrupted; server stopped")
         return 130
