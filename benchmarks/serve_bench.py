@@ -51,6 +51,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
 import importlib.metadata
 import json
 import math
@@ -717,11 +718,11 @@ class Bench:
         result.eos_method = (f"logit_bias {EOS_BIAS:g} on {eos} (no ignore_eos; logit_bias "
                              "keeps a request batchable, seed would not)")
         result.token_source = "usage"
-        result.notes.append(blas_note())
         bias = {str(t): EOS_BIAS for t in eos}
-        server = ServerProc(result.name, argv, base_env(), self.tmp / f"{result.name}.log",
+        server = ServerProc(result.name, argv, mlx_peer_env(), self.tmp / f"{result.name}.log",
                             port, "/health")
         with running(server):
+            result.notes.append(blas_note(server.proc.pid))
             ep = Endpoint(server.url, "default_model", {"logit_bias": bias}, server.proc.pid)
             asyncio.run(measure_endpoint(ep, self.levels, self.args, result))
 
@@ -777,6 +778,11 @@ class Bench:
         if model_dir is None:
             result.skipped = reason
             return
+        from lmx_worker.system_blas import use_system_blas
+
+        # Before mlx is imported, as LMX's worker does: OpenBLAS instead of the wheel's own
+        # reference BLAS (see openblas_preload).
+        use_system_blas(self.args.threads)
         from mlx_lm import load, stream_generate
         from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
@@ -850,16 +856,43 @@ def lmx_worker_info(url: str, model_id: str) -> tuple[int, int | None, str]:
     return int(model["pid"]), int(kv) if kv is not None else None, str(model.get("backend"))
 
 
-def blas_note() -> str:
-    """Which BLAS MLX's CPU float32 matmuls will get (Debian: libblas.so.3 alternative)."""
-    found = shutil.which("update-alternatives")
-    if found:
-        q = subprocess.run([found, "--query", f"libblas.so.3-{platform.machine()}-linux-gnu"],
-                           capture_output=True, text=True)
-        for line in q.stdout.splitlines():
-            if line.startswith("Value:"):
-                return f"libblas.so.3 -> {line.split(':', 1)[1].strip()}"
-    return "libblas.so.3: unknown provider"
+def openblas_preload() -> str | None:
+    """The OpenBLAS soname to preload into MLX peers, if the system has one.
+
+    The Linux mlx-cpu wheel links its own reference BLAS (mlx_cpu.libs/libblas-*.so), so the
+    system's libblas.so.3 alternative does not reach it; LD_PRELOAD puts OpenBLAS first in
+    the global symbol scope, the same thing LMX's worker does with lmx_worker/system_blas.py.
+    Without it mlx_lm.server's float32 matmuls run on the single-threaded reference BLAS and
+    the comparison would flatter LMX."""
+    for name in ("libopenblas.so.0", "libopenblas.so"):
+        try:
+            ctypes.CDLL(name)
+        except OSError:
+            continue
+        return name
+    return None
+
+
+def mlx_peer_env() -> dict[str, str]:
+    env = base_env()
+    lib = openblas_preload()
+    if lib is not None:
+        env["LD_PRELOAD"] = " ".join(filter(None, [env.get("LD_PRELOAD"), lib]))
+    return env
+
+
+def blas_note(pid: int | None = None) -> str:
+    """Which BLAS a process running MLX really mapped (read from /proc/PID/maps)."""
+    try:
+        maps = Path(f"/proc/{pid or os.getpid()}/maps").read_text()
+    except OSError:
+        return "BLAS: unknown (no /proc)"
+    libs = sorted({line.split()[-1] for line in maps.splitlines()
+                   if "blas" in line.rsplit("/", 1)[-1].lower()})
+    if not libs:
+        return "BLAS: none mapped"
+    first = "OpenBLAS" if any("openblas" in lib.lower() for lib in libs) else "reference BLAS"
+    return f"BLAS: {first} first in scope; mapped: {', '.join(Path(x).name for x in libs)}"
 
 
 # --- report --------------------------------------------------------------------------------

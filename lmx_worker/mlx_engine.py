@@ -65,6 +65,7 @@ from lmx_worker.constraints import (
     tokenizer_from_hf,
 )
 from lmx_worker.engine import RequestError, StepOutput
+from lmx_worker.mlx_cpu_layout import optimize_for_cpu
 from lmx_worker.mlx_weights import apply_plan, plan_weights
 from lmx_worker.spec import WorkerSpec
 from lmx_worker.text_stream import TextStream
@@ -148,11 +149,12 @@ class MlxEngine:
                                         mlx_load(str(path), lazy=True, return_config=True))
         self.plan = plan_weights(model, spec.mlx_dequantize)
         apply_plan(model, self.plan)
-        log.info("weights: %s", self.plan.describe())
+        layout = optimize_for_cpu(model) if self.plan.float32 else "stock layout"
+        log.info("weights: %s; %s", self.plan.describe(), layout)
         self.model = model
         self.tokenizer = tokenizer
         self.backend_version = (f"mlx-lm {version('mlx-lm')}, mlx {version('mlx')}; "
-                                f"{self.plan.describe()}")
+                                f"{self.plan.describe()}; {layout}")
         limit = config.get("max_position_embeddings")
         self.context_length = min(spec.context_length, int(limit)) if limit else \
             spec.context_length
