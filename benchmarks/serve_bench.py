@@ -57,7 +57,6 @@ import json
 import math
 import os
 import platform
-import shutil
 import signal
 import socket
 import statistics

@@ -38,6 +38,7 @@ class StreamRun:
         self._state = state
         self._gen = gen
         self.first = first
+        self._released = False
 
     @classmethod
     async def start(cls, state: GatewayState, model: ManagedModel, frame: Generate
@@ -66,5 +67,14 @@ class StreamRun:
                 item = await self._gen.next()
             raise RuntimeError("worker stream ended without a Finished frame")
         finally:
-            self._state.in_flight -= 1
-            await self._gen.close()
+            await self.release()
+
+    async def release(self) -> None:
+        """Count the request out and abort what the worker still runs. Safe to
+        call twice; the response calls it too, because a client that leaves
+        before the body starts means `items()` never runs (nor its finally)."""
+        if self._released:
+            return
+        self._released = True
+        self._state.in_flight -= 1
+        await self._gen.close()

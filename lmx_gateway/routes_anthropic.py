@@ -341,7 +341,8 @@ async def create_message(request: Request) -> Response:
     output = TurnOutput(model, frame, _tool_use_id)
     if req.stream:
         run = await StreamRun.start(state, model, frame)
-        return EventStreamResponse(_stream(run, output, message_id, chat.model))
+        return EventStreamResponse(_stream(run, output, message_id, chat.model),
+                                   on_close=run.release)
     result = await run_collect(state, model, frame)
     fin = result.finished
     content = _content(output, result.text)

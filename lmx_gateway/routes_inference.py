@@ -15,14 +15,15 @@ from starlette.routing import Route
 from lmx_gateway.body import read_json
 from lmx_gateway.chat_tools import chat_message, event_delta, finish_reason, tool_parser
 from lmx_gateway.errors import error_payload
-from lmx_gateway.generation import Collected, Generation, collect
+from lmx_gateway.generation import Collected
+from lmx_gateway.generation_run import StreamRun, run_collect
 from lmx_gateway.logprobs import chat_logprobs, completion_logprobs
 from lmx_gateway.routes_encoders import encoder_listing
 from lmx_gateway.routing import route_request
 from lmx_gateway.sampling import chat_generate, completion_generate
 from lmx_gateway.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from lmx_gateway.sse import DONE, EventStreamResponse, sse_data
-from lmx_gateway.state import GatewayState, gateway_state
+from lmx_gateway.state import gateway_state
 from lmx_gateway.tool_calls import Event, ToolCallParser
 from lmx_protocol import Finished, Generate, TokenLogprob, Tokens
 from lmx_supervisor.errors import LMXError
@@ -89,15 +90,13 @@ class ChunkShape:
         return sse_data(body)
 
 
-async def _stream(gen: Generation, first: Tokens | Finished, shape: ChunkShape,
-                  state: GatewayState) -> AsyncGenerator[bytes, None]:
-    """Everything after the first item: deltas, the finish chunk, usage, DONE.
-    A failure once headers are out becomes a final error chunk, then DONE."""
+async def _stream(run: StreamRun, shape: ChunkShape) -> AsyncGenerator[bytes, None]:
+    """Every item as chunks: deltas, the finish chunk, usage, DONE. A failure
+    once headers are out becomes a final error chunk, then DONE."""
+    if shape.kind == "chat":
+        yield shape.chunk([shape.choice("", None, first=True)])
     try:
-        if shape.kind == "chat":
-            yield shape.chunk([shape.choice("", None, first=True)])
-        item: Tokens | Finished | None = first
-        while item is not None:
+        async for item in run.items():
             if isinstance(item, Tokens) and shape.tools is not None:
                 for chunk in shape.tool_chunks(shape.tools.feed(item.text), item.logprobs):
                     yield chunk
@@ -118,13 +117,8 @@ async def _stream(gen: Generation, first: Tokens | Finished, shape: ChunkShape,
                 yield shape.chunk([shape.choice(None if shape.kind == "chat" else "", reason)])
                 if shape.include_usage:
                     yield shape.chunk([], _usage(item))
-                break
-            item = await gen.next()
     except LMXError as exc:
         yield sse_data(error_payload(exc))
-    finally:
-        state.in_flight -= 1
-        await gen.close()
     yield DONE
 
 
@@ -133,29 +127,16 @@ async def _respond(request: Request, req: SamplingFields, frame: Generate, kind:
     state = gateway_state(request)
     model = state.supervisor.get(req.model)
     completion_id = ("chatcmpl-" if kind == "chat" else "cmpl-") + frame.request_id
-    gen = Generation(model, frame, state.config.models.inference_timeout_sec)
-    if gen.record is not None:
-        gen.record.stream = bool(req.stream)
-    state.in_flight += 1
     if not req.stream:
-        try:
-            result = await collect(gen)
-        finally:
-            state.in_flight -= 1
+        result = await run_collect(state, model, frame)
         return JSONResponse(render(completion_id, result))
-    try:
-        # Wait for the first token before sending headers: a request that
-        # fails early (busy, timeout, dead worker) still gets its real status.
-        first = await gen.next()
-    except BaseException:
-        state.in_flight -= 1
-        await gen.close()
-        raise
-    assert first is not None
+    # The first token arrives before any header goes out: a request that
+    # fails early (busy, timeout, dead worker) still gets its real status.
+    run = await StreamRun.start(state, model, frame)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     shape = ChunkShape(kind, completion_id, model.model_id, include_usage,
                        tool_parser(model, frame) if kind == "chat" else None)
-    return EventStreamResponse(_stream(gen, first, shape, state))
+    return EventStreamResponse(_stream(run, shape), on_close=run.release)
 
 
 def _request_id() -> str:

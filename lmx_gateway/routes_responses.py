@@ -374,7 +374,7 @@ async def create_response(request: Request) -> Response:
     output = TurnOutput(model, prepared.frame, new_call_id)
     if req.stream:
         run = await StreamRun.start(state, model, prepared.frame)
-        return EventStreamResponse(_stream(state, run, shape, output))
+        return EventStreamResponse(_stream(state, run, shape, output), on_close=run.release)
     result = await run_collect(state, model, prepared.frame)
     status = _status(result.finished)
     segments = output.segments(result.text)

@@ -10,7 +10,7 @@ and closes the generator explicitly, which sends the worker its Abort.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -33,10 +33,14 @@ def sse_event(event: str, payload: Any) -> bytes:
 
 class EventStreamResponse(Response):
     def __init__(self, events: AsyncGenerator[bytes, None],
-                 headers: dict[str, str] | None = None) -> None:
+                 headers: dict[str, str] | None = None,
+                 on_close: Callable[[], Awaitable[None]] | None = None) -> None:
         # Response.__init__ is skipped on purpose: it would render a body and
         # a content-length; a stream has neither.
         self.events = events
+        # Runs however the response ends, even when `events` never started
+        # (closing an unstarted generator skips its finally blocks).
+        self.on_close = on_close
         self.status_code = 200
         self.background = None
         merged = {
@@ -75,4 +79,8 @@ class EventStreamResponse(Response):
         except OSError:
             pass  # the client went away mid-write
         finally:
-            await self.events.aclose()
+            try:
+                await self.events.aclose()
+            finally:
+                if self.on_close is not None:
+                    await self.on_close()

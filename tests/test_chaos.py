@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import threading
 import time
 from typing import Any
@@ -122,6 +123,42 @@ def test_client_disconnect_aborts_generation(start_server: Any) -> None:
     assert generated < 1500
     time.sleep(0.5)  # a still-running generation would keep adding tokens
     assert server.admin_models()[MODEL_ID]["worker_stats"]["tokens_generated"] == generated
+
+
+def test_client_gone_before_first_token_is_released(start_server: Any) -> None:
+    """A client that leaves while its stream is still queued: once its turn
+    comes, the request is counted out and aborted, not left running."""
+    server: LMXServer = start_server(auto_load=[MODEL_ID], parallel_slots=1)
+    server.wait_ready(MODEL_ID)
+    first = {"model": MODEL_ID, **CHAT, "stream": True, "max_tokens": 200, "ignore_eos": True}
+    done = threading.Event()
+
+    def occupy() -> None:  # holds the only slot for a while (own client: own thread)
+        with httpx.Client(base_url=server.url, timeout=60) as http, \
+                http.stream("POST", "/v1/chat/completions", json=first) as resp:
+            for _ in resp.iter_lines():
+                pass
+        done.set()
+
+    threading.Thread(target=occupy, daemon=True).start()
+    wait_until(lambda: server.http.get("/admin/status").json()["in_flight_requests"] == 1,
+               timeout=10, what="the first request running")
+    body = httpx.Request("POST", f"{server.url}/v1/chat/completions", json={
+        "model": MODEL_ID, **CHAT, "stream": True, "max_tokens": 1500, "ignore_eos": True})
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:  # raw: leave early
+        head = "".join(f"{k}: {v}\r\n" for k, v in body.headers.items())
+        sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\n{head}\r\n".encode()
+                     + body.read())
+        wait_until(lambda: server.http.get("/admin/status").json()["in_flight_requests"] == 2,
+                   timeout=10, what="the second request waiting")
+    assert done.wait(30), server.log()
+    stats = wait_until(
+        lambda: (s := server.admin_models()[MODEL_ID]["worker_stats"])
+        and s["active_requests"] == 0 and s["queued_requests"] == 0
+        and server.http.get("/admin/status").json()["in_flight_requests"] == 0 and s,
+        timeout=15, what="the abandoned request released")
+    assert stats["requests_aborted"] == 1
+    assert stats["tokens_generated"] < 200 + 1500
 
 
 def _worker_pids(gateway_pid: int) -> list[int]:
