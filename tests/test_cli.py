@@ -199,11 +199,12 @@ def _read_until(fd: int, pattern: str, timeout: float = 60) -> str:
 
 
 def test_chat_interactive_in_a_terminal(server: LMXServer) -> None:
-    # A model whose every token takes 150 ms, so Ctrl-C lands mid-answer.
+    # A model whose every token takes 150 ms, so Ctrl-C lands mid-answer (300 tokens:
+    # 45 s, room for a slow /admin/models poll on a loaded machine; seen in CI with 30).
     assert server.load(MODEL_ID, served_name=SLOW).status_code == 200
     controller, terminal = pty.openpty()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lmx_gateway", "chat", "-m", SLOW, "--max-tokens", "30"],
+        [sys.executable, "-m", "lmx_gateway", "chat", "-m", SLOW, "--max-tokens", "300"],
         env={**cli_env(server.url), "TERM": "dumb"}, stdin=terminal, stdout=terminal,
         stderr=terminal, close_fds=True)
     os.close(terminal)
