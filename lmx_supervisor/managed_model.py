@@ -11,7 +11,7 @@ import logging
 import secrets
 import signal
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -88,6 +88,23 @@ class ModelSettings:
     n_threads: int | None = None
     parallel_slots: int = 1
     mlx_dequantize: Literal["auto"] | bool = "auto"
+
+
+@dataclass
+class _Exchange:
+    queue: asyncio.Queue[Item]
+    done: bool = False  # the worker sent its final answer: nothing to abort
+
+
+def _failure(item: Item) -> LMXError:
+    """The error for a worker answer that is not the one asked for."""
+    if isinstance(item, LMXError):
+        return item
+    if isinstance(item, Failed):
+        if item.code in CLIENT_ERROR_CODES:
+            return BadRequest(item.message, code=str(item.code), param=item.param)
+        return WorkerError(item.message, code=str(item.code))
+    return WorkerError(f"worker answered with a {type(item).__name__} frame")
 
 
 class ManagedModel:
@@ -432,10 +449,10 @@ class ManagedModel:
                     f"Model '{self.model_id}' is still {self.state}; try again shortly",
                     headers={"Retry-After": "5"}) from None
 
-    async def generate(self, request: Generate) -> AsyncGenerator[Tokens | Finished, None]:
-        """Run one request; yields Tokens then one Finished. Raises an
-        LMXError for any failure. Closing the iterator early aborts the
-        generation in the worker."""
+    @contextlib.asynccontextmanager
+    async def _admitted(self) -> AsyncIterator[None]:
+        """Admission (a gate slot within `semaphore_timeout_sec`) and a ready
+        worker, for one request's whole life."""
         deadline = time.monotonic() + self.settings.semaphore_timeout_sec
         try:
             await self.gate.acquire(self.settings.semaphore_timeout_sec)
@@ -446,101 +463,74 @@ class ManagedModel:
                 headers={"Retry-After": "5"}) from None
         try:
             await self._wait_ready(deadline)
-            async for item in self._run(request):
-                yield item
+            yield
         finally:
             self.gate.release()
 
-    async def _run(self, request: Generate) -> AsyncGenerator[Tokens | Finished, None]:
-        queue: asyncio.Queue[Item] = asyncio.Queue()
+    @contextlib.contextmanager
+    def _exchange(self, request: Generate | Embed | Rerank) -> Iterator[_Exchange]:
+        """Send `request` to the worker; its answers arrive on the exchange's
+        queue. Leaving before the final answer (client gone, deadline, error)
+        tells the worker to drop the request."""
+        exchange = _Exchange(asyncio.Queue())
         rid = request.request_id
-        self._inflight[rid] = queue
+        self._inflight[rid] = exchange.queue
         self._idle.clear()
         self.last_used = time.monotonic()
         worker_id = self.worker_id
-        done = False
         try:
             assert worker_id is not None
             try:
                 self._hub.send(worker_id, request)
             except PeerGone as exc:
                 raise WorkerCrashed(str(exc)) from None
-            while True:
-                item = await queue.get()
-                if isinstance(item, Tokens):
-                    yield item
-                    continue
-                done = True
-                if isinstance(item, Finished):
-                    yield item
-                    return
-                if isinstance(item, Failed):
-                    if item.code in CLIENT_ERROR_CODES:
-                        raise BadRequest(item.message, code=str(item.code))
-                    raise WorkerError(item.message, code=str(item.code))
-                if not isinstance(item, LMXError):  # an encoder's answer: not ours
-                    raise WorkerError(f"worker answered with a {type(item).__name__} frame")
-                raise item
+            yield exchange
         finally:
             del self._inflight[rid]
             self.last_used = time.monotonic()
             if not self._inflight:
                 self._idle.set()
-            if not done and self.worker_id == worker_id and worker_id is not None:
+            if not exchange.done and self.worker_id == worker_id and worker_id is not None:
                 with contextlib.suppress(PeerGone):
                     self._hub.send(worker_id, Abort(rid))
+
+    async def generate(self, request: Generate) -> AsyncGenerator[Tokens | Finished, None]:
+        """Run one request; yields Tokens then one Finished. Raises an
+        LMXError for any failure. Closing the iterator early aborts the
+        generation in the worker."""
+        # aclosing: closing this generator closes the inner one at once (its
+        # exchange then sends the Abort), not whenever it is garbage-collected.
+        async with self._admitted(), contextlib.aclosing(self._run(request)) as items:
+            async for item in items:
+                yield item
+
+    async def _run(self, request: Generate) -> AsyncGenerator[Tokens | Finished, None]:
+        with self._exchange(request) as exchange:
+            while True:
+                item = await exchange.queue.get()
+                if isinstance(item, Tokens):
+                    yield item
+                    continue
+                exchange.done = True
+                if isinstance(item, Finished):
+                    yield item
+                    return
+                raise _failure(item)
 
     async def encode(self, request: Embed | Rerank) -> Embeddings | Scores:
         """One embedding or rerank request: admission and readiness as for a
         generation, then the worker's single answer. Cancelling the call
         (client gone, deadline) tells the worker to drop the request."""
-        deadline = time.monotonic() + self.settings.semaphore_timeout_sec
-        try:
-            await self.gate.acquire(self.settings.semaphore_timeout_sec)
-        except AdmissionTimeout:
-            raise RateLimited(
-                f"Model '{self.model_id}' is busy: no slot freed within "
-                f"{self.settings.semaphore_timeout_sec:g}s",
-                headers={"Retry-After": "5"}) from None
-        try:
-            await self._wait_ready(deadline)
+        async with self._admitted():
             return await self._call(request)
-        finally:
-            self.gate.release()
 
     async def _call(self, request: Embed | Rerank) -> Embeddings | Scores:
-        queue: asyncio.Queue[Item] = asyncio.Queue()
-        rid = request.request_id
-        self._inflight[rid] = queue
-        self._idle.clear()
-        self.last_used = time.monotonic()
-        worker_id = self.worker_id
-        done = False
-        try:
-            assert worker_id is not None
-            try:
-                self._hub.send(worker_id, request)
-            except PeerGone as exc:
-                raise WorkerCrashed(str(exc)) from None
-            item = await queue.get()
-            done = True
+        with self._exchange(request) as exchange:
+            item = await exchange.queue.get()
+            exchange.done = True
             if isinstance(item, (Embeddings, Scores)):
                 return item
-            if isinstance(item, Failed):
-                if item.code in CLIENT_ERROR_CODES:
-                    raise BadRequest(item.message, code=str(item.code), param=item.param)
-                raise WorkerError(item.message, code=str(item.code))
-            if isinstance(item, LMXError):
-                raise item
-            raise WorkerError(f"worker answered with a {type(item).__name__} frame")
-        finally:
-            del self._inflight[rid]
-            self.last_used = time.monotonic()
-            if not self._inflight:
-                self._idle.set()
-            if not done and self.worker_id == worker_id and worker_id is not None:
-                with contextlib.suppress(PeerGone):
-                    self._hub.send(worker_id, Abort(rid))
+            raise _failure(item)
 
     async def worker_stats(self, timeout: float = 3.0) -> WorkerStats | None:
         if self.state is not ModelState.READY or self.worker_id is None:
