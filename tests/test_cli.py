@@ -199,14 +199,16 @@ def _read_until(fd: int, pattern: str, timeout: float = 60) -> str:
 
 
 def test_chat_interactive_in_a_terminal(server: LMXServer) -> None:
-    # A model whose every token takes 150 ms, so Ctrl-C lands mid-answer (300 tokens:
-    # 45 s, room for a slow /admin/models poll on a loaded machine; seen in CI with 30).
+    # A model whose every token takes 150 ms, so Ctrl-C lands mid-answer.
     assert server.load(MODEL_ID, served_name=SLOW).status_code == 200
     controller, terminal = pty.openpty()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lmx_gateway", "chat", "-m", SLOW, "--max-tokens", "300"],
+        [sys.executable, "-m", "lmx_gateway", "chat", "-m", SLOW, "--max-tokens", "30"],
         env={**cli_env(server.url), "TERM": "dumb"}, stdin=terminal, stdout=terminal,
-        stderr=terminal, close_fds=True)
+        stderr=terminal, close_fds=True,
+        # As from a terminal: a test run started in the background (`cmd &` in a
+        # script) inherits SIGINT ignored, and Python then keeps it ignored.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     os.close(terminal)
     try:
         _read_until(controller, r"you> ")
