@@ -94,16 +94,16 @@ def _decode_attention(queries: mx.array, keys: mx.array, values: mx.array, scale
 
 
 class _CpuLlamaAttention(llama.Attention):
-    qkv_t: mx.array
-    qkv_bias: mx.array | None
-    qkv_ends: list[int]
+    fused_t: mx.array  # q, k and v projections side by side
+    fused_bias: mx.array | None
+    fused_ends: list[int]
 
     def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
         b, n, _ = x.shape
-        qkv = x @ self.qkv_t
-        if self.qkv_bias is not None:
-            qkv = qkv + self.qkv_bias
-        queries, keys, values = mx.split(qkv, self.qkv_ends, axis=-1)
+        qkv = x @ self.fused_t
+        if self.fused_bias is not None:
+            qkv = qkv + self.fused_bias
+        queries, keys, values = mx.split(qkv, self.fused_ends, axis=-1)
         queries = queries.reshape(b, n, self.n_heads, -1).transpose(0, 2, 1, 3)
         keys = keys.reshape(b, n, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         values = values.reshape(b, n, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
@@ -125,15 +125,15 @@ class _CpuLlamaAttention(llama.Attention):
 
 
 class _CpuLlamaMLP(llama.MLP):
-    gate_up_t: mx.array
-    gate_up_bias: mx.array | None
-    split_at: list[int]
+    fused_t: mx.array  # gate and up projections side by side
+    fused_bias: mx.array | None
+    fused_ends: list[int]
 
     def __call__(self, x: mx.array) -> mx.array:
-        gate_up = x @ self.gate_up_t
-        if self.gate_up_bias is not None:
-            gate_up = gate_up + self.gate_up_bias
-        gate, up = mx.split(gate_up, self.split_at, axis=-1)
+        gate_up = x @ self.fused_t
+        if self.fused_bias is not None:
+            gate_up = gate_up + self.fused_bias
+        gate, up = mx.split(gate_up, self.fused_ends, axis=-1)
         result: mx.array = self.down_proj(swiglu(gate, up))
         return result
 
@@ -142,34 +142,24 @@ def _float_linear(module: Any) -> bool:
     return type(module) is _nn.Linear and module.weight.dtype == mx.float32
 
 
-def _fuse_attention(attn: Any) -> bool:
-    parts = [attn.q_proj, attn.k_proj, attn.v_proj]
-    if type(attn) is not llama.Attention or not all(_float_linear(p) for p in parts):
+def _fuse(module: Any, kind: type, names: tuple[str, ...], cpu_class: type) -> bool:
+    """Replace `module`'s projections `names` (same input) by one fused W^T
+    and switch it to `cpu_class`, which reads fused_t/fused_bias/fused_ends."""
+    if module.__class__ is not kind:  # exactly mlx-lm's class: its __call__ is replaced
+        return False
+    parts = [getattr(module, name) for name in names]
+    if not all(_float_linear(p) for p in parts):
         return False
     wt, bias, ends = _fused(parts)
     mx.eval(wt)
-    attn.qkv_t = wt
+    target: Any = module  # (the class test above narrowed `module` for mypy)
+    target.fused_t = wt
     # Plain attributes: nn.Module would file a list or None among its parameters.
-    object.__setattr__(attn, "qkv_bias", bias)
-    object.__setattr__(attn, "qkv_ends", ends)
-    for name in ("q_proj", "k_proj", "v_proj"):
-        delattr(attn, name)
-    attn.__class__ = _CpuLlamaAttention
-    return True
-
-
-def _fuse_mlp(mlp: Any) -> bool:
-    parts = [mlp.gate_proj, mlp.up_proj]
-    if type(mlp) is not llama.MLP or not all(_float_linear(p) for p in parts):
-        return False
-    wt, bias, ends = _fused(parts)
-    mx.eval(wt)
-    mlp.gate_up_t = wt
-    object.__setattr__(mlp, "gate_up_bias", bias)
-    object.__setattr__(mlp, "split_at", ends)
-    delattr(mlp, "gate_proj")
-    delattr(mlp, "up_proj")
-    mlp.__class__ = _CpuLlamaMLP
+    object.__setattr__(module, "fused_bias", bias)
+    object.__setattr__(module, "fused_ends", ends)
+    for name in names:
+        delattr(module, name)
+    module.__class__ = cpu_class
     return True
 
 
@@ -223,10 +213,9 @@ def optimize_for_cpu(model: Any) -> str:
         return "stock layout (LMX_MLX_CPU_LAYOUT=0)"
     fused = 0
     for _, module in model.named_modules():
-        if isinstance(module, llama.Attention):
-            fused += _fuse_attention(module)
-        elif isinstance(module, llama.MLP):
-            fused += _fuse_mlp(module)
+        fused += (_fuse(module, llama.Attention, ("q_proj", "k_proj", "v_proj"),
+                        _CpuLlamaAttention)
+                  or _fuse(module, llama.MLP, ("gate_proj", "up_proj"), _CpuLlamaMLP))
     count = _transpose_linears(model)
     head = _transpose_tied_head(model)
     mx.eval(model.parameters())
