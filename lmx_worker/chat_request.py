@@ -9,10 +9,18 @@ from collections.abc import Callable
 from typing import Any
 
 import msgspec
+from llguidance import LLTokenizer
 
 from lmx_protocol import Generate
 from lmx_worker.chat_template import ChatTemplate
-from lmx_worker.constraints import json_schema_grammar, lark_grammar
+from lmx_worker.constraints import (
+    ConstraintError,
+    TokenConstraint,
+    json_schema_grammar,
+    lark_grammar,
+    special_token_id,
+)
+from lmx_worker.engine import RequestError
 from lmx_worker.tool_format import ToolSupport, call_grammar, prepare_chat
 
 # Generate.tool_choice values
@@ -61,3 +69,23 @@ def request_grammar(request: Generate, support: ToolSupport | None,
         return lark_grammar(call_grammar(tools, support, request.parallel_tool_calls, special,
                                          answer_schema=schema))
     return json_schema_grammar(schema)
+
+
+def request_constraint(request: Generate, template: ChatTemplate | None,
+                       tokenizer: Callable[[], LLTokenizer]) -> TokenConstraint | None:
+    """The grammar matcher a request's output must follow (response_format,
+    forced tool calls), or None. `tokenizer` builds the engine's llguidance
+    tokenizer, only when a grammar needs it. Raises RequestError (400) for a
+    format that cannot be enforced."""
+    chat_template = template if request.messages is not None else None
+    support = chat_template.tool_support if chat_template is not None else None
+    try:
+        grammar = request_grammar(request, support,
+                                  lambda text: special_token_id(tokenizer(), text))
+        if grammar is None:
+            return None
+        return TokenConstraint(tokenizer(), grammar)
+    except ConstraintError as exc:
+        raise RequestError("invalid_request",
+                           f"cannot enforce the requested output format: {exc}",
+                           "tools" if request.tools else "response_format") from exc

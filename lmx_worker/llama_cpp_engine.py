@@ -36,12 +36,10 @@ from lmx_protocol import (
     Tokens,
     WorkerStats,
 )
-from lmx_worker.chat_request import chat_prompt, request_grammar, request_tools
+from lmx_worker.chat_request import chat_prompt, request_constraint, request_tools
 from lmx_worker.chat_template import ChatTemplate
 from lmx_worker.constraints import (
-    ConstraintError,
     TokenConstraint,
-    special_token_id,
     tokenizer_from_llama_vocab,
 )
 from lmx_worker.engine import RequestError, StepOutput
@@ -198,20 +196,6 @@ class LlamaCppEngine:
             self._llg_tokenizer = tokenizer_from_llama_vocab(self._vocab, sorted(self._eog))
         return self._llg_tokenizer
 
-    def _constraint(self, request: Generate) -> TokenConstraint | None:
-        template = self.chat_template if request.messages is not None else None
-        support = template.tool_support if template is not None else None
-        try:
-            grammar = request_grammar(request, support,
-                                      lambda text: special_token_id(self._tokenizer(), text))
-            if grammar is None:
-                return None
-            return TokenConstraint(self._tokenizer(), grammar)
-        except ConstraintError as exc:
-            raise RequestError("invalid_request",
-                               f"cannot enforce the requested output format: {exc}",
-                               "tools" if request.tools else "response_format") from exc
-
     def add(self, request: Generate) -> None:
         prompt = self._prompt_tokens(request)
         if not prompt:
@@ -227,7 +211,7 @@ class LlamaCppEngine:
         p = request.params
         max_new = min(p.max_tokens, room) if p.max_tokens is not None else room
         job = _Job(request, prompt, self._sampler(request), TextStream(p.stop), max_new)
-        job.constraint = self._constraint(request)
+        job.constraint = request_constraint(request, self.chat_template, self._tokenizer)
         job.special_text = request.messages is not None and request_tools(request) is not None
         self._pending.append(job)
 

@@ -56,12 +56,10 @@ from lmx_protocol import (
     Tokens,
     WorkerStats,
 )
-from lmx_worker.chat_request import chat_prompt, request_grammar, request_tools
+from lmx_worker.chat_request import chat_prompt, request_constraint, request_tools
 from lmx_worker.chat_template import ChatTemplate
 from lmx_worker.constraints import (
-    ConstraintError,
     TokenConstraint,
-    special_token_id,
     tokenizer_from_hf,
 )
 from lmx_worker.engine import RequestError, StepOutput
@@ -255,19 +253,6 @@ class MlxEngine:
                                                     sorted(self._eog), self._vocab)
         return self._llg_tokenizer
 
-    def _constraint(self, request: Generate) -> TokenConstraint | None:
-        template = self.chat_template if request.messages is not None else None
-        support = template.tool_support if template is not None else None
-        try:
-            grammar = request_grammar(request, support,
-                                      lambda text: special_token_id(self._tokenizer(), text))
-            if grammar is None:
-                return None
-            return TokenConstraint(self._tokenizer(), grammar)
-        except ConstraintError as exc:
-            raise RequestError("invalid_request",
-                               f"cannot enforce the requested output format: {exc}") from exc
-
     def _grammar_mask(self, job: _Job) -> Processor:
         """Masks the logits with the job's grammar. The generator builds
         step t+1 before it hands out token t (pipelining), so the matcher is
@@ -336,7 +321,7 @@ class MlxEngine:
         if max_new <= 0:
             raise RequestError("invalid_request", "max_tokens must be at least 1")
         job = _Job(request, prompt, TextStream(p.stop), max_new)
-        job.constraint = self._constraint(request)
+        job.constraint = request_constraint(request, self.chat_template, self._tokenizer)
         job.special_text = request.messages is not None and request_tools(request) is not None
         self._pending.append(job)
 
