@@ -2,7 +2,7 @@
 
 import sys
 
-from lmx_gateway.cli import main
+from lmx_gateway.main import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:] or ["serve"]))

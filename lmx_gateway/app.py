@@ -11,27 +11,25 @@ from collections.abc import AsyncIterator
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 
-from lmx_gateway import (
-    routes_admin,
-    routes_anthropic,
-    routes_compatibility,
-    routes_dashboard,
-    routes_health,
-    routes_inference,
-    routes_memory,
-    routes_model_files,
-    routes_observability,
-    routes_responses,
-)
-from lmx_gateway.auth import AuthMiddleware
-from lmx_gateway.errors import EXCEPTION_HANDLERS
-from lmx_gateway.events import EventBus
-from lmx_gateway.load_shedding import LoadSheddingMiddleware
-from lmx_gateway.observers import Observers
-from lmx_gateway.presets import load_presets
-from lmx_gateway.request_context import RequestContextMiddleware
-from lmx_gateway.routes_control import ROUTES as CONTROL_ROUTES
-from lmx_gateway.routes_encoders import ROUTES as ENCODER_ROUTES
+from lmx_gateway.admin import compatibility as routes_compatibility
+from lmx_gateway.admin import dashboard as routes_dashboard
+from lmx_gateway.admin import memory as routes_memory
+from lmx_gateway.admin import model_files as routes_model_files
+from lmx_gateway.admin import models as routes_admin
+from lmx_gateway.admin.control import ROUTES as CONTROL_ROUTES
+from lmx_gateway.anthropic import routes as routes_anthropic
+from lmx_gateway.encoders.routes import ROUTES as ENCODER_ROUTES
+from lmx_gateway.http.auth import AuthMiddleware
+from lmx_gateway.http.errors import EXCEPTION_HANDLERS
+from lmx_gateway.http.load_shedding import LoadSheddingMiddleware
+from lmx_gateway.http.request_context import RequestContextMiddleware
+from lmx_gateway.inference.presets import load_presets
+from lmx_gateway.observability import probes as routes_health
+from lmx_gateway.observability import routes as routes_observability
+from lmx_gateway.observability.events import EventBus
+from lmx_gateway.observability.observers import Observers
+from lmx_gateway.openai import routes as routes_inference
+from lmx_gateway.responses import routes as routes_responses
 from lmx_gateway.state import GatewayState
 from lmx_supervisor.config import Config, ConfigSource
 from lmx_supervisor.downloads import DownloadManager
@@ -67,11 +65,11 @@ def create_app(config: Config, config_source: ConfigSource | None = None) -> Sta
             loader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await loader
-            if app.state.lmx.model_files is not None:  # runbook §1.4: cancel downloads
+            if app.state.lmx.model_files is not None:  # cancel downloads
                 await app.state.lmx.model_files.shutdown()
             log.info("stopping all workers")
             await supervisor.shutdown()
-            # Runbook §1.4 step 8: resets the crash-loop counter.
+            # A clean shutdown resets the crash-loop counter.
             supervisor.runtime_state.mark_clean_shutdown()
             await observers.stop()
 
@@ -86,7 +84,7 @@ def create_app(config: Config, config_source: ConfigSource | None = None) -> Sta
                 *routes_dashboard.ROUTES, *routes_observability.ROUTES,
                 *routes_model_files.ROUTES],
         # Outermost first: every request gets its id before auth can refuse it.
-        # Load shedding refuses before auth does any work (runbook §3.6).
+        # Load shedding refuses before auth does any work.
         middleware=[Middleware(RequestContextMiddleware),
                     Middleware(LoadSheddingMiddleware),
                     Middleware(AuthMiddleware, initial_config=config)],

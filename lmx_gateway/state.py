@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 
 from starlette.requests import Request
 
-from lmx_gateway.events import EventBus
-from lmx_gateway.metrics import Metrics
-from lmx_gateway.presets import PresetSet
-from lmx_gateway.response_store import ResponseStore
+from lmx_gateway.inference.presets import PresetSet
+from lmx_gateway.observability.events import EventBus
+from lmx_gateway.observability.metrics import Metrics
+from lmx_gateway.responses.store import ResponseStore
 from lmx_supervisor.config import Config, ConfigSource
 from lmx_supervisor.model_files import ModelFiles
 from lmx_supervisor.supervisor import Supervisor

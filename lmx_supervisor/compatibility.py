@@ -1,5 +1,5 @@
 """`~/.opta-lmx/compatibility-registry.json`: a ledger of how each model
-fared on each backend version (runbook §4.4). One row per load outcome
+fared on each backend version. One row per load outcome
 (pass or fail) and per worker crash; at most MAX_ROWS, oldest dropped.
 Written atomically on every row, so the file is always whole."""
 

@@ -1,4 +1,4 @@
-"""LMX's configuration: the schema (runbook Appendix B plus LMX's own keys),
+"""LMX's configuration: the schema ,
 the search order for the YAML file, and `LMX_SECTION__KEY` env overrides.
 
 Everything is validated once at startup by msgspec; a bad file becomes one

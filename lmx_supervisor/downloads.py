@@ -562,7 +562,7 @@ class DownloadManager:
             self._jobs.pop(job.id, None)
 
     async def shutdown(self, timeout: float = 5.0) -> None:
-        """Runbook §1.4 step 6: cancel active downloads and let them stop."""
+        """On shutdown: cancel active downloads and let them stop."""
         active = [j for j in self._jobs.values() if j.active]
         for job in active:
             job.cancel_requested.set()

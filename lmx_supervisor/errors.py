@@ -1,51 +1,66 @@
-"""Every failure LMX reports to a client, with its HTTP status and the
-runbook's error code. The supervisor raises these; the gateway renders them
-in OpenAI's error shape. One table, so a code means one thing everywhere."""
+"""Every failure LMX reports to a client: a stable error code
+and a kind that says what sort of failure it is. The supervisor raises these
+and speaks no HTTP; the gateway maps each kind to a status and renders the
+error in the dialect of the route. One table, so a code means one thing
+everywhere."""
 
 from __future__ import annotations
 
+import enum
+
+
+class ErrorKind(enum.StrEnum):
+    INVALID = "invalid"  # the request itself is wrong
+    NOT_FOUND = "not_found"  # what it names does not exist
+    TOO_LARGE = "too_large"  # the request is bigger than allowed
+    CONFLICT = "conflict"  # the current state does not allow it (or a load failed)
+    UNSUPPORTED = "unsupported"  # a model this runtime cannot serve
+    BUSY = "busy"  # try again later: a bound was reached
+    UNAVAILABLE = "unavailable"  # the model cannot serve now
+    TIMEOUT = "timeout"  # a deadline passed
+    NO_RESOURCES = "no_resources"  # not enough memory or disk
+    UPSTREAM = "upstream"  # a service LMX depends on failed (the model hub)
+    INTERNAL = "internal"  # a fault of LMX or of a worker
+
 
 class LMXError(Exception):
-    status = 500
+    kind = ErrorKind.INTERNAL
     code = "internal_error"
-    type = "server_error"
 
     def __init__(
         self,
         message: str,
         *,
         param: str | None = None,
-        headers: dict[str, str] | None = None,
         code: str | None = None,
+        retry_after_sec: int | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
-        self.headers = headers or {}
+        # When the same request may succeed again (BUSY, UNAVAILABLE).
+        self.retry_after_sec = retry_after_sec
         if code is not None:
             self.code = code
 
 
 class BadRequest(LMXError):
-    status = 400
+    kind = ErrorKind.INVALID
     code = "invalid_value"
-    type = "invalid_request_error"
 
 
 class ModelNotFound(LMXError):
-    status = 404
+    kind = ErrorKind.NOT_FOUND
     code = "model-not-found"
-    type = "invalid_request_error"
 
 
 class RequestTooLarge(LMXError):
-    status = 413
+    kind = ErrorKind.TOO_LARGE
     code = "request_too_large"
-    type = "invalid_request_error"
 
 
 class NoModelLoaded(LMXError):
-    status = 503
+    kind = ErrorKind.UNAVAILABLE
     code = "no-model-loaded"
 
 
@@ -53,48 +68,44 @@ class ModelUnavailable(LMXError):
     """The model exists but cannot take this request now (stopping, restarting
     past the wait budget, quarantined)."""
 
-    status = 503
+    kind = ErrorKind.UNAVAILABLE
     code = "model_unavailable"
 
 
 class WorkerCrashed(LMXError):
     """The worker serving the request died before the response completed."""
 
-    status = 503
+    kind = ErrorKind.UNAVAILABLE
     code = "worker_crashed"
 
 
 class RateLimited(LMXError):
-    status = 429
+    kind = ErrorKind.BUSY
     code = "rate_limit_exceeded"
-    type = "rate_limit_error"
 
 
 class InferenceTimeout(LMXError):
-    status = 504
+    kind = ErrorKind.TIMEOUT
     code = "lmx-timeout"
-    type = "timeout_error"
 
 
-class LoadConflict(LMXError):
-    """Load refused or failed: quarantined, loader crashed, load timeout,
-    canary failed (runbook §3.1)."""
+class LoadFailed(LMXError):
+    """A worker could not be brought up: the loader crashed, the load timed
+    out, the warm-up canary failed, or the worker speaks another protocol."""
 
-    status = 409
+    kind = ErrorKind.CONFLICT
     code = "model_loader_crashed"
-    type = "invalid_request_error"
 
 
 class UnsupportedModel(LMXError):
-    status = 422
+    kind = ErrorKind.UNSUPPORTED
     code = "model_unsupported_backend"
-    type = "invalid_request_error"
 
 
 class WorkerError(LMXError):
     """The worker refused or failed one request but is itself fine."""
 
-    status = 500
+    kind = ErrorKind.INTERNAL
     code = "worker_internal_error"
 
 
@@ -102,36 +113,35 @@ class InsufficientMemory(LMXError):
     """A load the memory guard refuses: the model's estimate does not fit
     under memory.max_memory_percent, even after any eviction allowed."""
 
-    status = 507
+    kind = ErrorKind.NO_RESOURCES
     code = "insufficient_memory"
 
 
 class InsufficientStorage(LMXError):
     """Not enough free disk for a download (checked before any byte is written)."""
 
-    status = 507
+    kind = ErrorKind.NO_RESOURCES
     code = "storage-full"
 
 
 class HubUnavailable(LMXError):
     """The model hub (HF_ENDPOINT) could not be reached or answered with an error."""
 
-    status = 502
+    kind = ErrorKind.UPSTREAM
     code = "hub_unreachable"
 
 
 class NotFound(LMXError):
     """A resource other than a model (e.g. a download id) does not exist."""
 
-    status = 404
+    kind = ErrorKind.NOT_FOUND
     code = "not_found"
-    type = "invalid_request_error"
 
 
 class Conflict(LMXError):
-    """The request conflicts with the resource's current state (e.g. cancelling
-    a download that already ended)."""
+    """The request conflicts with the current state: a model that is loaded
+    (so not deletable), quarantined, incomplete on disk, an id already in
+    use, a download that already ended."""
 
-    status = 409
+    kind = ErrorKind.CONFLICT
     code = "conflict"
-    type = "invalid_request_error"

@@ -40,7 +40,7 @@ from lmx_supervisor.admission import AdmissionGate, AdmissionTimeout
 from lmx_supervisor.errors import (
     BadRequest,
     LMXError,
-    LoadConflict,
+    LoadFailed,
     ModelUnavailable,
     RateLimited,
     WorkerCrashed,
@@ -183,11 +183,11 @@ class ManagedModel:
         as a crash; too many crashes quarantine the model."""
         try:
             await self._launch()
-        except LoadConflict as exc:
+        except LoadFailed as exc:
             self._after_failed_start(exc)
             raise
 
-    def _after_failed_start(self, exc: LoadConflict) -> None:
+    def _after_failed_start(self, exc: LoadFailed) -> None:
         crashes = self.history.record()
         if crashes >= self.settings.crash_loop_max_crashes:
             self._set_state(ModelState.QUARANTINED, f"crash_loop:{crashes}")
@@ -206,7 +206,7 @@ class ManagedModel:
             # half-loaded worker.
             await self._discard_worker()
             raise
-        except LoadConflict as exc:
+        except LoadFailed as exc:
             self.ready = None
             self._emit("model_load_failed", {"model_id": self.model_id, "backend": self.backend,
                                              "path": str(self.path), "code": exc.code,
@@ -232,7 +232,7 @@ class ManagedModel:
         try:
             worker = await WorkerProcess.spawn(spec, env=self._worker_env)
         except OSError as exc:
-            raise LoadConflict(f"cannot start a worker: {exc}") from exc
+            raise LoadFailed(f"cannot start a worker: {exc}") from exc
         self.worker = worker
         # Wait on the socket and the process together: a segfault while
         # loading is reported at once, with its signal, not as a timeout.
@@ -246,7 +246,7 @@ class ManagedModel:
             assert isinstance(ready, Ready)
             if ready.protocol_version != PROTOCOL_VERSION:
                 await self._discard_worker()
-                raise LoadConflict(f"worker speaks protocol {ready.protocol_version}, "
+                raise LoadFailed(f"worker speaks protocol {ready.protocol_version}, "
                                    f"supervisor {PROTOCOL_VERSION}", code="model_probe_failed")
             if self.settings.warmup_on_load:
                 await self._warm_up(worker, ready.capabilities)
@@ -267,7 +267,7 @@ class ManagedModel:
             return
         if not done:
             await self._discard_worker()
-            raise LoadConflict(
+            raise LoadFailed(
                 f"Model '{self.model_id}' did not load within "
                 f"{self.settings.loader_timeout_sec:g}s (worker killed)",
                 code="model_load_timeout")
@@ -279,7 +279,7 @@ class ManagedModel:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(worker.exited), self.settings.stop_grace_sec)
         await self._discard_worker()
-        raise LoadConflict(
+        raise LoadFailed(
             f"Loader for '{self.model_id}' crashed: worker {describe_exit(worker.returncode)}"
             f"{detail}", code="model_loader_crashed")
 
@@ -321,7 +321,7 @@ class ManagedModel:
                 await task
         if problem is not None:
             await self._discard_worker()
-            raise LoadConflict(f"Model '{self.model_id}' loaded but its warm-up generation "
+            raise LoadFailed(f"Model '{self.model_id}' loaded but its warm-up generation "
                                f"failed: {problem}", code="model_canary_failed")
 
     async def _discard_worker(self) -> None:
@@ -392,7 +392,7 @@ class ManagedModel:
         await asyncio.sleep(delay)
         try:
             await self._launch()
-        except LoadConflict as exc:
+        except LoadFailed as exc:
             log.error("model %s: restart failed: %s", self.model_id, exc.message)
             self._handle_crash(exc.message)
             return
@@ -447,7 +447,7 @@ class ManagedModel:
             except TimeoutError:
                 raise ModelUnavailable(
                     f"Model '{self.model_id}' is still {self.state}; try again shortly",
-                    headers={"Retry-After": "5"}) from None
+                    retry_after_sec=5) from None
 
     @contextlib.asynccontextmanager
     async def _admitted(self) -> AsyncIterator[None]:
@@ -460,7 +460,7 @@ class ManagedModel:
             raise RateLimited(
                 f"Model '{self.model_id}' is busy: no slot freed within "
                 f"{self.settings.semaphore_timeout_sec:g}s",
-                headers={"Retry-After": "5"}) from None
+                retry_after_sec=5) from None
         try:
             await self._wait_ready(deadline)
             yield

@@ -23,7 +23,7 @@ from huggingface_hub import scan_cache_dir
 
 from lmx_supervisor import hub_cache, inventory
 from lmx_supervisor.downloads import DownloadJob, DownloadManager, DownloadStatus
-from lmx_supervisor.errors import BadRequest, LMXError, LoadConflict, ModelNotFound
+from lmx_supervisor.errors import BadRequest, Conflict, LMXError, ModelNotFound
 from lmx_supervisor.model_layout import gguf_layout
 from lmx_supervisor.supervisor import Supervisor
 
@@ -54,8 +54,8 @@ def check_model_id(model_id: str) -> None:
     normalised = model_id.replace("\\", "/")
     if normalised.startswith(("/", "~")) or _WINDOWS_DRIVE.match(normalised):
         raise BadRequest(
-            f"'{model_id}' is an absolute path; give the model's id as listed by "
-            "GET /admin/models/available", code="invalid_model_id", param="model_id")
+            f"'{model_id}' is an absolute path; give the model's id as the inventory "
+            "lists it", code="invalid_model_id", param="model_id")
     if any(part in ("..", ".") for part in normalised.split("/")):
         raise BadRequest(f"'{model_id}' contains '.' or '..' path segments",
                          code="invalid_model_id", param="model_id")
@@ -109,7 +109,7 @@ def delete_from_models_dir(model_id: str, models_dir: Path,
         else:
             victims = [candidate]
         if _in_use(victims, loaded):
-            raise LoadConflict(f"Model '{model_id}' is loaded; unload it before deleting",
+            raise Conflict(f"Model '{model_id}' is loaded; unload it before deleting",
                                code="model_loaded", param="model_id")
         freed = sum(_regular_size(v) for v in victims)
         for victim in victims:
@@ -133,10 +133,10 @@ def delete_from_hub_cache(model_id: str, loaded: list[Path],
                 "the repo as a whole", code="invalid_model_id", param="model_id")
         return None
     if downloading:
-        raise LoadConflict(f"'{model_id}' is being downloaded; cancel the download first",
-                           code="download_in_progress", param="model_id")
+        raise Conflict(f"'{model_id}' is being downloaded; cancel the download first",
+                       code="download_in_progress", param="model_id")
     if _in_use([repo.repo_path], loaded):
-        raise LoadConflict(f"Model '{model_id}' is loaded; unload it before deleting",
+        raise Conflict(f"Model '{model_id}' is loaded; unload it before deleting",
                            code="model_loaded", param="model_id")
     # Scan again right before deleting: the strategy must match the disk now.
     info = scan_cache_dir(hub_cache.cache_dir())
@@ -208,8 +208,7 @@ class ModelFiles:
             downloading = self.downloads.active_for(model_id) is not None
             done = await asyncio.to_thread(delete_from_hub_cache, model_id, loaded, downloading)
         if done is None:
-            raise ModelNotFound(f"Model '{model_id}' is not on disk (see "
-                                "GET /admin/models/available)", param="model_id")
+            raise ModelNotFound(f"Model '{model_id}' is not on disk", param="model_id")
         return done
 
     async def download_then_load(self, args: LoadArgs) -> DownloadJob:

@@ -14,10 +14,10 @@ from lmx_supervisor.encoder_models import (
     gguf_encoder_kind,
     hf_encoder_kind,
 )
-from lmx_supervisor.errors import BadRequest, LoadConflict, ModelNotFound, UnsupportedModel
+from lmx_supervisor.errors import BadRequest, Conflict, ModelNotFound, UnsupportedModel
 from lmx_supervisor.model_layout import LLAMA_CPP, MLX, inspect_path
 
-# Accepted spellings of backend names; the runbook uses "gguf".
+# Accepted spellings of backend names ("gguf" is the common name for llama.cpp).
 BACKEND_ALIASES = {
     "gguf": LLAMA_CPP,
     "llama_cpp": LLAMA_CPP,
@@ -125,9 +125,9 @@ def resolve_model(
         wanted = detected
     layout = inspect_path(path)
     if layout is not None and not layout.complete:
-        raise LoadConflict(
-            f"Model '{ref}' is incomplete on disk: {'; '.join(layout.problems)}. Re-download it "
-            "(POST /admin/models/load with auto_download) or delete it",
+        raise Conflict(
+            f"Model '{ref}' is incomplete on disk: {'; '.join(layout.problems)}. Re-download "
+            "or delete it",
             code="model_incomplete", param="model_id")
     chosen = wanted or detected
     if chosen is None:

@@ -1,12 +1,12 @@
 """`~/.opta-lmx/runtime-state.json`: which models were loaded (so a restart
 brings them back) and how the last runs ended (so a crash loop is noticed).
 
-Crash-loop rule (runbook §3.3, §5.2): a start that follows a run which did
+Crash-loop rule: a start that follows a run which did
 not shut down cleanly is an *unclean start*. When this start makes
 CRASH_LOOP_STARTS unclean starts within CRASH_LOOP_WINDOW_SEC, the server
 comes up in safe mode: no auto_load, no restoration, so a model that takes
-the host down on load cannot do it again and again. A clean shutdown (SIGTERM,
-runbook §1.4) writes `last_clean_shutdown: true, startup_count: 0` and clears
+the host down on load cannot do it again and again. A clean shutdown (SIGTERM or
+SIGINT) writes `last_clean_shutdown: true, startup_count: 0` and clears
 the count.
 
 Every write replaces the whole file atomically (atomic_json), so a SIGKILL

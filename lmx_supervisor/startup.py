@@ -1,5 +1,5 @@
 """What loads when the server starts: auto_load, then the models the
-previous run had loaded; neither in safe mode (runbook §3.3, §5.2)."""
+previous run had loaded; neither in safe mode."""
 
 from __future__ import annotations
 

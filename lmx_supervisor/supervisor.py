@@ -19,7 +19,7 @@ from lmx_supervisor import compatibility, runtime_state
 from lmx_supervisor.bundled_model import lmx_home
 from lmx_supervisor.compatibility import CompatibilityRegistry
 from lmx_supervisor.config import Config
-from lmx_supervisor.errors import LoadConflict, ModelNotFound, NoModelLoaded
+from lmx_supervisor.errors import Conflict, LoadFailed, ModelNotFound, NoModelLoaded
 from lmx_supervisor.lifecycle_records import LifecycleRecorder
 from lmx_supervisor.managed_model import EventSink, ManagedModel, ModelSettings
 from lmx_supervisor.memory_estimate import estimate_model_memory
@@ -116,7 +116,7 @@ class Supervisor:
         if model is not None:
             return model
         if not self._models:
-            raise NoModelLoaded("No model is loaded; load one with POST /admin/models/load",
+            raise NoModelLoaded("No model is loaded",
                                 param="model")
         raise ModelNotFound(
             f"Model '{model_id}' is not loaded (loaded: {', '.join(sorted(self._models))})",
@@ -137,13 +137,13 @@ class Supervisor:
             current = self._models.get(resolved.model_id)
             if current is not None and current.state is not ModelState.QUARANTINED:
                 if current.path != resolved.path:
-                    raise LoadConflict(
+                    raise Conflict(
                         f"Model id '{resolved.model_id}' is already serving {current.path}",
                         code="model_id_in_use", param="served_name")
                 return current, True
             if history.over_limit():
                 if not allow_unsupported_runtime:
-                    raise LoadConflict(
+                    raise Conflict(
                         f"Model '{resolved.model_id}' is quarantined after instability "
                         f"(crash_loop:{history.recent()}); pass allow_unsupported_runtime "
                         "to force a load", code="model_unstable")
@@ -169,7 +169,7 @@ class Supervisor:
             self._models[resolved.model_id] = model
             try:
                 await model.load()
-            except LoadConflict:
+            except LoadFailed:
                 if model.state is not ModelState.QUARANTINED:
                     self._models.pop(resolved.model_id, None)
                 raise

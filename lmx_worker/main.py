@@ -37,7 +37,7 @@ from lmx_protocol import (
 from lmx_protocol.messages import Frame
 from lmx_worker.encoder_loop import EncoderFrame, serve_encoder_frames
 from lmx_worker.engine import Engine, RequestError, StepOutput
-from lmx_worker.exit_codes import EXIT_OUT_OF_MEMORY
+from lmx_worker.exit_codes import EXIT_LOAD_FAILED, EXIT_OUT_OF_MEMORY
 from lmx_worker.failpoints import Failpoints
 from lmx_worker.loader import load_engine
 from lmx_worker.spec import WorkerSpec
@@ -48,7 +48,6 @@ IDLE_POLL_MS = 1000
 # Set aside at start and freed on MemoryError: with the cap reached, this is
 # what lets the worker still encode and send its last frame.
 BALLAST_BYTES = 8 * 1024 * 1024
-EXIT_LOAD_FAILED = 3
 
 
 def watch_parent(death_fd: int) -> None:

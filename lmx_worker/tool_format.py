@@ -13,14 +13,14 @@ format is read off the chat template's source:
 - `json`: a bare JSON object `{"name": ..., "arguments": {...}}` (or a list
   of them), for templates that take tools but show no known marker.
 
-The gateway's parser (`lmx_gateway.tool_calls`) reads the same formats back;
+The format names and markers live in `lmx_protocol.tool_formats`, which
+the gateway's parser shares;
 `call_grammar` builds the Lark grammar that forces a valid call when
 `tool_choice` is `required` or names a function.
 """
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import json
 from collections.abc import Callable
@@ -30,21 +30,16 @@ from typing import Any
 import jinja2
 import jinja2.meta
 
+from lmx_protocol.tool_formats import (
+    HERMES_CLOSE,
+    HERMES_OPEN,
+    MISTRAL_ARGS,
+    MISTRAL_MARKER,
+    PYTHON_TAG,
+    ToolFormat,
+    argument_key,
+)
 from lmx_worker.constraints import JSON_LAYOUT, close_objects
-
-
-class ToolFormat(enum.StrEnum):
-    HERMES = "hermes"
-    MISTRAL = "mistral"
-    LLAMA3_JSON = "llama3_json"
-    JSON = "json"
-
-
-HERMES_OPEN = "<tool_call>"
-HERMES_CLOSE = "</tool_call>"
-MISTRAL_MARKER = "[TOOL_CALLS]"
-MISTRAL_ARGS = "[ARGS]"
-PYTHON_TAG = "<|python_tag|>"
 
 
 @dataclass(frozen=True)
@@ -57,7 +52,7 @@ class ToolSupport:
 
     @property
     def argument_key(self) -> str:
-        return "parameters" if self.format is ToolFormat.LLAMA3_JSON else "arguments"
+        return argument_key(self.format)
 
 
 def inspect_template(source: str, env: jinja2.Environment | None = None) -> ToolSupport:

@@ -9,7 +9,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from lmx_gateway.metrics import MAX_CLIENTS
+from lmx_gateway.observability.metrics import MAX_CLIENTS
 from tests.conftest import MODEL_ID, LMXServer, wait_until
 
 pytestmark = pytest.mark.timeout(90)

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from lmx_gateway.tool_calls import (
+from lmx_gateway.inference.tool_calls import (
     ArgumentsDelta,
     CallStart,
     ContentDelta,

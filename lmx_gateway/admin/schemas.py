@@ -1,0 +1,23 @@
+"""Request bodies of the admin model routes (`/admin/models/load`, `/unload`)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta
+
+from lmx_gateway.openai.schemas import ModelName
+
+
+class LoadRequest(msgspec.Struct, kw_only=True):
+    model_id: ModelName
+    backend: str | None = None
+    served_name: Annotated[str, Meta(min_length=1, pattern=r"^[^\s]+$")] | None = None
+    allow_unsupported_runtime: bool = False
+    auto_download: bool = False
+    performance_overrides: dict[str, Any] | None = None
+
+
+class UnloadRequest(msgspec.Struct, kw_only=True):
+    model_id: ModelName

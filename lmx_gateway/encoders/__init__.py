@@ -1,0 +1,1 @@
+"""Embeddings (`/v1/embeddings`) and reranking (`/v1/rerank`), served by encoder workers."""

@@ -1,0 +1,197 @@
+"""Running one request on a model's worker, for every route: chat,
+completions, Anthropic Messages, Responses, the benchmark route and the
+encoders. This module owns what they all need, in one place:
+
+- the inference deadline (`models.inference_timeout_sec`; running past it
+  aborts the work and is a 504);
+- the gateway's in-flight count (counted in when a run starts, out exactly
+  once however it ends);
+- the request's metrics record (bound to the model actually serving it);
+- whole answers (`run_collect`) and streams whose first item is awaited
+  before any header goes out (`StreamRun`), so an early failure (busy,
+  timeout, dead worker) still reaches the client with its real status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncGenerator, Awaitable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from lmx_gateway.observability.inference_record import current_record
+from lmx_gateway.state import GatewayState
+from lmx_protocol import (
+    Embed,
+    Embeddings,
+    Finished,
+    FinishReason,
+    Generate,
+    Rerank,
+    Scores,
+    TokenLogprob,
+    Tokens,
+)
+from lmx_supervisor.errors import InferenceTimeout, LMXError, WorkerError
+from lmx_supervisor.managed_model import ManagedModel
+
+T = TypeVar("T")
+
+
+class _Run:
+    """What every run shares: the deadline, the in-flight count and the
+    request's metrics record."""
+
+    def __init__(self, state: GatewayState, model: ManagedModel, stream: bool) -> None:
+        self._state = state
+        self.model = model
+        self.timeout_sec = state.config.models.inference_timeout_sec
+        self._deadline = time.monotonic() + self.timeout_sec
+        self.started = time.monotonic()
+        # The request's metrics account, if it came through the middleware.
+        self.record = current_record.get()
+        if self.record is not None:
+            self.record.bind(model.model_id)
+            self.record.stream = stream
+        state.in_flight += 1
+        self._counted = True
+
+    def _count_out(self) -> None:
+        if self._counted:
+            self._counted = False
+            self._state.in_flight -= 1
+
+    async def _within_deadline(self, step: Awaitable[T]) -> T:
+        """`step` under the run's deadline; failures are recorded."""
+        try:
+            async with asyncio.timeout(self._deadline - time.monotonic()):
+                return await step
+        except TimeoutError:
+            error = InferenceTimeout(
+                f"Request on '{self.model.model_id}' exceeded {self.timeout_sec:g}s "
+                "(models.inference_timeout_sec)")
+            self._fail(error)
+            raise error from None
+        except LMXError as exc:
+            self._fail(exc)
+            raise
+
+    def _fail(self, error: LMXError) -> None:
+        if self.record is not None:
+            self.record.on_error(error.code, error.message)
+
+
+class Generation(_Run):
+    """A model's token stream under the run's deadline. `close()` aborts what
+    the worker still runs and counts the request out; safe to call twice."""
+
+    def __init__(self, state: GatewayState, model: ManagedModel, frame: Generate,
+                 stream: bool) -> None:
+        super().__init__(state, model, stream)
+        self._stream: AsyncGenerator[Tokens | Finished, None] = model.generate(frame)
+        self.first_token_at: float | None = None
+
+    async def next(self) -> Tokens | Finished:
+        try:
+            item = await self._within_deadline(self._stream.__anext__())
+        except StopAsyncIteration:
+            error = WorkerError("worker stream ended without a Finished frame")
+            self._fail(error)
+            raise error from None
+        except InferenceTimeout:
+            await self.close()
+            raise
+        if self.first_token_at is None:
+            self.first_token_at = time.monotonic()
+        if self.record is not None:
+            self.record.on_item(item)
+        return item
+
+    async def close(self) -> None:
+        self._count_out()
+        await self._stream.aclose()
+
+
+@dataclass
+class Collected:
+    text: str
+    finished: Finished
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+async def collect(gen: Generation) -> Collected:
+    """Every item of `gen` up to its Finished frame; closes `gen`."""
+    parts: list[str] = []
+    logprobs: list[TokenLogprob] = []
+    try:
+        while True:
+            item = await gen.next()
+            parts.append(item.text)
+            if isinstance(item, Finished):
+                return Collected("".join(parts), item, logprobs)
+            if item.logprobs:
+                logprobs.extend(item.logprobs)
+    finally:
+        await gen.close()
+
+
+async def run_collect(state: GatewayState, model: ManagedModel, frame: Generate) -> Collected:
+    """A whole answer."""
+    return await collect(Generation(state, model, frame, stream=False))
+
+
+class StreamRun:
+    """A generation whose first item has arrived; `items()` yields it and
+    everything after, and releases the generation however the stream ends."""
+
+    def __init__(self, gen: Generation, first: Tokens | Finished) -> None:
+        self._gen = gen
+        self.first = first
+
+    @classmethod
+    async def start(cls, state: GatewayState, model: ManagedModel, frame: Generate
+                    ) -> StreamRun:
+        gen = Generation(state, model, frame, stream=True)
+        try:
+            first = await gen.next()
+        except BaseException:
+            await gen.close()
+            raise
+        return cls(gen, first)
+
+    async def items(self) -> AsyncGenerator[Tokens | Finished, None]:
+        try:
+            item = self.first
+            yield item
+            while not isinstance(item, Finished):
+                item = await self._gen.next()
+                yield item
+        finally:
+            await self.release()
+
+    async def release(self) -> None:
+        """Count the request out and abort what the worker still runs. Safe to
+        call twice; the response calls it too, because a client that leaves
+        before the body starts means `items()` never runs (nor its finally)."""
+        await self._gen.close()
+
+
+class EncoderRun(_Run):
+    """One embedding or rerank request, accounted in the metrics like a
+    generation (prompt tokens, no output)."""
+
+    async def run(self, frame: Embed | Rerank) -> Embeddings | Scores:
+        try:
+            result = await self._within_deadline(self.model.encode(frame))
+        finally:
+            self._count_out()
+        if self.record is not None:
+            self.record.on_item(Finished(frame.request_id, FinishReason.STOP,
+                                         result.prompt_tokens, 0))
+        return result
+
+
+async def run_encoder(state: GatewayState, model: ManagedModel, frame: Embed | Rerank
+                      ) -> Embeddings | Scores:
+    return await EncoderRun(state, model, stream=False).run(frame)

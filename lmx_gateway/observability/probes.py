@@ -1,0 +1,29 @@
+"""Liveness and readiness probes. Never authenticated."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from lmx_gateway import __version__
+from lmx_gateway.state import gateway_state
+
+
+async def healthz(_request: Request) -> Response:
+    # Answers from the event loop alone: 200 for as long as the process serves.
+    return JSONResponse({"status": "ok", "version": __version__})
+
+
+async def readyz(request: Request) -> Response:
+    ready = len(gateway_state(request).supervisor.ready_models())
+    if ready:
+        return JSONResponse({"status": "ready", "version": __version__, "models_loaded": ready})
+    return JSONResponse({"status": "not_ready", "version": __version__, "models_loaded": 0},
+                        status_code=503)
+
+
+ROUTES = [
+    Route("/healthz", healthz, methods=["GET"]),
+    Route("/readyz", readyz, methods=["GET"]),
+]

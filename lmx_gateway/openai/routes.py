@@ -1,0 +1,202 @@
+"""OpenAI-compatible inference routes: /v1/chat/completions, /v1/completions,
+/v1/models."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import AsyncGenerator, Callable
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from lmx_gateway.encoders.routes import encoder_listing
+from lmx_gateway.http.body import read_json
+from lmx_gateway.http.errors import error_payload
+from lmx_gateway.http.sse import DONE, EventStreamResponse, sse_data
+from lmx_gateway.inference.generation import Collected, StreamRun, run_collect
+from lmx_gateway.inference.routing import route_request
+from lmx_gateway.inference.tool_calls import ParseEvent, ToolCallParser
+from lmx_gateway.openai.chat_tools import chat_message, event_delta, finish_reason, tool_parser
+from lmx_gateway.openai.logprobs import chat_logprobs, completion_logprobs
+from lmx_gateway.openai.sampling import chat_generate, completion_generate
+from lmx_gateway.openai.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+from lmx_gateway.state import gateway_state
+from lmx_protocol import Finished, Generate, TokenLogprob, Tokens
+from lmx_supervisor.errors import LMXError
+from lmx_supervisor.managed_model import ManagedModel
+
+
+def _usage(finished: Finished) -> dict[str, int]:
+    return {"prompt_tokens": finished.prompt_tokens,
+            "completion_tokens": finished.completion_tokens,
+            "total_tokens": finished.prompt_tokens + finished.completion_tokens}
+
+
+class ChunkShape:
+    """How one route's stream chunks look (chat deltas or completion text)."""
+
+    def __init__(self, kind: str, completion_id: str, model: str, include_usage: bool,
+                 tools: ToolCallParser | None = None) -> None:
+        self.kind = kind
+        self.tools = tools  # set when the request offers tools: output goes through it
+        self.base: dict[str, Any] = {
+            "id": completion_id,
+            "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
+            "created": int(time.time()),
+            "model": model,
+        }
+        self.include_usage = include_usage
+        self.text_offset = 0  # completions logprobs count characters across chunks
+
+    def choice(self, text: str | None, finish_reason: str | None, first: bool = False,
+               logprobs: list[TokenLogprob] | None = None) -> dict[str, Any]:
+        if self.kind == "chat":
+            delta: dict[str, Any] = {}
+            if first:
+                delta["role"] = "assistant"
+            if text is not None:
+                delta["content"] = text
+            return {"index": 0, "delta": delta, "finish_reason": finish_reason,
+                    "logprobs": chat_logprobs(logprobs) if logprobs else None}
+        rendered = None
+        if logprobs:
+            rendered = completion_logprobs(logprobs, self.text_offset)
+            self.text_offset += sum(len(t) for t in rendered["tokens"])
+        return {"index": 0, "text": text or "", "logprobs": rendered,
+                "finish_reason": finish_reason}
+
+    def tool_chunks(self, events: list[ParseEvent], logprobs: list[TokenLogprob] | None = None
+                    ) -> list[bytes]:
+        """Chat chunks for tool-parser events; the tokens' logprobs ride on
+        the first (or on an empty delta when the text is still held back)."""
+        rendered = chat_logprobs(logprobs) if logprobs else None
+        out = []
+        for event in events:
+            out.append(self.chunk([{"index": 0, "delta": event_delta(event),
+                                    "finish_reason": None, "logprobs": rendered}]))
+            rendered = None
+        if rendered is not None:
+            out.append(self.chunk([{"index": 0, "delta": {}, "finish_reason": None,
+                                    "logprobs": rendered}]))
+        return out
+
+    def chunk(self, choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> bytes:
+        body = {**self.base, "choices": choices}
+        if self.include_usage:
+            body["usage"] = usage
+        return sse_data(body)
+
+
+async def _stream(run: StreamRun, shape: ChunkShape) -> AsyncGenerator[bytes, None]:
+    """Every item as chunks: deltas, the finish chunk, usage, DONE. A failure
+    once headers are out becomes a final error chunk, then DONE."""
+    if shape.kind == "chat":
+        yield shape.chunk([shape.choice("", None, first=True)])
+    try:
+        async for item in run.items():
+            if isinstance(item, Tokens) and shape.tools is not None:
+                for chunk in shape.tool_chunks(shape.tools.feed(item.text), item.logprobs):
+                    yield chunk
+            elif isinstance(item, Tokens):
+                # A token whose text is held back (stop-string prefix) still
+                # carries its logprobs when they were asked for.
+                if item.text or item.logprobs:
+                    yield shape.chunk([shape.choice(item.text, None, logprobs=item.logprobs)])
+            else:
+                reason = str(item.finish_reason)
+                if shape.tools is not None:
+                    events = shape.tools.feed(item.text) + shape.tools.finish()
+                    for chunk in shape.tool_chunks(events):
+                        yield chunk
+                    reason = finish_reason(item.finish_reason, bool(shape.tools.calls))
+                elif item.text:
+                    yield shape.chunk([shape.choice(item.text, None)])
+                yield shape.chunk([shape.choice(None if shape.kind == "chat" else "", reason)])
+                if shape.include_usage:
+                    yield shape.chunk([], _usage(item))
+    except LMXError as exc:
+        yield sse_data(error_payload(exc))
+    yield DONE
+
+
+async def _respond(request: Request, req: SamplingFields, model: ManagedModel, frame: Generate,
+                   kind: str, render: Callable[[str, Collected], dict[str, Any]]) -> Response:
+    state = gateway_state(request)
+    completion_id = ("chatcmpl-" if kind == "chat" else "cmpl-") + frame.request_id
+    if not req.stream:
+        result = await run_collect(state, model, frame)
+        return JSONResponse(render(completion_id, result))
+    # The first token arrives before any header goes out: a request that
+    # fails early (busy, timeout, dead worker) still gets its real status.
+    run = await StreamRun.start(state, model, frame)
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    shape = ChunkShape(kind, completion_id, model.model_id, include_usage,
+                       tool_parser(model, frame) if kind == "chat" else None)
+    return EventStreamResponse(_stream(run, shape), on_close=run.release)
+
+
+def _request_id() -> str:
+    return secrets.token_hex(12)
+
+
+async def chat_completions(request: Request) -> Response:
+    state = gateway_state(request)
+    limit = state.config.server.max_request_body_bytes
+    # Aliases, presets and `default` resolve here; `req.model` becomes the real id.
+    req, model = route_request(state, await read_json(request, ChatCompletionRequest, limit))
+    frame = chat_generate(req, _request_id())
+
+    def render(cid: str, result: Collected) -> dict[str, Any]:
+        message = chat_message(result.text, model, frame)
+        return {"id": cid, "object": "chat.completion", "created": int(time.time()),
+                "model": req.model,
+                "choices": [{"index": 0,
+                             "message": message,
+                             "logprobs": (chat_logprobs(result.logprobs)
+                                          if frame.params.logprobs else None),
+                             "finish_reason": finish_reason(result.finished.finish_reason,
+                                                            "tool_calls" in message)}],
+                "usage": _usage(result.finished)}
+
+    return await _respond(request, req, model, frame, "chat", render)
+
+
+async def completions(request: Request) -> Response:
+    state = gateway_state(request)
+    req = await read_json(request, CompletionRequest, state.config.server.max_request_body_bytes)
+    req, model = route_request(state, req)
+    frame = completion_generate(req, _request_id())
+
+    def render(cid: str, result: Collected) -> dict[str, Any]:
+        return {"id": cid, "object": "text_completion", "created": int(time.time()),
+                "model": req.model,
+                "choices": [{"index": 0, "text": result.text,
+                             "logprobs": (completion_logprobs(result.logprobs)
+                                          if frame.params.logprobs else None),
+                             "finish_reason": str(result.finished.finish_reason)}],
+                "usage": _usage(result.finished)}
+
+    return await _respond(request, req, model, frame, "completion", render)
+
+
+async def list_models(request: Request) -> Response:
+    state = gateway_state(request)
+    data = [
+        {"id": m.model_id, "object": "model",
+         "created": int(m.loaded_at or state.supervisor.started_at), "owned_by": "lmx",
+         "backend": m.backend,
+         "capabilities": m.ready.capabilities if m.ready else [],
+         **encoder_listing(m.ready)}
+        for m in state.supervisor.ready_models()
+    ]
+    return JSONResponse({"object": "list", "data": data})
+
+
+ROUTES = [
+    Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+    Route("/v1/completions", completions, methods=["POST"]),
+    Route("/v1/models", list_models, methods=["GET"]),
+]

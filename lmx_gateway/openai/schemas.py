@@ -1,0 +1,85 @@
+"""Request bodies of the OpenAI-compatible routes, validated by msgspec.
+
+Unknown fields are ignored, as OpenAI clients send fields a local server may
+not know; fields whose silent ignoring would change the answer (n > 1,
+logit_bias...) are rejected explicitly in `sampling.py`, and tools and
+response_format are validated in `structured_output.py`."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
+
+Temperature = Annotated[float, Meta(ge=0, le=2)]
+Probability = Annotated[float, Meta(ge=0, le=1)]
+Penalty = Annotated[float, Meta(ge=-2, le=2)]
+PositiveInt = Annotated[int, Meta(ge=1)]
+NonNegativeInt = Annotated[int, Meta(ge=0)]
+ModelName = Annotated[str, Meta(min_length=1)]
+Stop = str | Annotated[list[str], Meta(max_length=16)] | None
+
+
+class TextPart(msgspec.Struct, tag_field="type", tag="text"):
+    text: str
+
+
+class ImagePart(msgspec.Struct, tag_field="type", tag="image_url"):
+    image_url: Any
+
+
+ContentPart = TextPart | ImagePart
+
+
+class ChatMessageIn(msgspec.Struct, kw_only=True):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+
+class StreamOptions(msgspec.Struct, kw_only=True):
+    include_usage: bool = False
+
+
+class SamplingFields(msgspec.Struct, kw_only=True):
+    model: ModelName
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: PositiveInt | None = None
+    temperature: Temperature | None = None
+    top_p: Annotated[float, Meta(gt=0, le=1)] | None = None
+    top_k: NonNegativeInt | None = None
+    min_p: Probability | None = None
+    seed: int | None = None
+    stop: Stop = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    repetition_penalty: Annotated[float, Meta(gt=0)] | None = None
+    repeat_penalty: Annotated[float, Meta(gt=0)] | None = None  # llama.cpp spelling
+    n: PositiveInt = 1
+    ignore_eos: bool = False
+    user: str | None = None
+    # Typed loosely so bad values are refused with a precise param (sampling.py,
+    # structured_output.py) rather than a generic decode error.
+    logprobs: Any = None
+    top_logprobs: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: Any = None
+    response_format: Any = None
+    logit_bias: Any = None
+
+
+class ChatCompletionRequest(SamplingFields, kw_only=True):
+    messages: Annotated[list[ChatMessageIn], Meta(min_length=1)]
+    max_completion_tokens: PositiveInt | None = None
+
+
+class CompletionRequest(SamplingFields, kw_only=True):
+    prompt: str | Annotated[list[str], Meta(min_length=1, max_length=1)]
+    echo: bool = False
+    suffix: str | None = None
+    best_of: PositiveInt | None = None
