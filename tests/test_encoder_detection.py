@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from lmx_gateway.http.errors import status_of
 from lmx_supervisor.errors import UnsupportedModel
 from lmx_supervisor.model_resolver import resolve_model
 from tests.model_fixtures import safetensors_bytes, write_files
@@ -62,7 +63,7 @@ def test_unsupported_encoders_are_refused_by_name(tmp_path: Path, config: dict[s
     path = hf_dir(tmp_path, "m", config, sentence)
     with pytest.raises(UnsupportedModel) as refused:
         resolve_model(str(path), tmp_path)
-    assert refused.value.status == 422
+    assert status_of(refused.value) == 422
     assert f"'{named}'" in refused.value.message
 
 
