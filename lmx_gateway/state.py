@@ -28,12 +28,12 @@ class GatewayState:
     config_source: ConfigSource = field(default_factory=ConfigSource)
     presets: PresetSet = field(default_factory=PresetSet)
     reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    # Prometheus registry and request totals (lmx_gateway/metrics.py).
+    # Prometheus registry and request totals (observability/metrics.py).
     metrics: Metrics = field(default_factory=Metrics)
     in_flight: int = 0
     # Inventory, downloads and deletion (lmx_supervisor/model_files.py).
     model_files: ModelFiles | None = None
-    # /v1/responses kept for previous_response_id (lmx_gateway/response_store.py).
+    # /v1/responses kept for previous_response_id (responses/store.py).
     responses: ResponseStore = field(default_factory=ResponseStore)
 
     @property

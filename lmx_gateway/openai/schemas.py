@@ -3,7 +3,7 @@
 Unknown fields are ignored, as OpenAI clients send fields a local server may
 not know; fields whose silent ignoring would change the answer (n > 1,
 logit_bias...) are rejected explicitly in `sampling.py`, and tools and
-response_format are validated in `structured_output.py`."""
+response_format are validated in `inference/structured_output.py`."""
 
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ class SamplingFields(msgspec.Struct, kw_only=True):
     ignore_eos: bool = False
     user: str | None = None
     # Typed loosely so bad values are refused with a precise param (sampling.py,
-    # structured_output.py) rather than a generic decode error.
+    # inference/structured_output.py) rather than a generic decode error.
     logprobs: Any = None
     top_logprobs: Any = None
     tools: Any = None

@@ -6,7 +6,7 @@ conversation of `previous_response_id` + this `input` become chat
 messages (function calls and their outputs as assistant tool_calls and
 `tool` messages), `text.format` and `tools` become `response_format` and
 `tools`, and the answer comes back as output items. Stored responses live
-in a bounded in-memory LRU (response_store.py)."""
+in a bounded in-memory LRU (`store.py`)."""
 
 from __future__ import annotations
 
