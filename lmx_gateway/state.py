@@ -15,6 +15,7 @@ from lmx_gateway.observability.metrics import Metrics
 from lmx_gateway.responses.store import ResponseStore
 from lmx_supervisor.config import Config, ConfigSource
 from lmx_supervisor.model_files import ModelFiles
+from lmx_supervisor.quantize_jobs import QuantizeJobs
 from lmx_supervisor.supervisor import Supervisor
 
 
@@ -33,6 +34,8 @@ class GatewayState:
     in_flight: int = 0
     # Inventory, downloads and deletion (lmx_supervisor/model_files.py).
     model_files: ModelFiles | None = None
+    # Quantize jobs in child processes (lmx_supervisor/quantize_jobs.py).
+    quantize_jobs: QuantizeJobs | None = None
     # /v1/responses kept for previous_response_id (lmx_gateway/response_store.py).
     responses: ResponseStore = field(default_factory=ResponseStore)
 

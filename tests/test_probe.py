@@ -8,7 +8,6 @@ a budget that fits one copy of the model but not two."""
 from __future__ import annotations
 
 import json
-import shutil
 import struct
 import subprocess
 import sys

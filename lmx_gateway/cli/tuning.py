@@ -5,16 +5,21 @@ measured on this host. HTTP only, like every client command."""
 from __future__ import annotations
 
 import argparse
+import time
 from typing import Any
+from urllib.parse import quote
 
 from rich import box
 from rich.markup import escape
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from lmx_gateway.cli.http import EXIT_OK, LmxClient, add_common_options
-from lmx_gateway.cli.output import Output, human_bytes, run_command
+from lmx_gateway.cli.http import EXIT_FAILED, EXIT_OK, ApiError, LmxClient, add_common_options
+from lmx_gateway.cli.output import Output, error_line, human_bytes, run_command
 
 PROBE_TIMEOUT = 120.0  # reading a big GGUF header on a slow disk
+POLL_SEC = 0.5
+JOB_DONE = {"completed", "failed", "cancelled"}
 
 
 def _params(n: Any) -> str:
@@ -77,6 +82,62 @@ def models_probe(args: argparse.Namespace, client: LmxClient, out: Output) -> in
     return EXIT_OK
 
 
+def follow_job(client: LmxClient, out: Output, path: str, label: str) -> dict[str, Any]:
+    """Poll a job's status under a live bar (stderr) until it ends."""
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(),
+               TimeElapsedColumn()]
+    with Progress(*columns, console=out.err, transient=False,
+                  disable=out.as_json) as progress:
+        task = progress.add_task(escape(label), total=None)
+        while True:
+            snap: dict[str, Any] = client.get(path)
+            total = snap.get("total") or None
+            progress.update(task, completed=snap.get("done") or 0, total=total,
+                            description=f"{escape(label)} [dim]({snap.get('stage')})[/]")
+            if str(snap.get("status")) in JOB_DONE:
+                if snap.get("status") == "completed" and total:
+                    progress.update(task, completed=total)
+                return snap
+            time.sleep(POLL_SEC)
+
+
+def models_quantize(args: argparse.Namespace, client: LmxClient, out: Output) -> int:
+    body: dict[str, Any] = {"source": args.model, "type": args.type}
+    if args.output:
+        body["output"] = args.output
+    if args.group_size:
+        body["group_size"] = args.group_size
+    started: dict[str, Any] = client.post("/admin/quantize", body, timeout=args.timeout)
+    job_id = started.get("job_id")
+    if not job_id:
+        raise ApiError(0, f"the server did not start a quantize job: {started}")
+    if args.no_wait:
+        if out.as_json:
+            out.json(started)
+        else:
+            out.line(f"Quantize job started: {job_id} -> {started.get('output')}")
+        return EXIT_OK
+    path = f"/admin/quantize/{quote(str(job_id), safe='')}"
+    try:
+        final = follow_job(client, out, path, f"{args.model} -> {args.type}")
+    except KeyboardInterrupt:
+        out.note(f"stopped watching; the job continues on the server ({job_id}); cancel it "
+                 f"with DELETE {path}", style="yellow")
+        return EXIT_OK
+    if out.as_json:
+        out.json(final)
+    if final.get("status") != "completed":
+        error_line(f"quantize job {job_id} {final.get('status')}: "
+                   f"{final.get('error') or 'no reason'}")
+        return EXIT_FAILED
+    if not out.as_json:
+        result = final.get("result") or {}
+        note = f" ({result['note']})" if result.get("note") else ""
+        out.line(f"Quantized: {final.get('output')} in {result.get('seconds', '?')} s{note}. "
+                 f"Load it with: lmx models load {final.get('model_id')}")
+    return EXIT_OK
+
+
 def register(msub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     help_ = "what a model on disk is and what loading it would cost (no worker started)"
     p = msub.add_parser("probe", help=help_, description=help_)
@@ -85,3 +146,14 @@ def register(msub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("model")
     p.add_argument("--context-length", type=int, help="per-slot context (default: configured)")
     p.add_argument("--parallel-slots", type=int, help="slots (default: configured)")
+
+    help_ = "make a quantized copy of a model on disk (a server-side job, with progress)"
+    p = msub.add_parser("quantize", help=help_, description=help_)
+    add_common_options(p, PROBE_TIMEOUT)
+    p.set_defaults(func=run_command, client_command=models_quantize)
+    p.add_argument("model", help="the source: a GGUF file or MLX directory (id or path)")
+    p.add_argument("--type", required=True,
+                   help="GGUF: Q8_0, Q4_0, Q4_K_M, ...; MLX: Q4, Q8, float16, float32")
+    p.add_argument("--output", help="name in the models directory (default: SOURCE.TYPE)")
+    p.add_argument("--group-size", type=int, help="MLX Q2..Q8: 32, 64 (default) or 128")
+    p.add_argument("--no-wait", action="store_true", help="start it and return")
