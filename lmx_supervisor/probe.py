@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lmx_supervisor.config import Config
 from lmx_supervisor.encoder_models import (
     CROSS_ENCODER,
     LLAMA_CPP_ENCODER,
@@ -33,6 +34,13 @@ from lmx_supervisor.memory_estimate import MemoryEstimate, estimate_model_memory
 from lmx_supervisor.mlx_memory import mlx_estimate
 from lmx_supervisor.model_layout import LLAMA_CPP, MLX, inspect_path
 from lmx_supervisor.model_resolver import ResolvedModel, resolve_model
+from lmx_supervisor.performance import (
+    KV_BYTES_PER_VALUE,
+    apply_performance,
+    check_backend,
+    effective_settings,
+    parse_settings,
+)
 from lmx_supervisor.supervisor import Supervisor, settings_from
 from lmx_worker.template_inspection import inspect_template, template_environment
 
@@ -237,10 +245,10 @@ def tool_calls(backend: str, template: str | None) -> dict[str, Any] | None:
             "tools_via": "template" if support.takes_tools else "system_prompt"}
 
 
-def estimate(resolved: ResolvedModel, context_tokens: int, mlx_dequantize: bool | str
-             ) -> MemoryEstimate:
+def estimate(resolved: ResolvedModel, context_tokens: int, mlx_dequantize: bool | str,
+             kv_bytes_per_value: float) -> MemoryEstimate:
     """What Supervisor.load estimates for the same model and settings."""
-    result = estimate_model_memory(resolved.path, context_tokens)
+    result = estimate_model_memory(resolved.path, context_tokens, kv_bytes_per_value)
     if resolved.backend == MLX:
         result = mlx_estimate(result, resolved.path, mlx_dequantize)
     return result
@@ -262,17 +270,25 @@ class ProbeArgs:
     backend: str | None = None
     context_length: int | None = None  # per slot; None: what a load would use
     parallel_slots: int | None = None
+    kv_cache_type: str | None = None
 
 
-def _inspect(args: ProbeArgs, models_dir: Path, context_length: int, slots: int,
-             mlx_dequantize: bool | str) -> dict[str, Any]:
+def _inspect(args: ProbeArgs, config: Config) -> dict[str, Any]:
     """The file work (blocking: runs in a thread)."""
-    resolved = resolve_for_probe(args.model_id, models_dir, args.backend)
+    resolved = resolve_for_probe(args.model_id, config.models_dir, args.backend)
     facts, size, fmt = describe_files(resolved)
-    context = context_length
+    # What a load would use: config, the model's profile, then this request.
+    asked = parse_settings({k: v for k, v in (
+        ("context_length", args.context_length), ("parallel_slots", args.parallel_slots),
+        ("kv_cache_type", args.kv_cache_type)) if v is not None}, "probe")
+    effective = effective_settings(resolved.model_id, asked)
+    check_backend(effective, resolved.backend)
+    settings = apply_performance(settings_from(config, resolved.model_id), effective)
+    context, slots = settings.context_length, max(1, settings.parallel_slots)
     if resolved.backend == MLX and facts.max_context:
         context = min(context, facts.max_context)  # the MLX worker caps it the same way
-    memory = estimate(resolved, context * slots, mlx_dequantize)
+    memory = estimate(resolved, context * slots, settings.mlx_dequantize,
+                      KV_BYTES_PER_VALUE[settings.kv_cache_type])
     return {
         "model_id": resolved.model_id,
         "path": str(resolved.path),
@@ -287,6 +303,8 @@ def _inspect(args: ProbeArgs, models_dir: Path, context_length: int, slots: int,
         "context_length": context,
         "context_exceeds_model": bool(facts.max_context and context > facts.max_context),
         "parallel_slots": slots,
+        "kv_cache_type": settings.kv_cache_type,
+        "performance_sources": effective.sources,
         "memory_estimate": memory.as_dict(),
         "chat_template": facts.chat_template is not None,
         "tool_calls": tool_calls(resolved.backend, facts.chat_template),
@@ -296,12 +314,7 @@ def _inspect(args: ProbeArgs, models_dir: Path, context_length: int, slots: int,
 
 
 async def probe_model(supervisor: Supervisor, args: ProbeArgs) -> dict[str, Any]:
-    config = supervisor.config
-    settings = settings_from(config, args.model_id)
-    context = args.context_length or settings.context_length
-    slots = args.parallel_slots or max(1, settings.parallel_slots)
-    body = await asyncio.to_thread(_inspect, args, config.models_dir, context, slots,
-                                   settings.mlx_dequantize)
+    body = await asyncio.to_thread(_inspect, args, supervisor.config)
     model_id = body["model_id"]
     loaded = next((m for m in supervisor.models() if m.model_id == model_id), None)
     body["loaded"] = loaded is not None

@@ -103,6 +103,19 @@ def test_given_context_and_slots_scale_the_kv_estimate(server: LMXServer) -> Non
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "parallel_slots"
 
 
+def test_kv_cache_type_shrinks_the_kv_estimate(server: LMXServer) -> None:
+    f16 = probe(server, MODEL_ID).json()
+    assert f16["kv_cache_type"] == "f16"
+    for kind, ratio in (("q8_0", 34 / 64), ("q4_0", 18 / 64)):
+        body = probe(server, MODEL_ID, kv_cache_type=kind).json()
+        assert body["kv_cache_type"] == kind
+        kv = body["memory_estimate"]["kv_cache_bytes"]
+        assert abs(kv - f16["memory_estimate"]["kv_cache_bytes"] * ratio) <= 64, (kind, kv)
+    mlx = probe(server, "smol-mlx", kv_cache_type="q8_0")
+    assert mlx.status_code == 400, mlx.text
+    assert mlx.json()["error"]["param"] == "performance_overrides.kv_cache_type"
+
+
 def test_converted_mlx_directory(server: LMXServer) -> None:
     resp = probe(server, "smol-mlx")
     assert resp.status_code == 200, resp.text

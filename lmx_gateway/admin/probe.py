@@ -4,7 +4,7 @@ work; a bad file is a 422 naming what is wrong)."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 from msgspec import Meta
@@ -21,15 +21,16 @@ from lmx_supervisor.probe import ProbeArgs, probe_model
 class ProbeRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     model_id: ModelName
     backend: str | None = None
-    context_length: Annotated[int, Meta(ge=1, le=16 * 1024 * 1024)] | None = None
-    parallel_slots: Annotated[int, Meta(ge=1, le=1024)] | None = None
+    context_length: Annotated[int, Meta(ge=16, le=16 * 1024 * 1024)] | None = None
+    parallel_slots: Annotated[int, Meta(ge=1, le=256)] | None = None
+    kv_cache_type: Literal["f16", "q8_0", "q4_0"] | None = None
 
 
 async def probe(request: Request) -> Response:
     state = gateway_state(request)
     req = await read_json(request, ProbeRequest, state.config.server.max_request_body_bytes)
     body = await probe_model(state.supervisor, ProbeArgs(
-        req.model_id, req.backend, req.context_length, req.parallel_slots))
+        req.model_id, req.backend, req.context_length, req.parallel_slots, req.kv_cache_type))
     return JSONResponse(body)
 
 

@@ -47,6 +47,8 @@ def models_probe(args: argparse.Namespace, client: LmxClient, out: Output) -> in
         body["context_length"] = args.context_length
     if args.parallel_slots:
         body["parallel_slots"] = args.parallel_slots
+    if args.kv_cache_type:
+        body["kv_cache_type"] = args.kv_cache_type
     answer: dict[str, Any] = client.post("/admin/models/probe", body, timeout=args.timeout)
     if out.as_json:
         out.json(answer)
@@ -68,7 +70,7 @@ def models_probe(args: argparse.Namespace, client: LmxClient, out: Output) -> in
         ("max context", answer.get("max_context")),
         ("memory estimate",
          f"{human_bytes(memory.get('total_bytes'))} at {answer.get('context_length')} tokens "
-         f"x {answer.get('parallel_slots')} slots (weights "
+         f"x {answer.get('parallel_slots')} slots, KV {answer.get('kv_cache_type')} (weights "
          f"{human_bytes(memory.get('weights_bytes'))}, KV "
          f"{human_bytes(memory.get('kv_cache_bytes'))})"),
         ("chat template", "yes" if answer.get("chat_template") else "no"),
@@ -146,6 +148,8 @@ def register(msub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("model")
     p.add_argument("--context-length", type=int, help="per-slot context (default: configured)")
     p.add_argument("--parallel-slots", type=int, help="slots (default: configured)")
+    p.add_argument("--kv-cache-type", choices=["f16", "q8_0", "q4_0"],
+                   help="llama.cpp KV cache type (default: profile or configured)")
 
     help_ = "make a quantized copy of a model on disk (a server-side job, with progress)"
     p = msub.add_parser("quantize", help=help_, description=help_)
