@@ -170,6 +170,21 @@ class EffectiveSettings:
     profile: Profile | None
 
 
+def quantized_kv(settings: PerformanceSettings) -> bool:
+    return settings.kv_cache_type not in (None, "f16")
+
+
+def reconcile(settings: PerformanceSettings, winner: str) -> PerformanceSettings:
+    """A quantized KV cache needs flash attention. When two layers disagree
+    (one says q8_0, the other flash_attn: false), `winner` (the key the
+    higher layer set) decides and the other value gives way."""
+    if not (quantized_kv(settings) and settings.flash_attn is False):
+        return settings
+    if winner == "kv_cache_type":
+        return merge(settings, PerformanceSettings(flash_attn=True))
+    return merge(settings, PerformanceSettings(kv_cache_type="f16"))
+
+
 def effective_settings(model_id: str, overrides: PerformanceSettings | dict[str, Any] | None,
                        store: ProfileStore | None = None) -> EffectiveSettings:
     """The model's profile with the load's overrides on top (overrides win).
@@ -180,7 +195,15 @@ def effective_settings(model_id: str, overrides: PerformanceSettings | dict[str,
     base = profile.settings if profile is not None else PerformanceSettings()
     sources = dict.fromkeys(base.as_dict(), "profile")
     sources.update(dict.fromkeys(overrides.as_dict(), "override"))
-    return EffectiveSettings(merge(base, overrides), sources, profile)
+    merged = merge(base, overrides)
+    if sources.get("kv_cache_type") != sources.get("flash_attn"):  # layers disagree
+        winner = "kv_cache_type" if sources.get("kv_cache_type") == "override" else "flash_attn"
+        fixed = reconcile(merged, winner)
+        for key in ("kv_cache_type", "flash_attn"):
+            if getattr(fixed, key) != getattr(merged, key):
+                sources[key] = f"implied by {winner}"
+        merged = fixed
+    return EffectiveSettings(merged, sources, profile)
 
 
 def check_backend(effective: EffectiveSettings, backend: str) -> None:
@@ -192,7 +215,7 @@ def check_backend(effective: EffectiveSettings, backend: str) -> None:
     if perf.kv_cache_type not in (None, "f16") and backend != LLAMA_CPP:
         raise BadRequest(f"kv_cache_type {perf.kv_cache_type} is for llama.cpp models; the "
                          f"{backend} backend keeps its KV cache unquantized", param=param)
-    if perf.kv_cache_type not in (None, "f16") and perf.flash_attn is False:
+    if quantized_kv(perf) and perf.flash_attn is False:  # both from one layer
         raise BadRequest(f"kv_cache_type {perf.kv_cache_type} needs flash_attn (llama.cpp "
                          "quantizes the V cache only with flash attention)", param=param)
 

@@ -156,9 +156,14 @@ def _normalise_type(fmt: str, raw: str) -> str:
                      f"{', '.join([*MLX_BITS, *MLX_FLOAT_BYTES])})", param="type")
 
 
+def strip_type_suffix(stem: str) -> str:
+    """"SmolLM2.Q4_1" -> "SmolLM2": the model's name without its type."""
+    return _TYPE_SUFFIX.sub("", stem) or stem
+
+
 def _default_output(source_path: Path, fmt: str, type_name: str) -> str:
     stem = source_path.name.removesuffix(".gguf") if fmt == "gguf" else source_path.name
-    stem = _TYPE_SUFFIX.sub("", stem) or stem
+    stem = strip_type_suffix(stem)
     return f"{stem}.{type_name}.gguf" if fmt == "gguf" else f"{stem}-{type_name.lower()}"
 
 

@@ -246,6 +246,15 @@ class Supervisor:
             self._models.pop(model_id, None)
             return model
 
+    def throwaway_model(self, model_id: str, path: Path, backend: str, settings: ModelSettings,
+                        emit: EventSink) -> ManagedModel:
+        """A worker outside the registry, for autotune's measurements (issue
+        14): never routed to, not in the runtime state or the compatibility
+        ledger, not restarted into quarantine history; its owner stops it."""
+        history = CrashHistory(settings.crash_loop_max_crashes, settings.crash_loop_window_sec)
+        return ManagedModel(model_id, path, backend, settings, self._hub, history, emit,
+                            self._worker_env)
+
     async def shutdown(self, drain_timeout: float = 5.0) -> None:
         await self.memory.stop()  # no TTL eviction while everything stops
         self.lifecycle.freeze()  # the models to restore next time: these

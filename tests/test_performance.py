@@ -123,3 +123,80 @@ def test_profile_applies_and_overrides_win(server: LMXServer) -> None:
     finally:
         unload(server)
         path.unlink()
+
+
+def wait_autotune(server: LMXServer, job_id: str) -> dict[str, Any]:
+    def ended() -> dict[str, Any] | None:
+        snap: dict[str, Any] = server.http.get(f"/admin/models/autotune/{job_id}").json()
+        return snap if snap["status"] != "running" else None
+    result: dict[str, Any] = wait_until(ended, 360, interval=0.5, what=f"autotune {job_id}")
+    return result
+
+
+def test_autotune_writes_a_profile_that_the_next_load_uses(server: LMXServer) -> None:
+    events = EventReader(server.url)
+    try:
+        resp = server.http.post("/admin/models/autotune", json={
+            "model_id": MODEL_ID, "objective": "throughput", "budget_sec": 15}, timeout=60)
+        assert resp.status_code == 202, resp.text
+        job = resp.json()
+        busy = server.http.post("/admin/models/autotune", json={"model_id": MODEL_ID})
+        assert busy.status_code == 409 and busy.json()["error"]["code"] == "autotune_busy"
+        final = wait_autotune(server, job["job_id"])
+        assert final["status"] == "completed", final
+        wait_until(lambda: events.of("autotune_completed", job_id=job["job_id"]), 15)
+        assert events.of("autotune_progress", job_id=job["job_id"])
+    finally:
+        events.close()
+    trials = final["trials"]
+    assert trials and all(t["error"] is None for t in trials), trials
+    assert all(t["single"]["tokens"] == 32 for t in trials)  # ignore_eos: exactly N tokens
+    assert trials[0]["concurrent"]["streams"] == 2  # the configured slots, measured at 2
+    assert final["best"]["score"] > 0
+    # The throwaway workers are gone and were never listed.
+    assert server.admin_models() == {}
+    path = Path(final["profile_path"])
+    assert path == server.home / "profiles" / f"{MODEL_ID}.yaml"
+    stored = yaml.safe_load(path.read_text())
+    assert stored["objective"] == "throughput" and stored["measurements"] == trials
+    settings = stored["settings"]
+    assert settings == final["best"]["profile_settings"]
+    assert {"parallel_slots", "n_threads", "flash_attn", "kv_cache_type"} <= set(settings)
+
+    assert server.load(MODEL_ID).status_code == 200
+    try:
+        perf = server.admin_models()[MODEL_ID]["performance"]
+        for key, value in settings.items():
+            assert perf[key] == value and perf["sources"][key] == "profile", key
+        assert chat(server)
+        shown = server.http.get(f"/admin/models/{MODEL_ID}/performance").json()
+        assert shown["profile"]["measurements"] == trials
+        assert shown["loaded"]["sources"] == perf["sources"]
+    finally:
+        unload(server)
+    resp = server.load(MODEL_ID, performance_overrides={"parallel_slots": 1,
+                                                        "kv_cache_type": "q8_0"})
+    assert resp.status_code == 200, resp.text
+    try:
+        perf = server.admin_models()[MODEL_ID]["performance"]
+        assert (perf["parallel_slots"], perf["kv_cache_type"]) == (1, "q8_0")
+        assert perf["sources"]["parallel_slots"] == perf["sources"]["kv_cache_type"] == "override"
+        if settings["flash_attn"] is False:  # the profile's value gives way to the override
+            assert perf["flash_attn"] is True
+            assert perf["sources"]["flash_attn"] == "implied by kv_cache_type"
+        assert chat(server)
+    finally:
+        unload(server)
+
+
+def test_cli_autotune(server: LMXServer) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "lmx_gateway", "models", "autotune", MODEL_ID, "--objective",
+         "latency", "--budget-sec", "5", "--url", server.url],
+        capture_output=True, text=True, timeout=360)
+    assert done.returncode == 0, done.stderr
+    assert "Best for latency" in done.stdout and "Profile:" in done.stdout
+    unknown = subprocess.run(
+        [sys.executable, "-m", "lmx_gateway", "models", "autotune", "nope", "--url", server.url],
+        capture_output=True, text=True, timeout=60)
+    assert unknown.returncode == 1 and "404" in unknown.stderr

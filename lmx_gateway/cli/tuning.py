@@ -140,6 +140,54 @@ def models_quantize(args: argparse.Namespace, client: LmxClient, out: Output) ->
     return EXIT_OK
 
 
+def _trials_table(job: dict[str, Any]) -> Table:
+    table = Table(title=f"Autotune {escape(str(job.get('model_id')))} ({job.get('objective')})",
+                  title_justify="left", box=box.SIMPLE_HEAD)
+    for col in ("#", "VARIANT", "SETTINGS", "1 STREAM tok/s", "N STREAMS tok/s", "SCORE"):
+        table.add_column(col, justify="right" if col[0] in "#1NS" and col != "SETTINGS"
+                         else "left", overflow="fold")
+    for i, trial in enumerate(job.get("trials") or [], 1):
+        single, multi = trial.get("single") or {}, trial.get("concurrent") or {}
+        settings = " ".join(f"{k}={v}" for k, v in (trial.get("settings") or {}).items())
+        many = (f"{multi.get('aggregate_tokens_per_sec')} ({multi.get('streams')})"
+                if multi else "-")
+        table.add_row(str(i), escape(str(trial.get("variant"))), escape(settings),
+                      str(single.get("decode_tokens_per_sec", "-")), many,
+                      escape(str(trial.get("error") or trial.get("score"))))
+    return table
+
+
+def models_autotune(args: argparse.Namespace, client: LmxClient, out: Output) -> int:
+    body: dict[str, Any] = {"model_id": args.model, "objective": args.objective}
+    if args.budget_sec:
+        body["budget_sec"] = args.budget_sec
+    started: dict[str, Any] = client.post("/admin/models/autotune", body, timeout=args.timeout)
+    job_id = started.get("job_id")
+    if not job_id:
+        raise ApiError(0, f"the server did not start autotune: {started}")
+    path = f"/admin/models/autotune/{quote(str(job_id), safe='')}"
+    try:
+        final = follow_job(client, out, path, f"autotune {args.model}")
+    except KeyboardInterrupt:
+        out.note(f"stopped watching; autotune continues on the server ({job_id})",
+                 style="yellow")
+        return EXIT_OK
+    if out.as_json:
+        out.json(final)
+    else:
+        out.console.print(_trials_table(final))
+    if final.get("status") != "completed":
+        error_line(f"autotune {job_id} {final.get('status')}: {final.get('error') or ''}")
+        return EXIT_FAILED
+    if not out.as_json:
+        best = final.get("best") or {}
+        settings = " ".join(f"{k}={v}" for k, v in (best.get("settings") or {}).items())
+        out.line(f"Best for {final.get('objective')}: {best.get('variant')} with {settings} "
+                 f"({best.get('score')} tok/s). Profile: {final.get('profile_path')} (used by "
+                 "every later load)")
+    return EXIT_OK
+
+
 def register(msub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     help_ = "what a model on disk is and what loading it would cost (no worker started)"
     p = msub.add_parser("probe", help=help_, description=help_)
@@ -161,3 +209,11 @@ def register(msub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--output", help="name in the models directory (default: SOURCE.TYPE)")
     p.add_argument("--group-size", type=int, help="MLX Q2..Q8: 32, 64 (default) or 128")
     p.add_argument("--no-wait", action="store_true", help="start it and return")
+
+    help_ = "measure settings on this host and store the best as the model's profile"
+    p = msub.add_parser("autotune", help=help_, description=help_)
+    add_common_options(p, PROBE_TIMEOUT)
+    p.set_defaults(func=run_command, client_command=models_autotune)
+    p.add_argument("model")
+    p.add_argument("--objective", choices=["latency", "throughput"], default="throughput")
+    p.add_argument("--budget-sec", type=float, help="time to spend measuring (default 120)")
