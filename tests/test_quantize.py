@@ -245,3 +245,32 @@ def test_no_disk_space_is_507_before_writing(tmp_path: Path, model_file: Path) -
         srv.stop()
 
 
+
+
+def test_mlx_to_mlx_q8(server: LMXServer, mlx_model_dir: Path) -> None:
+    resp = start_job(server, source=str(mlx_model_dir), type="q8", group_size=64)
+    assert resp.status_code == 202, resp.text
+    final = wait_job(server, resp.json()["job_id"])
+    assert final["status"] == "completed", final
+    assert final["result"]["requantized"] is True  # the source is 4-bit
+    output = Path(final["output"])
+    assert output.name == "SmolLM2-135M-Instruct-mlx-q8" and output.is_dir()
+    assert leftovers(server) == []
+    rows = {r["repo_id"]: r for r in server.http.get("/admin/models/available").json()}
+    row = rows[output.name]
+    assert row["complete"] is True and row["format"] == "mlx"
+    assert row["lineage"]["type"] == "Q8" and row["lineage"]["group_size"] == 64
+    probe = server.http.post("/admin/models/probe", json={"model_id": output.name},
+                             timeout=60).json()
+    assert probe["quantization"]["bits"] == 8 and probe["quantization"]["group_size"] == 64
+    assert 130_000_000 < probe["parameter_count"] < 140_000_000
+    assert server.load(output.name).status_code == 200
+    try:
+        reply = server.openai().chat.completions.create(
+            model=output.name, messages=[{"role": "user", "content": "Say hello."}],
+            max_tokens=8, temperature=0)
+        assert reply.choices[0].message.content
+    finally:
+        server.http.post("/admin/models/unload", json={"model_id": output.name}, timeout=60)
+    bad = start_job(server, source=str(mlx_model_dir), type="Q8_0")
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "type"
