@@ -201,15 +201,13 @@ class AutotuneJobs:
 
     async def start(self, model_id: str, objective: str, budget_sec: float | None
                     ) -> AutotuneJob:
-        running = [j for j in self._jobs.values() if j.active]
-        if running:
-            raise Conflict(f"autotune job {running[0].id} is running; one at a time (each "
-                           "measurement needs the CPU to itself)", code="autotune_busy")
+        self._refuse_if_running()
         config = self._supervisor.config
         resolved = await asyncio.to_thread(resolve_model, model_id, config.models_dir)
         if resolved.backend not in (LLAMA_CPP, MLX):
             raise UnsupportedModel(f"'{model_id}' is a {resolved.backend} model; autotune "
                                    "measures text generation", param="model_id")
+        self._refuse_if_running()  # again: another start may have won during the await
         job = AutotuneJob(resolved.model_id, objective, budget_sec or DEFAULT_BUDGET_SEC)
         self._jobs[job.id] = job
         for old in [j for j in self._jobs.values() if not j.active][:-KEEP_FINISHED]:
@@ -218,6 +216,12 @@ class AutotuneJobs:
                                         "objective": objective, "budget_sec": job.budget_sec})
         job.task = asyncio.create_task(self._run(job, resolved), name=f"lmx-{job.id}")
         return job
+
+    def _refuse_if_running(self) -> None:
+        running = [j for j in self._jobs.values() if j.active]
+        if running:
+            raise Conflict(f"autotune job {running[0].id} is running; one at a time (each "
+                           "measurement needs the CPU to itself)", code="autotune_busy")
 
     # --- the search -------------------------------------------------------------------
 

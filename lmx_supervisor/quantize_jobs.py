@@ -358,8 +358,11 @@ class QuantizeJobs:
                 if not isinstance(message, dict):
                     continue
                 if message.get("event") == "progress":
+                    done, total = message.get("done"), message.get("total")
+                    if not (isinstance(done, int) and isinstance(total, int)):
+                        continue  # not a line this job understands: ignore it
                     job.stage = str(message.get("stage") or job.stage)
-                    job.done, job.total = int(message.get("done", 0)), int(message.get("total", 0))
+                    job.done, job.total = done, total
                     now = time.monotonic()
                     if now - last_event >= PROGRESS_EVENT_INTERVAL_SEC or job.done == job.total:
                         last_event = now
@@ -374,7 +377,12 @@ class QuantizeJobs:
             await process.terminate(CANCEL_GRACE_SEC)
             _remove(job.partial)
             raise
-        await asyncio.to_thread(self._finish, job, rc, stderr)
+        try:
+            await asyncio.to_thread(self._finish, job, rc, stderr)
+        except Exception as exc:  # never leave a job "running" forever
+            log.exception("quantize job %s: finishing failed", job.id)
+            job.status, job.error = QuantizeStatus.FAILED, f"{type(exc).__name__}: {exc}"
+            job.finished_at = time.time()
         event = {"job_id": job.id, "status": str(job.status), "output": str(job.output),
                  "error": job.error}
         self._emit(f"quantize_{job.status}", event)
