@@ -206,11 +206,13 @@ def effective_settings(model_id: str, overrides: PerformanceSettings | dict[str,
     return EffectiveSettings(merged, sources, profile)
 
 
-def check_backend(effective: EffectiveSettings, backend: str) -> None:
-    """Refuse what this backend cannot do (400 naming the key)."""
+def check_backend(effective: EffectiveSettings, backend: str,
+                  overrides_param: str = "performance_overrides.") -> None:
+    """Refuse what this backend cannot do (400 naming the key; a request's
+    own values are named with `overrides_param` in front)."""
     perf = effective.settings
     source = effective.sources.get("kv_cache_type", "override")
-    param = "performance_overrides.kv_cache_type" if source == "override" else (
+    param = f"{overrides_param}kv_cache_type" if source == "override" else (
         "profile.kv_cache_type")
     if perf.kv_cache_type not in (None, "f16") and backend != LLAMA_CPP:
         raise BadRequest(f"kv_cache_type {perf.kv_cache_type} is for llama.cpp models; the "

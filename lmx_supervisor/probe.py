@@ -280,9 +280,9 @@ def _inspect(args: ProbeArgs, config: Config) -> dict[str, Any]:
     # What a load would use: config, the model's profile, then this request.
     asked = parse_settings({k: v for k, v in (
         ("context_length", args.context_length), ("parallel_slots", args.parallel_slots),
-        ("kv_cache_type", args.kv_cache_type)) if v is not None}, "probe")
+        ("kv_cache_type", args.kv_cache_type)) if v is not None}, "request")
     effective = effective_settings(resolved.model_id, asked)
-    check_backend(effective, resolved.backend)
+    check_backend(effective, resolved.backend, overrides_param="")
     settings = apply_performance(settings_from(config, resolved.model_id), effective)
     context, slots = settings.context_length, max(1, settings.parallel_slots)
     if resolved.backend == MLX and facts.max_context:

@@ -113,7 +113,7 @@ def test_kv_cache_type_shrinks_the_kv_estimate(server: LMXServer) -> None:
         assert abs(kv - f16["memory_estimate"]["kv_cache_bytes"] * ratio) <= 64, (kind, kv)
     mlx = probe(server, "smol-mlx", kv_cache_type="q8_0")
     assert mlx.status_code == 400, mlx.text
-    assert mlx.json()["error"]["param"] == "performance_overrides.kv_cache_type"
+    assert mlx.json()["error"]["param"] == "kv_cache_type"
 
 
 def test_converted_mlx_directory(server: LMXServer) -> None:
