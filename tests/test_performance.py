@@ -8,6 +8,8 @@ writes the profile, and the next load uses it."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -200,3 +202,22 @@ def test_cli_autotune(server: LMXServer) -> None:
         [sys.executable, "-m", "lmx_gateway", "models", "autotune", "nope", "--url", server.url],
         capture_output=True, text=True, timeout=60)
     assert unknown.returncode == 1 and "404" in unknown.stderr
+
+
+def test_variants_on_disk_are_found_by_name_and_lineage(tmp_path: Path, model_file: Path
+                                                        ) -> None:
+    from lmx_supervisor.autotune import variants_on_disk
+    from lmx_supervisor.lineage import write_lineage
+    from lmx_supervisor.model_resolver import resolve_model
+
+    # Separate files (a symlink would resolve to the one source file).
+    for name in ("SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct.Q8_0.gguf",
+                 "renamed-copy.gguf", "unrelated.gguf"):
+        try:
+            os.link(model_file, tmp_path / name)
+        except OSError:  # another filesystem
+            shutil.copyfile(model_file, tmp_path / name)
+    write_lineage(tmp_path / "renamed-copy.gguf", {"source": MODEL_ID, "type": "Q4_0"})
+    resolved = resolve_model(MODEL_ID, tmp_path)
+    found = [stem for stem, _path in variants_on_disk(resolved, tmp_path)]
+    assert found == ["SmolLM2-135M-Instruct.Q8_0", "renamed-copy"]

@@ -47,6 +47,12 @@ def server(tmp_path_factory: pytest.TempPathFactory, model_file: Path, mlx_model
     # One metadata entry whose key claims to be 2^60 bytes long.
     _forged(models / "forged-string.gguf", tensors=0, kv=1, payload=struct.pack("<Q", 2**60))
     _forged(models / "forged-kv.gguf", tensors=1, kv=2**40)
+    # A metadata array (u32 items) claiming 2^61 entries; and an array of arrays.
+    key = struct.pack("<Q", 1) + b"a"
+    _forged(models / "forged-array.gguf", tensors=0, kv=1,
+            payload=key + struct.pack("<IIQ", 9, 4, 2**61))
+    _forged(models / "nested-array.gguf", tensors=0, kv=1,
+            payload=key + struct.pack("<IIQ", 9, 9, 1))
     # Budget: one copy of the model fits under max_memory_percent, two do not.
     one = estimate_model_memory(model_file, CONTEXT * SLOTS).total_bytes
     cfg = base_config(models, parallel_slots=SLOTS)
@@ -147,6 +153,8 @@ def test_minilm_encoder(server: LMXServer) -> None:
     ("forged-tensors", "tensor count"),
     ("forged-string", "string length"),
     ("forged-kv", "metadata entry count"),
+    ("forged-array", "array length"),
+    ("nested-array", "array of arrays"),
 ])
 def test_bad_files_are_422_and_the_gateway_stays_healthy(server: LMXServer, name: str,
                                                          words: str) -> None:
