@@ -65,6 +65,16 @@ BENCH_PROMPTS = ["Explain the concept of recursion in Python with examples.",
 STOP_TIMEOUT_SEC = 10.0
 
 
+@dataclass(frozen=True)
+class TrialShape:
+    """What each trial generates: `prompt` (None: a few built-in prompts),
+    `max_tokens` per request, and `runs` measurements whose median counts."""
+
+    prompt: str | None = None
+    max_tokens: int = TOKENS_PER_REQUEST
+    runs: int = 1
+
+
 class AutotuneStatus(StrEnum):
     RUNNING = "running"
     COMPLETED = "completed"
@@ -86,6 +96,7 @@ class AutotuneJob:
     model_id: str
     objective: str
     budget_sec: float
+    shape: TrialShape = field(default_factory=TrialShape)
     id: str = field(default_factory=lambda: f"tune-{uuid.uuid4().hex[:12]}")
     status: AutotuneStatus = AutotuneStatus.RUNNING
     stage: str = "starting"
@@ -105,7 +116,8 @@ class AutotuneJob:
 
     def snapshot(self) -> dict[str, Any]:
         return {"job_id": self.id, "model_id": self.model_id, "objective": self.objective,
-                "budget_sec": self.budget_sec, "status": str(self.status), "stage": self.stage,
+                "budget_sec": self.budget_sec, "max_tokens": self.shape.max_tokens,
+                "runs": self.shape.runs, "status": str(self.status), "stage": self.stage,
                 "done": self.done, "total": self.total, "trials": self.trials,
                 "best": self.best, "profile_path": self.profile_path, "error": self.error,
                 "started_at": self.started_at, "finished_at": self.finished_at,
@@ -152,8 +164,8 @@ def dimensions(backend: str, objective: str, cpus: int) -> list[tuple[str, list[
 # --- one trial ----------------------------------------------------------------------------
 
 
-async def run_streams(model: ManagedModel, streams: int, tokens: int, tag: str
-                      ) -> dict[str, float]:
+async def run_streams(model: ManagedModel, streams: int, tokens: int, tag: str,
+                      prompt: str | None = None) -> dict[str, float]:
     """`streams` concurrent greedy generations of exactly `tokens` tokens.
     Returns aggregate tokens/s (all tokens over the wall time) and the median
     per-stream decode rate (tokens after the first over the time after it)."""
@@ -161,7 +173,7 @@ async def run_streams(model: ManagedModel, streams: int, tokens: int, tag: str
         request = Generate(request_id=f"{tag}-{i}-{uuid.uuid4().hex[:6]}",
                            params=SamplingParams(max_tokens=tokens, temperature=0.0,
                                                  ignore_eos=True),
-                           prompt=BENCH_PROMPTS[i % len(BENCH_PROMPTS)])
+                           prompt=prompt or BENCH_PROMPTS[i % len(BENCH_PROMPTS)])
         count, first, last = 0, 0.0, 0.0
         async for item in model.generate(request):
             if isinstance(item, Tokens) and item.token_ids:
@@ -184,6 +196,11 @@ async def run_streams(model: ManagedModel, streams: int, tokens: int, tag: str
             "tokens": total, "streams": streams}
 
 
+def _median_run(runs: list[dict[str, float]], key: str) -> dict[str, float]:
+    """The run with the median `key` (runs of one setting vary with the host's load)."""
+    return sorted(runs, key=lambda r: r[key])[len(runs) // 2]
+
+
 class AutotuneJobs:
     def __init__(self, supervisor: Supervisor, emit: EventEmitter,
                  store: ProfileStore | None = None) -> None:
@@ -199,8 +216,8 @@ class AutotuneJobs:
                            code="autotune_job_not_found", param="job_id")
         return job
 
-    async def start(self, model_id: str, objective: str, budget_sec: float | None
-                    ) -> AutotuneJob:
+    async def start(self, model_id: str, objective: str, budget_sec: float | None,
+                    shape: TrialShape | None = None) -> AutotuneJob:
         self._refuse_if_running()
         config = self._supervisor.config
         resolved = await asyncio.to_thread(resolve_model, model_id, config.models_dir)
@@ -208,7 +225,8 @@ class AutotuneJobs:
             raise UnsupportedModel(f"'{model_id}' is a {resolved.backend} model; autotune "
                                    "measures text generation", param="model_id")
         self._refuse_if_running()  # again: another start may have won during the await
-        job = AutotuneJob(resolved.model_id, objective, budget_sec or DEFAULT_BUDGET_SEC)
+        job = AutotuneJob(resolved.model_id, objective, budget_sec or DEFAULT_BUDGET_SEC,
+                          shape or TrialShape())
         self._jobs[job.id] = job
         for old in [j for j in self._jobs.values() if not j.active][:-KEEP_FINISHED]:
             del self._jobs[old.id]
@@ -330,7 +348,7 @@ class AutotuneJobs:
             model_id=resolved.model_id, settings=settings, objective=job.objective,
             model_path=str(resolved.path), measurements=job.trials,
             host={"cpus": os.cpu_count(), "budget_sec": job.budget_sec,
-                  "tokens_per_request": TOKENS_PER_REQUEST},
+                  "tokens_per_request": job.shape.max_tokens, "runs": job.shape.runs},
             best_variant=best_variant)
         job.profile_path = str(self.store.save(profile))
         if best_variant is not None:  # the winner gets its own profile too
@@ -376,10 +394,17 @@ class AutotuneJobs:
                                                                    settings.n_threads)
         try:
             await model.load()
-            await run_streams(model, 1, 4, f"{worker_id}-warmup")
-            trial["single"] = await run_streams(model, 1, TOKENS_PER_REQUEST, worker_id)
-            trial["concurrent"] = (await run_streams(model, slots, TOKENS_PER_REQUEST, worker_id)
-                                   if job.objective == "throughput" and slots > 1
+            shape = job.shape
+            await run_streams(model, 1, 4, f"{worker_id}-warmup", shape.prompt)
+            singles, multis = [], []
+            for _run in range(shape.runs):
+                singles.append(await run_streams(model, 1, shape.max_tokens, worker_id,
+                                                 shape.prompt))
+                if job.objective == "throughput" and slots > 1:
+                    multis.append(await run_streams(model, slots, shape.max_tokens, worker_id,
+                                                    shape.prompt))
+            trial["single"] = _median_run(singles, "decode_tokens_per_sec")
+            trial["concurrent"] = (_median_run(multis, "aggregate_tokens_per_sec") if multis
                                    else trial["single"])
         except LMXError as exc:
             trial["error"] = exc.message

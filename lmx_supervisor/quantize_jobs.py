@@ -136,12 +136,23 @@ class QuantizeJob:
 @dataclass(frozen=True)
 class QuantizeArgs:
     source: str
-    type: str
+    type: str | None  # None: from `bits`
     output: str | None = None
     group_size: int | None = None
+    bits: int | None = None  # the runbook's way of asking: 4 -> Q4_K_M (GGUF) / Q4 (MLX)
 
 
-def _normalise_type(fmt: str, raw: str) -> str:
+# `bits` as the runbook asks for it -> the usual llama.cpp type of that size.
+GGUF_TYPE_FOR_BITS = {2: "Q2_K", 3: "Q3_K_M", 4: "Q4_K_M", 5: "Q5_K_M", 6: "Q6_K", 8: "Q8_0"}
+
+
+def _normalise_type(fmt: str, raw: str | None, bits: int | None) -> str:
+    if raw is None:
+        table = GGUF_TYPE_FOR_BITS if fmt == "gguf" else {v: k for k, v in MLX_BITS.items()}
+        if bits not in table:
+            raise BadRequest(f"bits must be one of {sorted(table)} for a {fmt} model",
+                             param="bits")
+        return table[bits]
     if fmt == "gguf":
         name = raw.upper()
         if name not in GGUF_TYPE_BPW:
@@ -222,7 +233,7 @@ def plan_job(args: QuantizeArgs, models_dir: Path) -> _Plan:
         raise UnsupportedModel(f"'{args.source}' is a {resolved.backend} model; quantize jobs "
                                "take text-generation GGUF files and MLX directories",
                                param="source")
-    type_name = _normalise_type(fmt, args.type)
+    type_name = _normalise_type(fmt, args.type, args.bits)
     group_size = None
     if fmt == "mlx" and type_name in MLX_BITS:
         group_size = args.group_size or 64

@@ -191,6 +191,20 @@ def test_autotune_writes_a_profile_that_the_next_load_uses(server: LMXServer) ->
         unload(server)
 
 
+def test_autotune_takes_the_runbook_request_shape(server: LMXServer) -> None:
+    resp = server.http.post("/admin/models/autotune", json={
+        "model_id": MODEL_ID, "prompt": "Write a Python function to sort a list.",
+        "max_tokens": 8, "runs": 2, "budget_sec": 1}, timeout=60)
+    assert resp.status_code == 202, resp.text
+    final = wait_autotune(server, resp.json()["job_id"])
+    assert final["status"] == "completed", final
+    assert (final["max_tokens"], final["runs"]) == (8, 2)
+    assert len(final["trials"]) == 1  # the budget is spent after the baseline
+    assert final["trials"][0]["single"]["tokens"] == 8
+    bad = server.http.post("/admin/models/autotune", json={"model_id": MODEL_ID, "runs": 0})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "runs"
+
+
 def test_cli_autotune(server: LMXServer) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "lmx_gateway", "models", "autotune", MODEL_ID, "--objective",

@@ -167,6 +167,13 @@ def test_bad_files_are_422_and_the_gateway_stays_healthy(server: LMXServer, name
     assert probe(server, MODEL_ID).status_code == 200
 
 
+def test_runbook_timeout_sec_is_accepted(server: LMXServer) -> None:
+    resp = probe(server, MODEL_ID, timeout_sec=60)
+    assert resp.status_code == 200, resp.text
+    bad = probe(server, MODEL_ID, timeout_sec=0)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "timeout_sec"
+
+
 def test_unknown_model_is_404(server: LMXServer) -> None:
     resp = probe(server, "no-such-model")
     assert resp.status_code == 404, resp.text

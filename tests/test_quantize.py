@@ -274,3 +274,16 @@ def test_mlx_to_mlx_q8(server: LMXServer, mlx_model_dir: Path) -> None:
         server.http.post("/admin/models/unload", json={"model_id": output.name}, timeout=60)
     bad = start_job(server, source=str(mlx_model_dir), type="Q8_0")
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "type"
+
+
+def test_runbook_request_shape(server: LMXServer) -> None:
+    both = start_job(server, source=MODEL_ID, source_model=MODEL_ID, type="Q8_0")
+    assert both.status_code == 400 and both.json()["error"]["param"] == "source"
+    neither = start_job(server, source_model=MODEL_ID)
+    assert neither.status_code == 400 and neither.json()["error"]["param"] == "type"
+    resp = start_job(server, source_model=MODEL_ID, bits=8, output="by-bits")
+    assert resp.status_code == 202, resp.text
+    assert resp.json()["type"] == "Q8_0"
+    final = wait_job(server, resp.json()["job_id"])
+    assert final["status"] == "completed", final
+    assert (models_dir(server) / "by-bits.gguf").is_file()

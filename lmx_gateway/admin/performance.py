@@ -18,7 +18,7 @@ from starlette.routing import Route
 from lmx_gateway.http.body import read_json
 from lmx_gateway.openai.schemas import ModelName
 from lmx_gateway.state import GatewayState, gateway_state
-from lmx_supervisor.autotune import AutotuneJobs
+from lmx_supervisor.autotune import AutotuneJobs, TrialShape
 from lmx_supervisor.errors import LMXError
 from lmx_supervisor.performance import performance_view
 
@@ -27,6 +27,10 @@ class AutotuneRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     model_id: ModelName
     objective: Literal["latency", "throughput"] = "throughput"
     budget_sec: Annotated[float, Meta(gt=0, le=6 * 3600)] | None = None
+    # As in the runbook (§2.11) and the benchmark: what each trial generates.
+    prompt: Annotated[str, Meta(min_length=1, max_length=100_000)] | None = None
+    max_tokens: Annotated[int, Meta(ge=2, le=4096)] = 32
+    runs: Annotated[int, Meta(ge=1, le=20)] = 1
 
 
 def autotune_jobs(state: GatewayState) -> AutotuneJobs:
@@ -39,7 +43,8 @@ def autotune_jobs(state: GatewayState) -> AutotuneJobs:
 async def start(request: Request) -> Response:
     state = gateway_state(request)
     req = await read_json(request, AutotuneRequest, state.config.server.max_request_body_bytes)
-    job = await autotune_jobs(state).start(req.model_id, req.objective, req.budget_sec)
+    job = await autotune_jobs(state).start(req.model_id, req.objective, req.budget_sec,
+                                           TrialShape(req.prompt, req.max_tokens, req.runs))
     return JSONResponse(job.snapshot(), status_code=202)
 
 

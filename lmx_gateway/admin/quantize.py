@@ -15,17 +15,20 @@ from starlette.routing import Route
 
 from lmx_gateway.http.body import read_json
 from lmx_gateway.state import GatewayState, gateway_state
-from lmx_supervisor.errors import LMXError
+from lmx_supervisor.errors import BadRequest, LMXError
 from lmx_supervisor.quantize_jobs import QuantizeArgs, QuantizeJobs
 
 NonEmpty = Annotated[str, Meta(min_length=1, max_length=1024)]
 
 
 class QuantizeRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    source: NonEmpty
-    type: Annotated[str, Meta(min_length=1, max_length=32)]
+    source: NonEmpty | None = None
+    type: Annotated[str, Meta(min_length=1, max_length=32)] | None = None
     output: NonEmpty | None = None
     group_size: int | None = None
+    # The runbook's spelling (§2.15): source_model and bits.
+    source_model: NonEmpty | None = None
+    bits: Annotated[int, Meta(ge=2, le=8)] | None = None
 
 
 def quantize_jobs(state: GatewayState) -> QuantizeJobs:
@@ -38,8 +41,16 @@ def quantize_jobs(state: GatewayState) -> QuantizeJobs:
 async def start(request: Request) -> Response:
     state = gateway_state(request)
     req = await read_json(request, QuantizeRequest, state.config.server.max_request_body_bytes)
+    if (req.source is None) == (req.source_model is None):
+        raise BadRequest("give the model to quantize as source (or source_model), once",
+                         param="source")
+    if (req.type is None) == (req.bits is None):
+        raise BadRequest("give the target as type (e.g. Q8_0, Q4, float32) or as bits, once",
+                         param="type")
+    source = req.source or req.source_model
+    assert source is not None
     job = await quantize_jobs(state).start(
-        QuantizeArgs(req.source, req.type, req.output, req.group_size), state.config)
+        QuantizeArgs(source, req.type, req.output, req.group_size, req.bits), state.config)
     return JSONResponse(job.snapshot(), status_code=202)
 
 
