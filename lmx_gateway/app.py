@@ -16,6 +16,9 @@ from lmx_gateway.admin import dashboard as routes_dashboard
 from lmx_gateway.admin import memory as routes_memory
 from lmx_gateway.admin import model_files as routes_model_files
 from lmx_gateway.admin import models as routes_admin
+from lmx_gateway.admin import performance as routes_performance
+from lmx_gateway.admin import probe as routes_probe
+from lmx_gateway.admin import quantize as routes_quantize
 from lmx_gateway.admin.control import ROUTES as CONTROL_ROUTES
 from lmx_gateway.anthropic import routes as routes_anthropic
 from lmx_gateway.encoders.routes import ROUTES as ENCODER_ROUTES
@@ -31,9 +34,11 @@ from lmx_gateway.observability.observers import Observers
 from lmx_gateway.openai import routes as routes_inference
 from lmx_gateway.responses import routes as routes_responses
 from lmx_gateway.state import GatewayState
+from lmx_supervisor.autotune import AutotuneJobs
 from lmx_supervisor.config import Config, ConfigSource
 from lmx_supervisor.downloads import DownloadManager
 from lmx_supervisor.model_files import ModelFiles
+from lmx_supervisor.quantize_jobs import QuantizeJobs
 from lmx_supervisor.startup import startup_loads
 from lmx_supervisor.supervisor import Supervisor
 
@@ -52,7 +57,9 @@ def create_app(config: Config, config_source: ConfigSource | None = None) -> Sta
             config=config, supervisor=supervisor, events=events,
             config_source=config_source or ConfigSource(),
             presets=await asyncio.to_thread(load_presets),
-            model_files=ModelFiles(supervisor, DownloadManager(events.publish)))
+            model_files=ModelFiles(supervisor, DownloadManager(events.publish)),
+            quantize_jobs=QuantizeJobs(events.publish),
+            autotune_jobs=AutotuneJobs(supervisor, events.publish))
         observers = Observers(app.state.lmx)  # metrics, lifecycle logs, throughput
         # Load in the background: /healthz answers (and /readyz says 503)
         # while models are still loading.
@@ -67,6 +74,10 @@ def create_app(config: Config, config_source: ConfigSource | None = None) -> Sta
                 await loader
             if app.state.lmx.model_files is not None:  # cancel downloads
                 await app.state.lmx.model_files.shutdown()
+            if app.state.lmx.quantize_jobs is not None:  # kill running quantizers
+                await app.state.lmx.quantize_jobs.shutdown()
+            if app.state.lmx.autotune_jobs is not None:  # stop measuring workers
+                await app.state.lmx.autotune_jobs.shutdown()
             log.info("stopping all workers")
             await supervisor.shutdown()
             # A clean shutdown resets the crash-loop counter.
@@ -81,6 +92,7 @@ def create_app(config: Config, config_source: ConfigSource | None = None) -> Sta
                 # Before routes_admin/model_files: /admin/models/compatibility
                 # must not be taken for a model id.
                 *routes_memory.ROUTES, *routes_compatibility.ROUTES, *routes_admin.ROUTES,
+                *routes_probe.ROUTES, *routes_quantize.ROUTES, *routes_performance.ROUTES,
                 *routes_dashboard.ROUTES, *routes_observability.ROUTES,
                 *routes_model_files.ROUTES],
         # Outermost first: every request gets its id before auth can refuse it.

@@ -67,6 +67,10 @@ class ModelsConfig(Section):
     # quantized CPU kernels) and keeps them quantized on a GPU; true/false force it.
     mlx_dequantize: Literal["auto"] | bool = "auto"
     n_threads: PositiveInt | None = None
+    # llama.cpp K/V cache type: q8_0 halves the cache's memory (and turns
+    # flash attention on, which llama.cpp needs for it), q4_0 quarters it.
+    # Per model: a performance profile or a load's performance_overrides.
+    kv_cache_type: Literal["f16", "q8_0", "q4_0"] = "f16"
     crash_loop_max_crashes: PositiveInt = 3
     crash_loop_window_sec: PositiveFloat = 60
     restart_backoff_initial_sec: PositiveFloat = 0.25

@@ -145,3 +145,11 @@ class Conflict(LMXError):
 
     kind = ErrorKind.CONFLICT
     code = "conflict"
+
+
+class InvalidModelFile(LMXError):
+    """A model file that cannot be read as what it claims to be: a truncated
+    or corrupt GGUF, a forged header, an unreadable config (422)."""
+
+    kind = ErrorKind.UNSUPPORTED
+    code = "invalid_model_file"

@@ -9,12 +9,18 @@ value), then per tensor (name, u32 rank, u64 dims, u32 ggml type, u64 offset
 into the aligned data section). Strings are a u64 length plus UTF-8 bytes.
 The file is memory-mapped, so only the header pages are read from disk.
 Large arrays (the tokenizer's vocabulary) are walked but not kept.
+
+The header is untrusted input (a download, a file someone handed over):
+every count and length is checked against the bytes left in the file before
+anything is read or allocated, so a forged tensor count or string length is
+a GGUFError naming the field, never a long loop or a huge allocation.
 """
 
 from __future__ import annotations
 
 import mmap
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +46,18 @@ _STRING = 8
 _ARRAY = 9
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
+# Smallest encodings, for the "can this count fit in the file" checks: a
+# metadata entry is a key (u64 length) + u32 type + at least 1 byte of value;
+# a tensor entry is a name (u64 length) + u32 rank + u32 type + u64 offset.
+_MIN_KV_BYTES = 8 + 4 + 1
+_MIN_TENSOR_BYTES = 8 + 4 + 4 + 8
+# Bounds no real model comes near (the largest models have a few thousand
+# tensors, keys and template strings of kilobytes), so a header past them is
+# corrupt or hostile even when the file is big enough to pretend otherwise.
+MAX_TENSORS = 1_000_000
+MAX_METADATA_ENTRIES = 100_000
+MAX_STRING_BYTES = 64 * 1024 * 1024
+MAX_TENSOR_RANK = 8
 
 
 class GGUFError(ValueError):
@@ -51,6 +69,10 @@ class _Cursor:
         self.buf = buf
         self.pos = 0
 
+    @property
+    def left(self) -> int:
+        return len(self.buf) - self.pos
+
     def take(self, fmt: struct.Struct) -> Any:
         end = self.pos + fmt.size
         if end > len(self.buf):
@@ -59,20 +81,35 @@ class _Cursor:
         self.pos = end
         return value
 
+    def _string_length(self) -> int:
+        length = int(self.take(_U64))
+        if length > MAX_STRING_BYTES:
+            raise GGUFError(f"GGUF string length {length} at byte {self.pos - 8} exceeds the "
+                            f"{MAX_STRING_BYTES}-byte limit (corrupt or forged header)")
+        if length > self.left:
+            raise GGUFError(f"truncated GGUF string: {length} bytes announced at byte "
+                            f"{self.pos - 8}, {self.left} left in the file")
+        return length
+
     def string(self) -> str:
-        length = self.take(_U64)
+        length = self._string_length()
         end = self.pos + length
-        if end > len(self.buf):
-            raise GGUFError("truncated GGUF string")
         text = self.buf[self.pos:end].decode("utf-8", errors="replace")
         self.pos = end
         return text
 
     def skip_string(self) -> None:
-        length = self.take(_U64)
+        length = self._string_length()  # moves pos past the length field first
         self.pos += length
-        if self.pos > len(self.buf):
-            raise GGUFError("truncated GGUF string")
+
+    def check_count(self, what: str, count: int, min_bytes: int, limit: int) -> None:
+        """Refuse a count the rest of the file cannot hold (or no model has)."""
+        if count > limit:
+            raise GGUFError(f"GGUF {what} {count} exceeds the limit of {limit} "
+                            "(corrupt or forged header)")
+        if count * min_bytes > self.left:
+            raise GGUFError(f"GGUF {what} {count} cannot fit in the {self.left} bytes left "
+                            "in the file (truncated, corrupt or forged header)")
 
     def value(self, vtype: int) -> Any:
         if vtype in _SCALARS:
@@ -82,6 +119,14 @@ class _Cursor:
         if vtype == _ARRAY:
             item_type = self.take(_U32)
             count = self.take(_U64)
+            if item_type == _ARRAY:  # llama.cpp refuses these too; unbounded recursion
+                raise GGUFError(f"GGUF array of arrays at byte {self.pos - 12} (not supported)")
+            if item_type not in _SCALARS and item_type != _STRING:
+                raise GGUFError(f"unknown GGUF array item type {item_type}")
+            min_item = _SCALARS[item_type].size if item_type in _SCALARS else 8
+            if count * min_item > self.left:
+                raise GGUFError(f"GGUF array length {count} cannot fit in the {self.left} "
+                                "bytes left in the file (truncated, corrupt or forged header)")
             if count > MAX_KEPT_ARRAY or item_type in (_STRING, _ARRAY):
                 self._skip_array(item_type, count)
                 return None
@@ -93,12 +138,9 @@ class _Cursor:
             self.pos += _SCALARS[item_type].size * count
             if self.pos > len(self.buf):
                 raise GGUFError("truncated GGUF array")
-        elif item_type == _STRING:
-            for _ in range(count):
-                self.skip_string()
         else:
             for _ in range(count):
-                self.value(item_type)
+                self.skip_string()
 
 
 # --- tensor data extent (completeness) ---------------------------------------
@@ -116,9 +158,16 @@ GGML_BLOCKS: dict[int, tuple[int, int]] = {
 DEFAULT_ALIGNMENT = 32
 
 
-def _header_and_tensors(buf: mmap.mmap) -> tuple[dict[str, Any], int, list[tuple[int, int]]]:
-    """Metadata, the offset where tensor data starts, and for every tensor
-    (relative data offset, byte length or -1 when its type is unknown)."""
+@dataclass(frozen=True)
+class TensorInfo:
+    offset: int  # relative to the data section
+    size: int  # bytes, or -1 when the ggml type is unknown here
+    elements: int
+    ggml_type: int
+
+
+def _header_and_tensors(buf: mmap.mmap) -> tuple[dict[str, Any], int, list[TensorInfo]]:
+    """Metadata, the offset where tensor data starts, and every tensor."""
     if buf[:4] != MAGIC:
         raise GGUFError("not a GGUF file (bad magic)")
     cur = _Cursor(buf)
@@ -133,15 +182,18 @@ def _header_and_tensors(buf: mmap.mmap) -> tuple[dict[str, Any], int, list[tuple
     else:
         raise GGUFError(f"unsupported GGUF version {version}")
     meta: dict[str, Any] = {"GGUF.version": version}
+    cur.check_count("metadata entry count", count, _MIN_KV_BYTES, MAX_METADATA_ENTRIES)
     for _ in range(count):
         key = cur.string()
         meta[key] = cur.value(cur.take(_U32))
-    tensors: list[tuple[int, int]] = []
-    for _ in range(n_tensors):
+    cur.check_count("tensor count", n_tensors, _MIN_TENSOR_BYTES, MAX_TENSORS)
+    tensors: list[TensorInfo] = []
+    for index in range(n_tensors):
         cur.skip_string()
         n_dims = cur.take(_U32)
-        if n_dims > 8:
-            raise GGUFError("implausible tensor rank (corrupt header)")
+        if n_dims > MAX_TENSOR_RANK:
+            raise GGUFError(f"GGUF tensor {index} has rank {n_dims}, more than "
+                            f"{MAX_TENSOR_RANK} (corrupt header)")
         elements = 1
         for _ in range(n_dims):
             elements *= cur.take(_U64)
@@ -149,7 +201,7 @@ def _header_and_tensors(buf: mmap.mmap) -> tuple[dict[str, Any], int, list[tuple
         offset = cur.take(_U64)
         block = GGML_BLOCKS.get(ggml_type)
         size = -1 if block is None else elements // block[0] * block[1]
-        tensors.append((offset, size))
+        tensors.append(TensorInfo(offset, size, elements, ggml_type))
     alignment = meta.get("general.alignment", DEFAULT_ALIGNMENT)
     if not isinstance(alignment, int) or alignment <= 0:
         alignment = DEFAULT_ALIGNMENT
@@ -172,8 +224,8 @@ def gguf_problem(path: Path) -> str | None:
     except (OSError, ValueError) as exc:
         return f"cannot read: {exc}"
     end = data_start
-    for offset, length in tensors:
-        end = max(end, data_start + offset + max(length, 1))
+    for tensor in tensors:
+        end = max(end, data_start + tensor.offset + max(tensor.size, 1))
     if end > size:
         return f"truncated: tensor data needs {end} bytes, file has {size}"
     return None
@@ -184,3 +236,32 @@ def read_gguf_metadata(path: Path) -> dict[str, Any]:
     and very long arrays come back as None."""
     with path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         return _header_and_tensors(buf)[0]
+
+
+@dataclass(frozen=True)
+class GGUFHeader:
+    metadata: dict[str, Any]
+    tensors: list[TensorInfo]
+    data_start: int
+    file_size: int
+
+
+def read_gguf_header(path: Path) -> GGUFHeader:
+    """Metadata and tensor table; GGUFError says what is wrong with a file
+    that is not a whole, well-formed GGUF."""
+    size = path.stat().st_size
+    if size < 24:
+        raise GGUFError(f"file too short to be GGUF ({size} bytes; truncated)")
+    with path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        meta, data_start, tensors = _header_and_tensors(buf)
+    return GGUFHeader(meta, tensors, data_start, size)
+
+
+# ggml type id -> name (ggml.h), for reporting a model's quantization.
+GGML_TYPE_NAMES: dict[int, str] = {
+    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 9: "Q8_1",
+    10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K", 16: "IQ2_XXS",
+    17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S",
+    23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M",
+    30: "BF16", 34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4",
+}

@@ -12,7 +12,7 @@ import secrets
 import signal
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -88,6 +88,13 @@ class ModelSettings:
     n_threads: int | None = None
     parallel_slots: int = 1
     mlx_dequantize: Literal["auto"] | bool = "auto"
+    # Performance settings (lmx_supervisor/performance.py): None = backend default.
+    n_threads_batch: int | None = None
+    n_batch: int | None = None
+    flash_attn: bool | None = None
+    kv_cache_type: Literal["f16", "q8_0", "q4_0"] = "f16"
+    # Which values came from the model's profile or the load's overrides.
+    performance_sources: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -227,6 +234,8 @@ class ManagedModel:
             memory_cap_bytes=self.memory_cap_bytes,
             parallel_slots=self.settings.parallel_slots,
             mlx_dequantize=self.settings.mlx_dequantize,
+            n_threads_batch=self.settings.n_threads_batch, n_batch=self.settings.n_batch,
+            flash_attn=self.settings.flash_attn, kv_cache_type=self.settings.kv_cache_type,
         )
         started = time.monotonic()
         try:

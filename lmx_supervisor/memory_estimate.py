@@ -60,11 +60,11 @@ class ModelShape:
     key_length: int | None = None
     value_length: int | None = None
 
-    def kv_bytes_per_token(self) -> int:
+    def kv_bytes_per_token(self, bytes_per_value: float = KV_BYTES_PER_VALUE) -> int:
         head_dim = self.n_embd // self.n_head if self.n_head else 0
         k = self.key_length or head_dim
         v = self.value_length or head_dim
-        return KV_BYTES_PER_VALUE * self.n_layer * self.n_head_kv * (k + v)
+        return int(bytes_per_value * self.n_layer * self.n_head_kv * (k + v))
 
 
 def _as_int(value: Any) -> int | None:
@@ -134,9 +134,12 @@ def _gguf_shape_cached(path: Path, _size: int, _mtime_ns: int) -> ModelShape | N
         return None
 
 
-def estimate_model_memory(path: Path, context_tokens: int) -> MemoryEstimate:
+def estimate_model_memory(path: Path, context_tokens: int,
+                          kv_bytes_per_value: float = KV_BYTES_PER_VALUE) -> MemoryEstimate:
     """`context_tokens` is the whole KV cache the worker allocates (the
-    per-request context times the number of parallel slots)."""
+    per-request context times the number of parallel slots);
+    `kv_bytes_per_value` follows the cache type (a quantized llama.cpp cache
+    takes less than f16's 2 bytes, see performance.KV_BYTES_PER_VALUE)."""
     shape: ModelShape | None = None
     if path.is_file():
         weights = _size(gguf_files(path))
@@ -153,5 +156,5 @@ def estimate_model_memory(path: Path, context_tokens: int) -> MemoryEstimate:
             shape = hf_shape(config) if isinstance(config, dict) else None
         except (OSError, ValueError) as exc:
             log.warning("cannot read %s/config.json: %s", path, exc)
-    kv = shape.kv_bytes_per_token() * context_tokens if shape else 0
+    kv = shape.kv_bytes_per_token(kv_bytes_per_value) * context_tokens if shape else 0
     return MemoryEstimate(weights, kv, RUNTIME_OVERHEAD_BYTES, context_tokens, shape is not None)

@@ -24,6 +24,7 @@ from huggingface_hub import scan_cache_dir
 from lmx_supervisor import hub_cache, inventory
 from lmx_supervisor.downloads import DownloadJob, DownloadManager, DownloadStatus
 from lmx_supervisor.errors import BadRequest, Conflict, LMXError, ModelNotFound
+from lmx_supervisor.lineage import read_lineage
 from lmx_supervisor.model_layout import gguf_layout
 from lmx_supervisor.supervisor import Supervisor
 
@@ -197,6 +198,8 @@ class ModelFiles:
             job = (self.downloads.active_for(repo_id) if row.source == inventory.HUB_CACHE
                    else None)
             entry["download_id"] = job.id if job is not None else None
+            # Models LMX made (quantize jobs): source, type, date.
+            entry["lineage"] = read_lineage(row.layout.weights)
             listed.append(entry)
         return listed
 

@@ -27,6 +27,13 @@ from lmx_supervisor.memory_guard import MemoryGuard, is_idle
 from lmx_supervisor.mlx_memory import mlx_estimate
 from lmx_supervisor.model_layout import MLX
 from lmx_supervisor.model_resolver import resolve_model
+from lmx_supervisor.performance import (
+    KV_BYTES_PER_VALUE,
+    apply_performance,
+    check_backend,
+    effective_settings,
+    parse_settings,
+)
 from lmx_supervisor.restart_policy import CrashHistory
 from lmx_supervisor.runtime_state import RuntimeStateStore
 from lmx_supervisor.states import ModelState
@@ -36,7 +43,9 @@ log = logging.getLogger("lmx.supervisor")
 
 # ModelSettings baked into a worker when it is spawned: a config reload leaves
 # them alone for running models (a restart after a crash must not change them).
-SPAWN_TIME_SETTINGS = ("context_length", "n_threads", "parallel_slots", "mlx_dequantize")
+SPAWN_TIME_SETTINGS = ("context_length", "n_threads", "parallel_slots", "mlx_dequantize",
+                       "n_threads_batch", "n_batch", "flash_attn", "kv_cache_type",
+                       "performance_sources")
 
 
 def settings_from(config: Config, model_id: str) -> ModelSettings:
@@ -56,6 +65,7 @@ def settings_from(config: Config, model_id: str) -> ModelSettings:
         n_threads=m.n_threads,
         parallel_slots=m.parallel_slots,
         mlx_dequantize=m.mlx_dequantize,
+        kv_cache_type=m.kv_cache_type,
     )
 
 
@@ -125,8 +135,12 @@ class Supervisor:
     # --- lifecycle ---------------------------------------------------------------
 
     async def load(self, ref: str, backend: str | None = None, served_name: str | None = None,
-                   allow_unsupported_runtime: bool = False) -> tuple[ManagedModel, bool]:
+                   allow_unsupported_runtime: bool = False,
+                   performance_overrides: dict[str, Any] | None = None
+                   ) -> tuple[ManagedModel, bool]:
         """Load a model; returns it and whether it was already loaded."""
+        # Issue 14: a bad override is a 400 before anything else happens.
+        overrides = parse_settings(performance_overrides, "performance_overrides")
         # In a thread: resolving may scan the hub cache and read a GGUF header.
         resolved = await asyncio.to_thread(
             resolve_model, ref, self.config.models_dir, backend, served_name)
@@ -151,9 +165,14 @@ class Supervisor:
             if current is not None:  # quarantined: replace its entry
                 await current.stop(0)
             settings = settings_from(self.config, resolved.model_id)
+            # Issue 14: the model's performance profile, then the overrides.
+            effective = await asyncio.to_thread(effective_settings, resolved.model_id, overrides)
+            check_backend(effective, resolved.backend)
+            settings = apply_performance(settings, effective)
             estimate = await asyncio.to_thread(
                 estimate_model_memory, resolved.path,
-                settings.context_length * max(1, settings.parallel_slots))
+                settings.context_length * max(1, settings.parallel_slots),
+                KV_BYTES_PER_VALUE[settings.kv_cache_type])
             if resolved.backend == MLX:  # float32 on a CPU: see mlx_memory
                 estimate = await asyncio.to_thread(mlx_estimate, estimate, resolved.path,
                                                    settings.mlx_dequantize)
@@ -226,6 +245,15 @@ class Supervisor:
             await model.stop(self.config.models.unload_drain_timeout_sec)
             self._models.pop(model_id, None)
             return model
+
+    def throwaway_model(self, model_id: str, path: Path, backend: str, settings: ModelSettings,
+                        emit: EventSink) -> ManagedModel:
+        """A worker outside the registry, for autotune's measurements (issue
+        14): never routed to, not in the runtime state or the compatibility
+        ledger, not restarted into quarantine history; its owner stops it."""
+        history = CrashHistory(settings.crash_loop_max_crashes, settings.crash_loop_window_sec)
+        return ManagedModel(model_id, path, backend, settings, self._hub, history, emit,
+                            self._worker_env)
 
     async def shutdown(self, drain_timeout: float = 5.0) -> None:
         await self.memory.stop()  # no TTL eviction while everything stops

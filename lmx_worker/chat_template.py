@@ -10,22 +10,9 @@ from datetime import datetime
 from typing import Any
 
 import jinja2
-import jinja2.ext
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from lmx_worker.engine import RequestError
-from lmx_worker.tool_format import ToolSupport, inspect_template
-
-
-class GenerationTag(jinja2.ext.Extension):
-    """Accepts HF's `{% generation %}…{% endgeneration %}` markers (used for
-    training masks) and renders their body unchanged."""
-
-    tags = {"generation"}  # noqa: RUF012 (jinja2 declares it an instance attribute)
-
-    def parse(self, parser: jinja2.parser.Parser) -> list[jinja2.nodes.Node]:
-        next(parser.stream)
-        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+from lmx_worker.template_inspection import ToolSupport, inspect_template, template_environment
 
 
 def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
@@ -40,9 +27,7 @@ def _raise(message: str) -> None:
 
 class ChatTemplate:
     def __init__(self, source: str, bos_token: str, eos_token: str) -> None:
-        env = ImmutableSandboxedEnvironment(
-            trim_blocks=True, lstrip_blocks=True,
-            extensions=[GenerationTag, jinja2.ext.loopcontrols])
+        env = template_environment()
         env.filters["tojson"] = _tojson
         self._template = env.from_string(source)
         self.source = source

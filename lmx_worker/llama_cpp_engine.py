@@ -47,6 +47,9 @@ from lmx_worker.spec import WorkerSpec
 from lmx_worker.text_stream import TextStream
 
 _PIECE_BUFFER = 256
+# kv_cache_type -> ggml type of llama.cpp's K and V cache.
+_KV_CACHE_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0,
+                   "q4_0": llama_cpp.GGML_TYPE_Q4_0}
 _PENALTY_LAST_N = 64
 _backend_ready = False
 
@@ -99,7 +102,7 @@ class LlamaCppEngine:
         self.capabilities = ["chat", "completions", "structured_output"]
         self.backend_version = str(llama_cpp.__version__)
         self.slot_context = spec.context_length
-        self.n_batch = 512
+        self.n_batch = spec.n_batch or 512
         slots = max(1, spec.parallel_slots)
         self.model = internals.LlamaModel(path_model=spec.model_path,
                                           params=llama_cpp.llama_model_default_params(),
@@ -116,10 +119,16 @@ class LlamaCppEngine:
         params.kv_unified = False
         # llama-cpp-python's Llama disables flash attention by default; match
         # it so a request computes the same logits here as in-process.
-        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        # A quantized V cache needs flash attention; a performance profile
+        # may also turn it on where it measured faster.
+        params.flash_attn_type = (
+            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+            if spec.flash_attn or (spec.flash_attn is None and spec.kv_cache_type != "f16")
+            else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        params.type_k = params.type_v = _KV_CACHE_TYPES[spec.kv_cache_type]
         threads = spec.n_threads or os.cpu_count() or 1
         params.n_threads = threads
-        params.n_threads_batch = threads
+        params.n_threads_batch = spec.n_threads_batch or threads
         self.ctx = internals.LlamaContext(model=self.model, params=params, verbose=verbose)
         self.context_length = self.slot_context
         self._vocab = self.model.vocab

@@ -25,6 +25,13 @@ class WorkerSpec(msgspec.Struct, forbid_unknown_fields=True):
     parallel_slots: int = 1
     # MLX: dequantize weights ("auto": on a CPU yes, on a GPU no; see mlx_weights).
     mlx_dequantize: Literal["auto"] | bool = "auto"
+    # llama.cpp: threads for prompt batches (None: n_threads), logical batch
+    # size (None: 512), flash attention (None: off unless the KV cache is
+    # quantized, which needs it), and the K/V cache type.
+    n_threads_batch: int | None = None
+    n_batch: int | None = None
+    flash_attn: bool | None = None
+    kv_cache_type: Literal["f16", "q8_0", "q4_0"] = "f16"
 
 
 def encode_spec(spec: WorkerSpec) -> str:

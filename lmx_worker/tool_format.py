@@ -24,56 +24,22 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
-
-import jinja2
-import jinja2.meta
 
 from lmx_protocol.tool_formats import (
     HERMES_CLOSE,
     HERMES_OPEN,
     MISTRAL_ARGS,
     MISTRAL_MARKER,
-    PYTHON_TAG,
     ToolFormat,
-    argument_key,
 )
 from lmx_worker.constraints import JSON_LAYOUT, close_objects
 
+# Re-exported: the engines and tests know them from here.
+from lmx_worker.template_inspection import ToolSupport, inspect_template
 
-@dataclass(frozen=True)
-class ToolSupport:
-    """What a chat template does with tools."""
-
-    format: ToolFormat
-    takes_tools: bool  # renders a `tools` variable itself
-    mistral_args: bool = False  # `[TOOL_CALLS]name[ARGS]{...}` rather than a JSON list
-
-    @property
-    def argument_key(self) -> str:
-        return argument_key(self.format)
-
-
-def inspect_template(source: str, env: jinja2.Environment | None = None) -> ToolSupport:
-    """Detect the tool-call format from the template's own markers. `env`:
-    the environment the template renders in (its extensions parse tags a
-    bare environment would reject)."""
-    try:
-        parsed = (env or jinja2.Environment()).parse(source)
-        names = jinja2.meta.find_undeclared_variables(parsed)
-    except jinja2.TemplateSyntaxError:
-        names = set()
-    takes_tools = "tools" in names
-    if MISTRAL_MARKER in source:
-        return ToolSupport(ToolFormat.MISTRAL, takes_tools, MISTRAL_ARGS in source)
-    if HERMES_OPEN in source:
-        return ToolSupport(ToolFormat.HERMES, takes_tools)
-    if takes_tools and (PYTHON_TAG in source or '"parameters"' in source):
-        return ToolSupport(ToolFormat.LLAMA3_JSON, takes_tools)
-    if takes_tools:
-        return ToolSupport(ToolFormat.JSON, takes_tools)
-    return ToolSupport(ToolFormat.HERMES, False)
+__all__ = ["ToolFormat", "ToolSupport", "call_body_schema", "call_grammar", "inspect_template",
+           "prepare_chat", "tools_system_prompt"]
 
 
 # --- prompt -------------------------------------------------------------------

@@ -21,6 +21,7 @@ from lmx_gateway.observability.observers import gib
 from lmx_gateway.state import gateway_state
 from lmx_supervisor.errors import LMXError
 from lmx_supervisor.managed_model import ManagedModel
+from lmx_supervisor.performance import performance_view
 
 
 async def describe_model(model: ManagedModel, with_stats: bool = True) -> dict[str, Any]:
@@ -44,6 +45,7 @@ async def describe_model(model: ManagedModel, with_stats: bool = True) -> dict[s
         **encoder_listing(ready),
         "memory_gb": gib(stats.rss_bytes if stats else (ready.memory_bytes if ready else 0)),
         "loaded_at": model.loaded_at,
+        "performance": performance_view(model.settings),
         "worker_stats": {
             "requests_started": stats.requests_started,
             "requests_finished": stats.requests_finished,
@@ -72,7 +74,8 @@ async def load_model(request: Request) -> Response:
     try:
         model, already = await state.supervisor.load(
             req.model_id, backend=req.backend, served_name=req.served_name,
-            allow_unsupported_runtime=req.allow_unsupported_runtime)
+            allow_unsupported_runtime=req.allow_unsupported_runtime,
+            performance_overrides=req.performance_overrides)
     except LMXError as exc:
         if not (req.auto_download and needs_download(exc, req.model_id)):
             raise

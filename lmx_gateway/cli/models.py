@@ -1,4 +1,5 @@
-"""`lmx models ls|available|load|unload|pull|rm`."""
+"""`lmx models ls|available|load|unload|pull|rm` (and convert, probe, quantize,
+autotune from their own modules)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from rich.progress import (
 from rich.table import Table
 
 from lmx_gateway.cli import convert as cli_convert
+from lmx_gateway.cli import tuning as cli_tuning
 from lmx_gateway.cli.http import EXIT_FAILED, EXIT_OK, ApiError, LmxClient, add_common_options
 from lmx_gateway.cli.output import Output, error_line, human_bytes, run_command, state_text
 
@@ -264,3 +266,4 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("model")
     p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
     cli_convert.register(msub)
+    cli_tuning.register(msub)
