@@ -16,6 +16,7 @@ from lmx_gateway.admin import dashboard as routes_dashboard
 from lmx_gateway.admin import memory as routes_memory
 from lmx_gateway.admin import model_files as routes_model_files
 from lmx_gateway.admin import models as routes_admin
+from lmx_gateway.admin import restart as routes_restart
 from lmx_gateway.admin.control import ROUTES as CONTROL_ROUTES
 from lmx_gateway.anthropic import routes as routes_anthropic
 from lmx_gateway.encoders.routes import ROUTES as ENCODER_ROUTES
@@ -81,6 +82,7 @@ def create_app(config: Config, config_source: ConfigSource | None = None) -> Sta
                 # Before routes_admin/model_files: /admin/models/compatibility
                 # must not be taken for a model id.
                 *routes_memory.ROUTES, *routes_compatibility.ROUTES, *routes_admin.ROUTES,
+                *routes_restart.ROUTES,
                 *routes_dashboard.ROUTES, *routes_observability.ROUTES,
                 *routes_model_files.ROUTES],
         # Outermost first: every request gets its id before auth can refuse it.
