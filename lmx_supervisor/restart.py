@@ -84,6 +84,7 @@ class Restart:
         self._shadow: ManagedModel | None = None
         self._old_crash: str | None = None
         self._retiring: _Retiring | None = None
+        self.progress.loading_pid = lambda: self._shadow.pid if self._shadow else None
         # What the replaced worker was sized at (reserved while it drains).
         self._replaced_estimate: MemoryEstimate | None = model.memory_estimate
         self._replaced_cap: int | None = model.memory_cap_bytes

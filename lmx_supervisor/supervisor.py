@@ -286,7 +286,14 @@ class Supervisor:
                     restart.release()
             task.add_done_callback(finished)
         # Shielded: a caller that goes away does not abandon a half-done restart.
-        return await asyncio.shield(task)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if task.cancelled() and not (current and current.cancelling()):
+                raise Conflict(f"Restart of '{model_id}' was cancelled: the model was "
+                               "unloaded", code="restart_cancelled", param="model_id") from None
+            raise
 
     async def _plan(self, model: ManagedModel, overrides: Overrides,
                     mode: RestartMode | None) -> RestartPlan:

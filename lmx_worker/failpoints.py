@@ -12,6 +12,9 @@ Points:
   crash_on_load       raise an exception while loading (clean Failed frame)
   segfault_on_load    dereference NULL while loading (dies with SIGSEGV)
   hang_on_load        never finish loading
+  slow_load:MS        sleep MS milliseconds before loading
+  load_after_file:PATH  wait (up to LOAD_GATE_MAX_SEC) until PATH exists before
+                      loading, so a test decides when a load may finish
   exit_mid_stream:N   os._exit(70) after emitting N tokens of a request
   slow_tokens:MS      sleep MS milliseconds before every token
   fail_generate       refuse every generation (so the warm-up canary fails)
@@ -39,6 +42,7 @@ ENV_VAR = "LMX_FAILPOINTS"
 # alloc_mid_stream never takes more than this from a worker that has no
 # memory cap: a test run without caps must not exhaust the host.
 ALLOC_CEILING = 2 * 1024**3
+LOAD_GATE_MAX_SEC = 300.0
 
 
 def _split_item(item: str) -> tuple[str, str]:
@@ -88,6 +92,14 @@ class Failpoints:
         return bool(self._points)
 
     def on_load(self) -> None:
+        slow = self._points.get("slow_load")
+        if slow:
+            time.sleep(int(slow) / 1000.0)
+        gate = self._points.get("load_after_file")
+        if gate:
+            deadline = time.monotonic() + LOAD_GATE_MAX_SEC
+            while not os.path.exists(gate) and time.monotonic() < deadline:
+                time.sleep(0.05)
         if "crash_on_load" in self._points:
             raise RuntimeError("failpoint crash_on_load")
         if "segfault_on_load" in self._points:
