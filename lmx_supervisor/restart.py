@@ -31,6 +31,7 @@ from typing import Any
 
 from lmx_protocol import Shutdown
 from lmx_supervisor.errors import LoadFailed, ModelUnavailable, WorkerCrashed
+from lmx_supervisor.exit_causes import describe_exit
 from lmx_supervisor.managed_model import EventSink, ManagedModel
 from lmx_supervisor.memory_estimate import MemoryEstimate
 from lmx_supervisor.restart_policy import backoff_delay
@@ -232,6 +233,12 @@ class Restart:
                and worker.returncode is None and time.monotonic() < deadline):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(worker.exited), POLL_SEC)
+        if worker is not None and worker.returncode not in (None, 0):
+            # Died on its own while draining: its watcher no longer reports
+            # it (the model has moved on), so it is reported here.
+            self._emit("worker_crashed", {
+                "model_id": model.model_id, "pid": worker.pid, "returncode": worker.returncode,
+                "cause": describe_exit(worker.returncode), "oom": False, "retiring": True})
         leftover = retiring.request_ids & model._inflight.keys()
         if leftover:
             if worker is not None and worker.returncode is not None:

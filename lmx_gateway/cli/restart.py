@@ -79,6 +79,10 @@ def restart_command(args: argparse.Namespace, client: LmxClient, out: Output) ->
     if args.all == bool(args.model):
         error_line("give a model id or --all (not both)")
         return EXIT_FAILED
+    if args.all and _settings(args):
+        error_line("--all restarts every model with its own settings: give a model id to "
+                   "change settings")
+        return EXIT_FAILED
     return restart_all(args, client, out) if args.all else restart_one(args, client, out)
 
 
