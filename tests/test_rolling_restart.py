@@ -95,6 +95,8 @@ def make_server(tmp_path: Path, models_dir: Path) -> Iterator[Any]:
         cfg = base_config(models_dir, **{**LIGHT, **models})
         if memory:
             cfg["memory"] = memory
+        # Frequent heartbeats: an idle event stream notices it was closed.
+        cfg["server"] = {"sse_heartbeat_interval_sec": 1}
         server = LMXServer(home, cfg, env)
         servers.append(server)
         return server
@@ -154,8 +156,11 @@ def test_rolling_and_drain_restarts_under_load_fail_no_request(make_server: Any)
         load.wait_for_more(CLIENTS)
         pids = [server.worker_pid(MODEL_ID)]
         plan = [("rolling", 4), ("rolling", 2), ("drain", 4)]
+        windows: list[tuple[float, float]] = []
         for mode, slots in plan:
+            began = time.monotonic()
             resp = restart(server, mode=mode, settings={"parallel_slots": slots})
+            windows.append((began, time.monotonic()))
             assert resp.status_code == 200, resp.text
             body = resp.json()
             assert body["mode"] == mode and body["old_pid"] == pids[-1]
@@ -174,6 +179,11 @@ def test_rolling_and_drain_restarts_under_load_fail_no_request(make_server: Any)
         events.close()
     assert load.failures == []
     assert load.count() > 4 * CLIENTS
+    ttft = [(r["started"], r["first"] - r["started"]) for r in load.results if r["first"]]
+    during = [t for s, t in ttft if any(b <= s <= e for b, e in windows)]
+    outside = [t for s, t in ttft if not any(b <= s <= e for b, e in windows)]
+    print(f"longest TTFT during restarts {max(during, default=0):.2f}s ({len(during)} "
+          f"requests), outside {max(outside, default=0):.2f}s ({len(outside)} requests)")
     assert len(set(pids)) == len(plan) + 1
     restarting = events.of("model_restarting", model_id=MODEL_ID)
     restarted = events.of("model_restarted", model_id=MODEL_ID)
