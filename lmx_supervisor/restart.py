@@ -144,8 +144,9 @@ class Restart:
         model = self.model
         model.gate.pause()
         try:
+            deadline = time.monotonic() + self.plan.drain_timeout_sec
             await model.gate.wait_empty(self.plan.drain_timeout_sec)
-            await self._retire(self._detach_serving())
+            await self._retire(self._detach_serving(), deadline)
             self.progress.phase = "loading"
             try:
                 await self._load_replacement(self.plan.target, self.plan.estimate,
@@ -224,11 +225,13 @@ class Restart:
         model.worker, model.worker_id, model._watch_task = None, None, None
         return retiring
 
-    async def _retire(self, retiring: _Retiring) -> None:
-        """Let the requests on the old worker finish (bounded), then stop it."""
+    async def _retire(self, retiring: _Retiring, deadline: float | None = None) -> None:
+        """Let the requests on the old worker finish (until `deadline`, by
+        default the drain timeout from now), then stop it."""
         self._retiring = retiring
         model, worker = self.model, retiring.worker
-        deadline = time.monotonic() + self.plan.drain_timeout_sec
+        if deadline is None:
+            deadline = time.monotonic() + self.plan.drain_timeout_sec
         while (retiring.request_ids & model._inflight.keys() and worker is not None
                and worker.returncode is None and time.monotonic() < deadline):
             with contextlib.suppress(TimeoutError):

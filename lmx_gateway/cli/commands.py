@@ -178,6 +178,7 @@ EVENT_STYLES = {
     "memory_warning": "yellow", "worker_restarted": "yellow", "model_loaded": "green",
     "model_unloaded": "cyan", "download_completed": "green", "config_reloaded": "magenta",
     "request_completed": "blue", "heartbeat": "dim",
+    "model_restarting": "yellow", "model_restarted": "green", "model_restart_failed": "red",
 }
 _SKIP_KEYS = {"type", "ts"}
 
