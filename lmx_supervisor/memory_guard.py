@@ -274,6 +274,9 @@ class MemoryGuard:
             "budget_gb": gb(budget) if budget is not None else None,
             "budget_used_gb": gb(held) if budget is not None else None,
             "models_estimate_gb": gb(held),
+            # Replacement workers of restarts in progress (and old workers
+            # they are draining), counted on top of the models' estimates.
+            "restart_reserved_gb": gb(sum(self.reserved.values())),
             "worker_memory_cap": {
                 "mechanism": "RLIMIT_DATA" if cfg.worker_memory_cap_factor else None,
                 "factor": cfg.worker_memory_cap_factor,
