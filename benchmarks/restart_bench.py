@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -182,6 +183,8 @@ def main() -> int:
             server.wait(60)
         except subprocess.TimeoutExpired:
             server.kill()
+            server.wait()
+        shutil.rmtree(home, ignore_errors=True)
 
     def during(started: float, mode: str | None = None) -> bool:
         return any(b <= started <= e and (mode is None or r["mode"] == mode)
