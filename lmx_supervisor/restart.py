@@ -193,7 +193,9 @@ class Restart:
                              set(model._inflight))
         model._hub.register(new_id, model._on_frame)
         model.worker, model.worker_id, model.ready = new_worker, new_id, shadow.ready
-        model.settings = with_overrides(model.settings, self.plan.target)
+        # The spawn-time values the replacement really runs with (the old ones
+        # when a drain restart restored them), over the model's other settings.
+        model.settings = with_overrides(model.settings, spawn_values(shadow.settings))
         model.memory_estimate = shadow.memory_estimate
         model.memory_cap_bytes = shadow.memory_cap_bytes
         model.memory_sample = None

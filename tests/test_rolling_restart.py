@@ -225,6 +225,18 @@ def test_replacement_that_crashes_leaves_the_old_worker_serving(make_server: Any
         assert failed[0]["still_serving"] is True and failed[0]["mode"] == "rolling"
         assert events.of("model_load_failed", model_id=MODEL_ID, replacement=True)
 
+        # Drain mode: the old worker is gone before the replacement fails, so
+        # a worker with the old settings takes its place.
+        drained = restart(server, mode="drain", settings={"parallel_slots": 3})
+        assert drained.status_code == 409, drained.text
+        assert "old settings were restored" in drained.json()["error"]["message"]
+        row = server.admin_models()[MODEL_ID]
+        assert row["state"] == "ready" and row["pid"] != old_pid
+        assert row["spawn_settings"]["parallel_slots"] == 2
+        assert row["recent_crashes"] == 2
+        chat_ok(server)
+        old_pid = row["pid"]
+
         # Unknown settings are refused before anything starts.
         bad = restart(server, settings={"parallel_slots": 2, "gpu_layers": 3})
         assert bad.status_code == 400
