@@ -58,6 +58,7 @@ class _Retiring:
     worker_id: str | None
     watch: asyncio.Task[None] | None
     request_ids: set[str]
+    stopping: bool = False  # we asked it to exit: its exit is no crash
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,7 @@ class Restart:
         self._shadow: ManagedModel | None = None
         self._old_crash: str | None = None
         self._retiring: _Retiring | None = None
+        self._retire_deadline: float | None = None
         self.progress.loading_pid = lambda: self._shadow.pid if self._shadow else None
         # What the replaced worker was sized at (reserved while it drains).
         self._replaced_estimate: MemoryEstimate | None = model.memory_estimate
@@ -112,7 +114,9 @@ class Restart:
             await self._discard_shadow()
             retiring, self._retiring = self._retiring, None
             if retiring is not None:
-                await self._stop(retiring)
+                # Cancelled while the old worker drained (an unload): its
+                # requests keep their drain deadline, as an unload gives them.
+                await self._retire(retiring, self._retire_deadline)
             self.release()
             model.restart = None
             model.crash_hook = None
@@ -230,15 +234,15 @@ class Restart:
     async def _retire(self, retiring: _Retiring, deadline: float | None = None) -> None:
         """Let the requests on the old worker finish (until `deadline`, by
         default the drain timeout from now), then stop it."""
-        self._retiring = retiring
         model, worker = self.model, retiring.worker
         if deadline is None:
             deadline = time.monotonic() + self.plan.drain_timeout_sec
+        self._retiring, self._retire_deadline = retiring, deadline
         while (retiring.request_ids & model._inflight.keys() and worker is not None
                and worker.returncode is None and time.monotonic() < deadline):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(worker.exited), POLL_SEC)
-        if worker is not None and worker.returncode not in (None, 0):
+        if worker is not None and worker.returncode not in (None, 0) and not retiring.stopping:
             # Died on its own while draining: its watcher no longer reports
             # it (the model has moved on), so it is reported here.
             self._emit("worker_crashed", {
@@ -256,10 +260,11 @@ class Restart:
                     f"({self.plan.drain_timeout_sec:g}s)", code="model_restarted")
             for rid in leftover:
                 model._inflight[rid].put_nowait(error)
-        self._retiring = None
         await self._stop(retiring)
+        self._retiring = None
 
     async def _stop(self, retiring: _Retiring) -> None:
+        retiring.stopping = True
         worker, worker_id = retiring.worker, retiring.worker_id
         grace = self.model.settings.stop_grace_sec
         if worker is not None:
