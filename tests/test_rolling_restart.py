@@ -3,6 +3,7 @@ workers, real load from the official openai client, real failpoints."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import openai
 import pytest
 import yaml
 
+from lmx_supervisor.admission import AdmissionGate, AdmissionTimeout
 from tests.conftest import MODEL_ID, LMXServer, base_config, wait_until
 from tests.lifecycle_support import EventCollector, model_estimate
 
@@ -415,3 +417,35 @@ def test_old_worker_crash_during_rolling_restart_promotes_the_replacement(
                    what="TTL eviction after the restart")
     finally:
         events.close()
+
+
+def test_paused_admission_gate_queues_arrivals_until_resumed() -> None:
+    """The drain restart's gate: paused, it hands no permit out (arrivals
+    queue, still bounded by their own timeout), reports when the last
+    permit is back, and releases the queue in order on resume."""
+    async def scenario() -> list[str]:
+        gate = AdmissionGate(2)
+        await gate.acquire(1)
+        gate.pause()
+        order: list[str] = []
+
+        async def arrive(name: str, timeout: float) -> None:
+            try:
+                await gate.acquire(timeout)
+                order.append(name)
+            except AdmissionTimeout:
+                order.append(f"{name}:429")
+
+        waiters = [asyncio.create_task(arrive("a", 30)), asyncio.create_task(arrive("b", 30)),
+                   asyncio.create_task(arrive("late", 0.01))]
+        await asyncio.sleep(0.05)
+        assert gate.active == 1 and gate.queued == 2 and order == ["late:429"]
+        assert not await gate.wait_empty(0.01)
+        gate.release()  # the in-flight request finishes: not handed on while paused
+        assert await gate.wait_empty(1) and gate.active == 0 and gate.queued == 2
+        gate.resume()
+        await asyncio.gather(*waiters)
+        assert gate.active == 2 and gate.queued == 0
+        return order
+
+    assert asyncio.run(scenario()) == ["late:429", "a", "b"]
