@@ -19,6 +19,7 @@ from lmx_gateway.admin import models as routes_admin
 from lmx_gateway.admin import performance as routes_performance
 from lmx_gateway.admin import probe as routes_probe
 from lmx_gateway.admin import quantize as routes_quantize
+from lmx_gateway.admin import restart as routes_restart
 from lmx_gateway.admin.control import ROUTES as CONTROL_ROUTES
 from lmx_gateway.anthropic import routes as routes_anthropic
 from lmx_gateway.encoders.routes import ROUTES as ENCODER_ROUTES
@@ -93,6 +94,7 @@ def create_app(config: Config, config_source: ConfigSource | None = None) -> Sta
                 # must not be taken for a model id.
                 *routes_memory.ROUTES, *routes_compatibility.ROUTES, *routes_admin.ROUTES,
                 *routes_probe.ROUTES, *routes_quantize.ROUTES, *routes_performance.ROUTES,
+                *routes_restart.ROUTES,
                 *routes_dashboard.ROUTES, *routes_observability.ROUTES,
                 *routes_model_files.ROUTES],
         # Outermost first: every request gets its id before auth can refuse it.

@@ -23,13 +23,17 @@ class AdmissionGate:
         self.limit = limit
         self.active = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
+        # Paused (a drain restart): no permit is handed out, arrivals queue
+        # (still bounded by their own timeout) until resume().
+        self.paused = False
+        self._emptied = asyncio.Event()
 
     @property
     def queued(self) -> int:
         return sum(1 for fut in self._waiters if not fut.done())
 
     async def acquire(self, timeout: float) -> None:
-        if self.active < self.limit and not self.queued:
+        if self.active < self.limit and not self.queued and not self.paused:
             self.active += 1
             return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -52,18 +56,40 @@ class AdmissionGate:
 
     def release(self) -> None:
         # Over a lowered limit a freed permit retires instead of passing on.
-        while self._waiters and self.active <= self.limit:
+        while self._waiters and self.active <= self.limit and not self.paused:
             fut = self._waiters.popleft()
             if not fut.done():
                 fut.set_result(None)  # the permit passes on; active unchanged
                 return
         self.active -= 1
+        if self.active == 0:
+            self._emptied.set()
+
+    def pause(self) -> None:
+        self.paused = True
+
+    async def wait_empty(self, timeout: float) -> bool:
+        """While paused: wait until every permit is back (True) or `timeout`."""
+        while self.active > 0:
+            self._emptied.clear()
+            try:
+                await asyncio.wait_for(self._emptied.wait(), timeout)
+            except TimeoutError:
+                return self.active == 0
+        return True
+
+    def resume(self) -> None:
+        self.paused = False
+        self._admit_waiters()
 
     def resize(self, limit: int) -> None:
         """Change the limit in place (config reload). Raising it admits
         waiters now; lowering it takes effect as permits are released."""
         self.limit = limit
-        while self._waiters and self.active < self.limit:
+        self._admit_waiters()
+
+    def _admit_waiters(self) -> None:
+        while self._waiters and self.active < self.limit and not self.paused:
             fut = self._waiters.popleft()
             if not fut.done():
                 fut.set_result(None)

@@ -17,12 +17,13 @@ from lmx_supervisor.states import ModelState
 WANTED = (ModelState.READY, ModelState.BACKOFF)
 # Events after which the set of wanted models may have changed.
 MEMBERSHIP_EVENTS = frozenset({"model_loaded", "model_unloaded", "model_quarantined",
-                               "model_evicted"})
+                               "model_evicted", "model_restarted"})
 
 
 def loaded_records(models: list[ManagedModel]) -> list[LoadedModelRecord]:
     return [LoadedModelRecord(model_id=m.model_id, path=str(m.path), backend=m.backend,
-                              served_name=m.model_id)
+                              served_name=m.model_id,
+                              settings=dict(m.spawn_overrides) or None)
             for m in models if m.state in WANTED]
 
 

@@ -50,6 +50,7 @@ from lmx_supervisor.exit_causes import describe_exit
 from lmx_supervisor.memory_estimate import MemoryEstimate
 from lmx_supervisor.process_memory import WorkerMemory
 from lmx_supervisor.restart_policy import CrashHistory, backoff_delay
+from lmx_supervisor.restart_progress import RestartProgress
 from lmx_supervisor.states import ModelState, check_transition
 from lmx_supervisor.transport import PeerGone, RouterHub
 from lmx_supervisor.worker_process import WorkerProcess
@@ -161,6 +162,16 @@ class ManagedModel:
         self.memory_cap_bytes: int | None = None
         self.memory_sample: WorkerMemory | None = None
         self._oom_reported = False
+        # A restart in progress (lmx_supervisor.restart): shown in
+        # /admin/models, keeps TTL/LRU eviction away. While set, a crash of
+        # the serving worker goes to `crash_hook`, which may hand the model
+        # to the replacement instead of restarting the old settings.
+        self.restart: RestartProgress | None = None
+        self.crash_hook: Callable[[str], bool] | None = None
+        # Spawn-time settings the operator chose for this model (load
+        # performance_overrides, restart settings); kept across restarts
+        # of the server by the runtime state file.
+        self.spawn_overrides: dict[str, Any] = {}
 
     # --- state ------------------------------------------------------------
 
@@ -364,6 +375,8 @@ class ManagedModel:
         if oom:
             self._unload_after_oom(worker.pid, cause)
             return
+        if self.crash_hook is not None and self.crash_hook(cause):
+            return
         self._handle_crash(cause)
 
     def _died_of_oom(self, returncode: int | None) -> bool:
@@ -499,7 +512,9 @@ class ManagedModel:
             self.last_used = time.monotonic()
             if not self._inflight:
                 self._idle.set()
-            if not exchange.done and self.worker_id == worker_id and worker_id is not None:
+            # To the worker the request went to, even if a restart has put
+            # another beside it since.
+            if not exchange.done and worker_id is not None:
                 with contextlib.suppress(PeerGone):
                     self._hub.send(worker_id, Abort(rid))
 

@@ -87,7 +87,8 @@ def estimate_of(model: ManagedModel) -> int:
 
 def is_idle(model: ManagedModel) -> bool:
     return (model.state is ModelState.READY and model.in_flight == 0
-            and model.gate.queued == 0 and model.gate.active == 0)
+            and model.gate.queued == 0 and model.gate.active == 0
+            and model.restart is None)  # never evict a model mid-restart
 
 
 class MemoryGuard:
@@ -96,6 +97,10 @@ class MemoryGuard:
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._high = False
+        # Memory held outside the registry's estimates: a restart's
+        # replacement worker loading beside the old one, then the old one
+        # draining (keyed by a label; see restart.py).
+        self.reserved: dict[str, int] = {}
 
     @property
     def config(self) -> MemoryConfig:
@@ -126,19 +131,24 @@ class MemoryGuard:
 
     # --- admission ----------------------------------------------------------
 
-    def shortfall(self, model_id: str, needed: int) -> Shortfall | None:
+    def shortfall(self, model_id: str, needed: int, beside: bool = False) -> Shortfall | None:
+        """Whether `needed` more bytes fit for `model_id`: replacing the
+        model's own memory, or with `beside` (a second copy during a rolling
+        restart) on top of it."""
         cfg = self.config
-        others = [m for m in self._host.models() if m.model_id != model_id]
+        others = [m for m in self._host.models() if beside or m.model_id != model_id]
+        extra = sum(self.reserved.values())
         sysmem = system_memory()
         idle = [m for m in others if is_idle(m)]
         if cfg.budget_bytes is None:
             limit = int(sysmem.total * cfg.max_memory_percent / 100)
-            used = sysmem.used + sum(estimate_of(m) for m in others if m.state in PENDING)
+            used = sysmem.used + extra + sum(estimate_of(m) for m in others
+                                             if m.state in PENDING)
             reclaimable = sum((wm.rss if (wm := worker_memory(m.pid)) else 0) for m in idle)
             basis = f"system memory (memory.max_memory_percent={cfg.max_memory_percent:g}%)"
         else:
             limit = int(cfg.budget_bytes * cfg.max_memory_percent / 100)
-            used = sum(estimate_of(m) for m in others if m.state in HOLDING)
+            used = extra + sum(estimate_of(m) for m in others if m.state in HOLDING)
             reclaimable = sum(estimate_of(m) for m in idle)
             basis = (f"memory budget (memory.budget_bytes at "
                      f"memory.max_memory_percent={cfg.max_memory_percent:g}%)")
@@ -264,6 +274,9 @@ class MemoryGuard:
             "budget_gb": gb(budget) if budget is not None else None,
             "budget_used_gb": gb(held) if budget is not None else None,
             "models_estimate_gb": gb(held),
+            # Replacement workers of restarts in progress (and old workers
+            # they are draining), counted on top of the models' estimates.
+            "restart_reserved_gb": gb(sum(self.reserved.values())),
             "worker_memory_cap": {
                 "mechanism": "RLIMIT_DATA" if cfg.worker_memory_cap_factor else None,
                 "factor": cfg.worker_memory_cap_factor,

@@ -15,7 +15,7 @@ import logging
 import os
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -174,6 +174,8 @@ class LoadArgs:
     backend: str | None
     served_name: str | None
     allow_unsupported_runtime: bool
+    # Validated spawn-time settings (load performance_overrides).
+    overrides: dict[str, Any] = field(default_factory=dict)
 
 
 class ModelFiles:
@@ -242,7 +244,8 @@ class ModelFiles:
         try:
             model, _already = await self.supervisor.load(
                 args.model_id, backend=args.backend, served_name=args.served_name,
-                allow_unsupported_runtime=args.allow_unsupported_runtime)
+                allow_unsupported_runtime=args.allow_unsupported_runtime,
+                overrides=args.overrides)
         except LMXError as exc:
             job.auto_load.update(status="failed", error=exc.message)
             self.supervisor.emit("model_load_failed", {

@@ -42,6 +42,9 @@ class LoadedModelRecord(msgspec.Struct, kw_only=True):
     path: str  # what the worker opened; reloading passes it as the ref
     backend: str
     served_name: str | None = None
+    # Spawn-time settings chosen for this model (load performance_overrides,
+    # restart settings), applied again when it is restored.
+    settings: dict[str, Any] | None = None
 
 
 class RuntimeState(msgspec.Struct, kw_only=True):

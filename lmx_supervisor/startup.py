@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 from lmx_supervisor.runtime_state import CRASH_LOOP_WINDOW_SEC, StartupVerdict
+from lmx_supervisor.spawn_settings import parse_overrides
 from lmx_supervisor.supervisor import Supervisor
 
 log = logging.getLogger("lmx.supervisor")
@@ -31,7 +32,8 @@ async def startup_loads(supervisor: Supervisor, verdict: StartupVerdict) -> None
         try:
             model, already = await supervisor.load(
                 record.path, backend=record.backend,
-                served_name=record.served_name or record.model_id)
+                served_name=record.served_name or record.model_id,
+                overrides=parse_overrides(record.settings, "settings"))
             if not already:
                 log.info("restored model %s from the previous run", model.model_id)
         except Exception as exc:  # one model that no longer loads must not stop the rest

@@ -19,33 +19,45 @@ from lmx_supervisor import compatibility, runtime_state
 from lmx_supervisor.bundled_model import lmx_home
 from lmx_supervisor.compatibility import CompatibilityRegistry
 from lmx_supervisor.config import Config
-from lmx_supervisor.errors import Conflict, LoadFailed, ModelNotFound, NoModelLoaded
+from lmx_supervisor.errors import (
+    BadRequest,
+    Conflict,
+    InsufficientMemory,
+    LoadFailed,
+    ModelNotFound,
+    NoModelLoaded,
+)
 from lmx_supervisor.lifecycle_records import LifecycleRecorder
 from lmx_supervisor.managed_model import EventSink, ManagedModel, ModelSettings
-from lmx_supervisor.memory_estimate import estimate_model_memory
+from lmx_supervisor.memory_estimate import MemoryEstimate, estimate_model_memory
 from lmx_supervisor.memory_guard import MemoryGuard, is_idle
 from lmx_supervisor.mlx_memory import mlx_estimate
 from lmx_supervisor.model_layout import MLX
 from lmx_supervisor.model_resolver import resolve_model
 from lmx_supervisor.performance import (
     KV_BYTES_PER_VALUE,
+    PERFORMANCE_KEYS,
     apply_performance,
     check_backend,
     effective_settings,
-    parse_settings,
 )
+from lmx_supervisor.restart import Restart, RestartPlan
 from lmx_supervisor.restart_policy import CrashHistory
+from lmx_supervisor.restart_progress import RestartMode
 from lmx_supervisor.runtime_state import RuntimeStateStore
+from lmx_supervisor.spawn_settings import (
+    SPAWN_TIME_SETTINGS,
+    Overrides,
+    changed,
+    spawn_values,
+    with_overrides,
+)
 from lmx_supervisor.states import ModelState
 from lmx_supervisor.transport import RouterHub
 
 log = logging.getLogger("lmx.supervisor")
 
-# ModelSettings baked into a worker when it is spawned: a config reload leaves
-# them alone for running models (a restart after a crash must not change them).
-SPAWN_TIME_SETTINGS = ("context_length", "n_threads", "parallel_slots", "mlx_dequantize",
-                       "n_threads_batch", "n_batch", "flash_attn", "kv_cache_type",
-                       "performance_sources")
+__all__ = ["SPAWN_TIME_SETTINGS", "Supervisor", "settings_from"]
 
 
 def settings_from(config: Config, model_id: str) -> ModelSettings:
@@ -80,6 +92,8 @@ class Supervisor:
         self._models: dict[str, ManagedModel] = {}
         self._histories: dict[str, CrashHistory] = {}
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        # Restarts under way, by model id (an unload cancels its model's).
+        self._restarts: dict[str, asyncio.Task[dict[str, Any]]] = {}
         # Memory admission/eviction/TTL, and the files that outlive the
         # process (~/.opta-lmx/runtime-state.json, compatibility-registry.json).
         home = lmx_home() if home is None else home
@@ -136,11 +150,12 @@ class Supervisor:
 
     async def load(self, ref: str, backend: str | None = None, served_name: str | None = None,
                    allow_unsupported_runtime: bool = False,
-                   performance_overrides: dict[str, Any] | None = None
-                   ) -> tuple[ManagedModel, bool]:
-        """Load a model; returns it and whether it was already loaded."""
-        # Issue 14: a bad override is a 400 before anything else happens.
-        overrides = parse_settings(performance_overrides, "performance_overrides")
+                   overrides: Overrides | None = None) -> tuple[ManagedModel, bool]:
+        """Load a model; returns it and whether it was already loaded.
+        `overrides` (validated spawn-time settings, `spawn_settings.parse_overrides`)
+        win over the model's performance profile and the config, now and
+        after restarts."""
+        overrides = overrides or {}
         # In a thread: resolving may scan the hub cache and read a GGUF header.
         resolved = await asyncio.to_thread(
             resolve_model, ref, self.config.models_dir, backend, served_name)
@@ -154,6 +169,13 @@ class Supervisor:
                     raise Conflict(
                         f"Model id '{resolved.model_id}' is already serving {current.path}",
                         code="model_id_in_use", param="served_name")
+                differing = changed(current.settings, overrides)
+                if differing:
+                    raise Conflict(
+                        f"Model '{resolved.model_id}' is already loaded with other settings "
+                        f"({', '.join(sorted(differing))}); restart it with them: "
+                        "POST /admin/models/restart", code="model_loaded_with_other_settings",
+                        param="performance_overrides")
                 return current, True
             if history.over_limit():
                 if not allow_unsupported_runtime:
@@ -164,18 +186,9 @@ class Supervisor:
                 history.clear()
             if current is not None:  # quarantined: replace its entry
                 await current.stop(0)
-            settings = settings_from(self.config, resolved.model_id)
-            # Issue 14: the model's performance profile, then the overrides.
-            effective = await asyncio.to_thread(effective_settings, resolved.model_id, overrides)
-            check_backend(effective, resolved.backend)
-            settings = apply_performance(settings, effective)
-            estimate = await asyncio.to_thread(
-                estimate_model_memory, resolved.path,
-                settings.context_length * max(1, settings.parallel_slots),
-                KV_BYTES_PER_VALUE[settings.kv_cache_type])
-            if resolved.backend == MLX:  # float32 on a CPU: see mlx_memory
-                estimate = await asyncio.to_thread(mlx_estimate, estimate, resolved.path,
-                                                   settings.mlx_dequantize)
+            settings = await asyncio.to_thread(self._configured_settings, resolved.model_id,
+                                               resolved.backend, overrides)
+            estimate = await self._estimate(resolved.path, resolved.backend, settings)
             await self.memory.admit(resolved.model_id, estimate)  # 507, or evicts idle LRU
             # No await from here until the model is registered: a concurrent
             # admission must count it.
@@ -185,6 +198,7 @@ class Supervisor:
                 self._worker_env)
             model.memory_estimate = estimate
             model.memory_cap_bytes = self.memory.worker_cap(estimate, settings.n_threads)
+            model.spawn_overrides = dict(overrides)
             self._models[resolved.model_id] = model
             try:
                 await model.load()
@@ -193,6 +207,29 @@ class Supervisor:
                     self._models.pop(resolved.model_id, None)
                 raise
             return model, False
+
+    def _configured_settings(self, model_id: str, backend: str, overrides: Overrides
+                             ) -> ModelSettings:
+        """What a worker of this model is spawned with: the config, then the
+        model's performance profile (autotune's), then `overrides` (the
+        load's or restart's own). Reads the profile file: call off the loop."""
+        perf = {k: v for k, v in overrides.items() if k in PERFORMANCE_KEYS}
+        effective = effective_settings(model_id, perf)
+        check_backend(effective, backend)
+        settings = apply_performance(settings_from(self.config, model_id), effective)
+        return with_overrides(settings, {k: v for k, v in overrides.items()
+                                         if k not in PERFORMANCE_KEYS})
+
+    @staticmethod
+    async def _estimate(path: Path, backend: str, settings: ModelSettings) -> MemoryEstimate:
+        # In a thread: reads the GGUF header / MLX config.
+        estimate = await asyncio.to_thread(
+            estimate_model_memory, path, settings.context_length * max(1, settings.parallel_slots),
+            KV_BYTES_PER_VALUE[settings.kv_cache_type])
+        if backend == MLX:  # float32 on a CPU: see mlx_memory
+            estimate = await asyncio.to_thread(mlx_estimate, estimate, path,
+                                               settings.mlx_dequantize)
+        return estimate
 
     def reconfigure(self, config: Config) -> list[str]:
         """Adopt a reloaded config without touching any worker. Settings read
@@ -206,9 +243,8 @@ class Supervisor:
         self.config = config
         for model in self._models.values():
             fresh = settings_from(config, model.model_id)
-            for name in SPAWN_TIME_SETTINGS:
-                if hasattr(fresh, name):
-                    setattr(fresh, name, getattr(model.settings, name))
+            for name in (*SPAWN_TIME_SETTINGS, "performance_sources"):
+                setattr(fresh, name, getattr(model.settings, name))
             model.settings = fresh
             model.gate.resize(fresh.max_concurrent_requests)
         for history in self._histories.values():
@@ -221,6 +257,169 @@ class Supervisor:
                     model.history.clear()
                     lifted.append(model.model_id)
         return lifted
+
+    # --- restarts (see restart.py) --------------------------------------------------
+
+    def desired_spawn_settings(self, model: ManagedModel) -> Overrides:
+        """The spawn-time settings the config (and the model's own overrides)
+        ask for; they differ from the running ones after a config change."""
+        return spawn_values(self._configured_settings(model.model_id, model.backend,
+                                                      model.spawn_overrides))
+
+    def spawn_settings_pending(self) -> dict[str, Overrides]:
+        """Per loaded model, the spawn-time settings a restart would change."""
+        return {m.model_id: diff for m in self._models.values()
+                if m.state is ModelState.READY
+                and (diff := changed(m.settings, self.desired_spawn_settings(m)))}
+
+    def restarting(self, model_id: str) -> bool:
+        return model_id in self._restarts
+
+    async def restart(self, model_id: str, overrides: Overrides | None = None,
+                      mode: RestartMode | None = None, remember: bool = True
+                      ) -> dict[str, Any]:
+        """Replace the model's worker (rolling or drain; see restart.py) with
+        `overrides` applied; returns what happened, raises LoadFailed (the
+        old worker still serving, rolling) when the replacement failed.
+        `remember`: the overrides stay the model's own (not the config's)."""
+        overrides = overrides or {}
+        async with self._locks[model_id]:
+            model = self.get(model_id)
+            if model_id in self._restarts:
+                raise Conflict(f"Model '{model_id}' is already restarting",
+                               code="restart_in_progress", param="model_id")
+            restart: Restart | None = None
+            if model.state is ModelState.QUARANTINED:
+                coro = self._restart_quarantined(model, overrides, remember)
+            elif model.state is ModelState.READY:
+                plan = await self._plan(model, overrides, mode)
+                restart = Restart(model, plan, self.emit, self.memory.reserved)
+                coro = self._run_restart(restart, overrides, remember)
+            else:
+                raise Conflict(f"Model '{model_id}' is {model.state}; only a ready or "
+                               "quarantined model can be restarted", code="model_not_ready",
+                               param="model_id")
+            task = asyncio.create_task(coro, name=f"restart-{model_id}")
+            self._restarts[model_id] = task
+
+            def finished(_task: asyncio.Task[dict[str, Any]]) -> None:
+                self._restarts.pop(model_id, None)
+                if restart is not None:  # cancelled before it ran: no reservation left
+                    restart.release()
+            task.add_done_callback(finished)
+        # Shielded: a caller that goes away does not abandon a half-done restart.
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if task.cancelled() and not (current and current.cancelling()):
+                raise Conflict(f"Restart of '{model_id}' was cancelled: the model was "
+                               "unloaded", code="restart_cancelled", param="model_id") from None
+            raise
+
+    async def _plan(self, model: ManagedModel, overrides: Overrides,
+                    mode: RestartMode | None) -> RestartPlan:
+        target = spawn_values(model.settings)
+        target.update(overrides)
+        settings = with_overrides(model.settings, target)
+        estimate = await self._estimate(model.path, model.backend, settings)
+        beside = self.memory.shortfall(model.model_id, estimate.total_bytes, beside=True)
+        if mode is None:
+            mode = "rolling" if beside is None else "drain"
+        if mode == "rolling" and beside is not None:
+            raise InsufficientMemory(
+                beside.describe(model.model_id) + "; a rolling restart runs a second copy "
+                "beside the first: use mode 'drain'", param="mode")
+        alone = self.memory.shortfall(model.model_id, estimate.total_bytes)
+        if alone is not None:
+            raise InsufficientMemory(alone.describe(model.model_id), param="settings")
+        return RestartPlan(mode, target, estimate,
+                           self.memory.worker_cap(estimate, settings.n_threads),
+                           self.config.models.unload_drain_timeout_sec)
+
+    async def _run_restart(self, restart: Restart, overrides: Overrides, remember: bool
+                           ) -> dict[str, Any]:
+        model, plan = restart.model, restart.plan
+        started = time.monotonic()
+        base = {"model_id": model.model_id, "mode": plan.mode, "settings": plan.target,
+                "old_pid": restart.progress.old_pid}
+        self.emit("model_restarting", dict(base))
+        try:
+            progress = await restart.run()
+        except LoadFailed as exc:
+            serving = model.state is ModelState.READY
+            self.emit("model_restart_failed", {
+                **base, "duration_sec": round(time.monotonic() - started, 3),
+                "code": exc.code, "reason": exc.message, "still_serving": serving})
+            raise LoadFailed(
+                f"Restart of '{model.model_id}' failed"
+                + (" (the old worker keeps serving)" if plan.mode == "rolling" and serving
+                   else " (the old settings were restored)" if serving else "")
+                + f": {exc.message}", code=exc.code) from None
+        except asyncio.CancelledError:
+            self.emit("model_restart_failed", {
+                **base, "duration_sec": round(time.monotonic() - started, 3),
+                "code": "restart_cancelled", "reason": "cancelled (the model was unloaded)",
+                "still_serving": False})
+            raise
+        finally:
+            restart.release()
+        if remember:
+            model.spawn_overrides.update(overrides)
+        done = {**base, "new_pid": progress.new_pid,
+                "duration_sec": round(time.monotonic() - started, 3)}
+        self.emit("model_restarted", dict(done))
+        return done
+
+    async def _restart_quarantined(self, model: ManagedModel, overrides: Overrides,
+                                   remember: bool) -> dict[str, Any]:
+        """Nothing serves a quarantined model: its restart is a load with the
+        new settings (as a forced load would be, minus clearing its crashes)."""
+        started = time.monotonic()
+        target = spawn_values(model.settings)
+        target.update(overrides)
+        settings = with_overrides(model.settings, target)
+        base = {"model_id": model.model_id, "mode": "drain", "settings": target,
+                "old_pid": None}
+        self.emit("model_restarting", dict(base))
+        estimate = await self._estimate(model.path, model.backend, settings)
+        await self.memory.admit(model.model_id, estimate)
+        model.settings, model.memory_estimate = settings, estimate
+        model.memory_cap_bytes = self.memory.worker_cap(estimate, settings.n_threads)
+        try:
+            await model.load()
+        except LoadFailed as exc:
+            if model.state is not ModelState.QUARANTINED:
+                self._models.pop(model.model_id, None)
+            self.emit("model_restart_failed", {
+                **base, "duration_sec": round(time.monotonic() - started, 3),
+                "code": exc.code, "reason": exc.message, "still_serving": False})
+            raise
+        if remember:
+            model.spawn_overrides.update(overrides)
+        done = {**base, "new_pid": model.pid,
+                "duration_sec": round(time.monotonic() - started, 3)}
+        self.emit("model_restarted", dict(done))
+        return done
+
+    async def restart_many(self, targets: dict[str, Overrides], remember: bool = True,
+                           mode: RestartMode | None = None) -> list[dict[str, Any]]:
+        """Restart the given models one at a time (the next only after the
+        previous serves again); one failure does not stop the rest."""
+        results: list[dict[str, Any]] = []
+        for model_id, overrides in targets.items():
+            try:
+                done = await self.restart(model_id, overrides, mode, remember)
+                results.append({**done, "success": True})
+            except (LoadFailed, Conflict, InsufficientMemory, BadRequest, ModelNotFound,
+                    NoModelLoaded) as exc:
+                results.append({"model_id": model_id, "success": False, "code": exc.code,
+                                "error": exc.message, "settings": overrides})
+        return results
+
+    def loaded_ids(self) -> list[str]:
+        return sorted(m.model_id for m in self._models.values()
+                      if m.state is ModelState.READY)
 
     async def evict(self, model_id: str, reason: str) -> bool:
         """Unload a model the memory guard picked (LRU or TTL), but only if
@@ -240,6 +439,13 @@ class Supervisor:
         return True
 
     async def unload(self, model_id: str) -> ManagedModel:
+        # An unload wins over a restart: the restart is cancelled, which
+        # stops its replacement (and any old worker still draining).
+        restart = self._restarts.get(model_id)
+        if restart is not None:
+            restart.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await restart
         async with self._locks[model_id]:
             model = self.get(model_id)
             await model.stop(self.config.models.unload_drain_timeout_sec)
@@ -257,6 +463,9 @@ class Supervisor:
 
     async def shutdown(self, drain_timeout: float = 5.0) -> None:
         await self.memory.stop()  # no TTL eviction while everything stops
+        for restart in list(self._restarts.values()):
+            restart.cancel()
+        await asyncio.gather(*self._restarts.values(), return_exceptions=True)
         self.lifecycle.freeze()  # the models to restore next time: these
         models = list(self._models.values())
         await asyncio.gather(*(m.stop(drain_timeout, terminal=True) for m in models),

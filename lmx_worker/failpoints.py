@@ -3,12 +3,18 @@
 Selected by the env var LMX_FAILPOINTS, a comma-separated list of
 `MODEL_ID=POINT[:ARG]` (or `*=POINT` for every model), for example
 `LMX_FAILPOINTS="flaky=segfault_on_load,slow=slow_tokens:50"`. Keyed by
-model id so one gateway can host a broken model beside healthy ones.
+model id so one gateway can host a broken model beside healthy ones. A
+target may also name a spawn setting, `MODEL_ID[parallel_slots=3]=POINT`:
+then only workers spawned with that value get the point (so a test can
+break a restart's replacement and not the worker it replaces).
 
 Points:
   crash_on_load       raise an exception while loading (clean Failed frame)
   segfault_on_load    dereference NULL while loading (dies with SIGSEGV)
   hang_on_load        never finish loading
+  slow_load:MS        sleep MS milliseconds before loading
+  load_after_file:PATH  wait (up to LOAD_GATE_MAX_SEC) until PATH exists before
+                      loading, so a test decides when a load may finish
   exit_mid_stream:N   os._exit(70) after emitting N tokens of a request
   slow_tokens:MS      sleep MS milliseconds before every token
   fail_generate       refuse every generation (so the warm-up canary fails)
@@ -26,11 +32,37 @@ import ctypes
 import os
 import resource
 import time
+from collections.abc import Mapping
+
+import msgspec
+
+from lmx_worker.spec import WorkerSpec
 
 ENV_VAR = "LMX_FAILPOINTS"
 # alloc_mid_stream never takes more than this from a worker that has no
 # memory cap: a test run without caps must not exhaust the host.
 ALLOC_CEILING = 2 * 1024**3
+LOAD_GATE_MAX_SEC = 300.0
+
+
+def _split_item(item: str) -> tuple[str, str]:
+    """`TARGET=POINT`, where TARGET may hold `[key=value]`."""
+    bracket, equals = item.find("["), item.find("=")
+    if bracket != -1 and (equals == -1 or bracket < equals) and "]" in item:
+        close = item.index("]")
+        return item[:close + 1], item[close + 1:].removeprefix("=")
+    target, _, spec = item.partition("=")
+    return target, spec
+
+
+def _targets(target: str, model_id: str, settings: Mapping[str, object]) -> bool:
+    name, _, condition = target.partition("[")
+    if name not in (model_id, "*"):
+        return False
+    if not condition:
+        return True
+    key, _, value = condition.removesuffix("]").partition("=")
+    return key in settings and str(settings[key]) == value
 
 
 class Failpoints:
@@ -40,12 +72,17 @@ class Failpoints:
         self._hoarded = 0
 
     @classmethod
-    def from_env(cls, model_id: str, env: dict[str, str] | None = None) -> Failpoints:
+    def for_spec(cls, spec: WorkerSpec) -> Failpoints:
+        return cls.from_env(spec.model_id, settings=msgspec.structs.asdict(spec))
+
+    @classmethod
+    def from_env(cls, model_id: str, env: dict[str, str] | None = None,
+                 settings: Mapping[str, object] | None = None) -> Failpoints:
         raw = (env if env is not None else dict(os.environ)).get(ENV_VAR, "")
         points: dict[str, str] = {}
         for item in filter(None, (part.strip() for part in raw.split(","))):
-            target, _, spec = item.partition("=")
-            if target not in (model_id, "*"):
+            target, spec = _split_item(item)
+            if not _targets(target, model_id, settings or {}):
                 continue
             name, _, arg = spec.partition(":")
             points[name] = arg
@@ -55,6 +92,14 @@ class Failpoints:
         return bool(self._points)
 
     def on_load(self) -> None:
+        slow = self._points.get("slow_load")
+        if slow:
+            time.sleep(int(slow) / 1000.0)
+        gate = self._points.get("load_after_file")
+        if gate:
+            deadline = time.monotonic() + LOAD_GATE_MAX_SEC
+            while not os.path.exists(gate) and time.monotonic() < deadline:
+                time.sleep(0.05)
         if "crash_on_load" in self._points:
             raise RuntimeError("failpoint crash_on_load")
         if "segfault_on_load" in self._points:

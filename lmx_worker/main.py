@@ -72,7 +72,7 @@ class WorkerLoop:
         self.sock = sock
         self.engine = engine
         self.stats = WorkerStats()
-        self.failpoints = Failpoints.from_env(spec.model_id)
+        self.failpoints = Failpoints.for_spec(spec)
         self.shutting_down = False
         self._emitted: dict[str, int] = {}
         self._process = psutil.Process()
@@ -232,7 +232,7 @@ def serve(spec: WorkerSpec) -> int:
     sock.setsockopt(zmq.LINGER, 2000)
     sock.connect(spec.address)
     try:
-        Failpoints.from_env(spec.model_id).on_load()
+        Failpoints.for_spec(spec).on_load()
         engine = load_engine(spec)
     except Exception as exc:
         log.error("load failed: %s", exc)

@@ -16,6 +16,7 @@ from starlette.routing import Route
 
 from lmx_gateway import __version__
 from lmx_gateway.admin.config_reload import reload_config
+from lmx_gateway.admin.restart import apply_spawn_settings, read_reload_request
 from lmx_gateway.http.body import read_json
 from lmx_gateway.inference.generation import Generation, collect
 from lmx_gateway.inference.presets import load_presets
@@ -31,7 +32,9 @@ DEFAULT_BENCH_PROMPT = "Explain the concept of recursion in Python with examples
 
 
 async def config_reload(request: Request) -> Response:
+    req = await read_reload_request(request)
     result = await reload_config(gateway_state(request))
+    applied = await apply_spawn_settings(gateway_state(request), req)
     return JSONResponse({
         "success": True,
         "updated": result.updated,
@@ -40,6 +43,7 @@ async def config_reload(request: Request) -> Response:
         "quarantine_lifted": result.quarantine_lifted,
         "presets_loaded": result.presets_loaded,
         "preset_errors": result.preset_errors,
+        **applied,
     })
 
 

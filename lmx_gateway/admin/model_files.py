@@ -3,7 +3,7 @@ inventory, downloads with progress and cancel, and deletion."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import msgspec
 from msgspec import Meta
@@ -101,11 +101,12 @@ def needs_download(exc: LMXError, model_id: str) -> bool:
 
 
 async def auto_download(state: GatewayState, model_id: str, backend: str | None,
-                        served_name: str | None, allow_unsupported_runtime: bool) -> Response:
+                        served_name: str | None, allow_unsupported_runtime: bool,
+                        overrides: dict[str, Any] | None = None) -> Response:
     """`POST /admin/models/load` with `auto_download` for a model not on disk:
     202 now, and the model loads when the download completes."""
     job = await model_files(state).download_then_load(
-        LoadArgs(model_id, backend, served_name, allow_unsupported_runtime))
+        LoadArgs(model_id, backend, served_name, allow_unsupported_runtime, overrides or {}))
     return accepted(job, model_id=model_id,
                     message="Model is not on disk; downloading it, it loads when the download "
                             "completes (watch /admin/events for model_loaded)")

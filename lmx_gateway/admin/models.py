@@ -22,6 +22,7 @@ from lmx_gateway.state import gateway_state
 from lmx_supervisor.errors import LMXError
 from lmx_supervisor.managed_model import ManagedModel
 from lmx_supervisor.performance import performance_view
+from lmx_supervisor.spawn_settings import parse_overrides, spawn_values
 
 
 async def describe_model(model: ManagedModel, with_stats: bool = True) -> dict[str, Any]:
@@ -46,6 +47,10 @@ async def describe_model(model: ManagedModel, with_stats: bool = True) -> dict[s
         "memory_gb": gib(stats.rss_bytes if stats else (ready.memory_bytes if ready else 0)),
         "loaded_at": model.loaded_at,
         "performance": performance_view(model.settings),
+        # What the worker was spawned with, and a restart under way (old pid,
+        # new pid, phase) or None.
+        "spawn_settings": spawn_values(model.settings),
+        "restart": model.restart.describe() if model.restart else None,
         "worker_stats": {
             "requests_started": stats.requests_started,
             "requests_finished": stats.requests_finished,
@@ -70,17 +75,17 @@ async def list_loaded(request: Request) -> Response:
 async def load_model(request: Request) -> Response:
     state = gateway_state(request)
     req = await read_json(request, LoadRequest, state.config.server.max_request_body_bytes)
+    overrides = parse_overrides(req.performance_overrides, "performance_overrides")
     started = time.monotonic()
     try:
         model, already = await state.supervisor.load(
             req.model_id, backend=req.backend, served_name=req.served_name,
-            allow_unsupported_runtime=req.allow_unsupported_runtime,
-            performance_overrides=req.performance_overrides)
+            allow_unsupported_runtime=req.allow_unsupported_runtime, overrides=overrides)
     except LMXError as exc:
         if not (req.auto_download and needs_download(exc, req.model_id)):
             raise
         return await auto_download(state, req.model_id, req.backend, req.served_name,
-                                   req.allow_unsupported_runtime)
+                                   req.allow_unsupported_runtime, overrides)
     body = await describe_model(model, with_stats=False)
     body.update(success=True, already_loaded=already,
                 load_time_sec=round(time.monotonic() - started, 3))

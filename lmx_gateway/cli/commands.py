@@ -5,7 +5,8 @@
     lmx chat [-m MODEL] [PROMPT] interactive or one-shot chat
     lmx bench -m MODEL           POST /admin/benchmark
     lmx events                   live tail of /admin/events
-    lmx config reload            POST /admin/config/reload
+    lmx config reload [--apply rolling]  POST /admin/config/reload
+    lmx restart (ID | --all)     POST /admin/models/restart
     lmx presets ls|reload
 
 Every command takes `--url` (env LMX_URL, default http://127.0.0.1:1234) and
@@ -27,6 +28,7 @@ from rich.table import Table
 
 from lmx_gateway.cli import chat as cli_chat
 from lmx_gateway.cli import models as cli_models
+from lmx_gateway.cli import restart as cli_restart
 from lmx_gateway.cli.http import EXIT_FAILED, EXIT_OK, LmxClient, add_common_options
 from lmx_gateway.cli.output import (
     Output,
@@ -75,7 +77,8 @@ def status(args: argparse.Namespace, client: LmxClient, out: Output) -> int:
 
 
 def config_reload(args: argparse.Namespace, client: LmxClient, out: Output) -> int:
-    body = client.post("/admin/config/reload")
+    body = client.post("/admin/config/reload",
+                       {"apply": args.apply} if getattr(args, "apply", None) else None)
     if out.as_json:
         out.json(body)
         return EXIT_OK
@@ -89,7 +92,15 @@ def config_reload(args: argparse.Namespace, client: LmxClient, out: Output) -> i
         out.note(f"  {model_id}: quarantine lifted, it may be loaded again", style="yellow")
     for err in body.get("preset_errors") or []:
         out.note(f"  preset {err.get('file')} skipped: {err.get('error')}", style="yellow")
-    return EXIT_OK
+    for model_id, pending in (body.get("models_restart_pending") or {}).items():
+        out.note(f"  {model_id}: {', '.join(pending)} changed: apply with "
+                 "lmx config reload --apply rolling", style="yellow")
+    failed = False
+    for row in body.get("restarts") or []:
+        failed |= not row.get("success")
+        out.line(f"  {row.get('model_id')}: "
+                 + ("restarted" if row.get("success") else f"FAILED: {row.get('error')}"))
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 def presets_ls(args: argparse.Namespace, client: LmxClient, out: Output) -> int:
@@ -167,6 +178,7 @@ EVENT_STYLES = {
     "memory_warning": "yellow", "worker_restarted": "yellow", "model_loaded": "green",
     "model_unloaded": "cyan", "download_completed": "green", "config_reloaded": "magenta",
     "request_completed": "blue", "heartbeat": "dim",
+    "model_restarting": "yellow", "model_restarted": "green", "model_restart_failed": "red",
 }
 _SKIP_KEYS = {"type", "ts"}
 
@@ -249,8 +261,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     config = sub.add_parser("config", help="server configuration")
     csub = config.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
-    _leaf(csub, "reload", config_reload,
-          "re-read the server's config file and apply it (no restart, no model reload)")
+    p = _leaf(csub, "reload", config_reload,
+              "re-read the server's config file and apply it (no model reload unless "
+              "--apply rolling)", timeout=1800.0)
+    p.add_argument("--apply", choices=("rolling",),
+                   help="also restart, one at a time, models whose spawn-time settings changed")
+    cli_restart.register(sub)
 
     presets = sub.add_parser("presets", help="request presets (preset:NAME)")
     psub = presets.add_subparsers(dest="presets_command", required=True, metavar="SUBCOMMAND")

@@ -1,5 +1,5 @@
-"""`lmx models ls|available|load|unload|pull|rm` (and convert, probe, quantize,
-autotune from their own modules)."""
+"""`lmx models ls|available|load|unload|restart|pull|rm` (and convert, probe,
+quantize, autotune, restart from their own modules)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from rich.progress import (
 from rich.table import Table
 
 from lmx_gateway.cli import convert as cli_convert
+from lmx_gateway.cli import restart as cli_restart
 from lmx_gateway.cli import tuning as cli_tuning
 from lmx_gateway.cli.http import EXIT_FAILED, EXIT_OK, ApiError, LmxClient, add_common_options
 from lmx_gateway.cli.output import Output, error_line, human_bytes, run_command, state_text
@@ -256,6 +257,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="download it first if it is not on disk (auto_download)")
     p = leaf("unload", models_unload, "unload a model (in-flight requests drain first)")
     p.add_argument("model")
+    cli_restart.register_models(msub)
     p = leaf("pull", models_pull, "download a model from the hub, with a progress bar")
     p.add_argument("repo_id")
     p.add_argument("--revision")
