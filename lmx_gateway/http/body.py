@@ -11,7 +11,7 @@ from typing import TypeVar
 import msgspec
 from starlette.requests import Request
 
-from lmx_supervisor.errors import BadRequest, RequestTooLarge
+from lmx_supervisor.errors import BadRequest, RequestTooLarge, UnsupportedMediaType
 
 T = TypeVar("T")
 
@@ -59,5 +59,27 @@ def decode_json(raw: bytes, kind: type[T]) -> T:
         raise BadRequest(f"Malformed JSON: {exc}", code="invalid_json") from None
 
 
+def is_json_media_type(content_type: str) -> bool:
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/")
+                                            and media.endswith("+json"))
+
+
+def require_json(request: Request, raw: bytes) -> None:
+    """415 unless the body is declared JSON. A browser may post text/plain
+    or form data (or an untyped blob) to any site without a preflight; such
+    a "simple" request never reaches a JSON route's handler. An empty body
+    without a type falls through to the "body is empty" 400."""
+    declared = request.headers.get("content-type")
+    if declared is None and not raw:
+        return
+    if declared is None or not is_json_media_type(declared):
+        raise UnsupportedMediaType(
+            f"Content-Type must be application/json, not {(declared or 'none')[:80]!r}",
+            param="Content-Type")
+
+
 async def read_json(request: Request, kind: type[T], limit: int) -> T:
-    return decode_json(await read_body(request, limit), kind)
+    raw = await read_body(request, limit)
+    require_json(request, raw)
+    return decode_json(raw, kind)
