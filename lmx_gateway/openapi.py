@@ -13,6 +13,7 @@ for the same reason.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -78,7 +79,8 @@ _REASONS = {
 def _success_content(route: ScopedRoute) -> dict[str, Any]:
     content: dict[str, Any] = {}
     for media in route.produces:
-        schema: dict[str, Any] = {"type": "object"} if media == JSON else {"type": "string"}
+        schema: dict[str, Any] = ({"type": ["object", "array"]} if media == JSON
+                                  else {"type": "string"})
         content[media] = {"schema": schema}
     return content
 
@@ -114,7 +116,8 @@ def _operation(route: ScopedRoute, body_refs: dict[type, dict[str, Any]]) -> dic
 
 
 def _slug(path: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in path).strip("_")
+    """`/admin/models/{model_id}` -> `admin_models_model_id`."""
+    return "_".join(re.findall(r"[A-Za-z0-9]+", path))
 
 
 def build_document(routes: Iterable[BaseRoute]) -> dict[str, Any]:

@@ -439,3 +439,15 @@ def test_openapi_document_is_valid_and_complete(edge_server: LMXServer) -> None:
     assert components["UnloadRequest"]["required"] == ["model_id"]
     for secret in SECRETS:
         assert secret not in resp.text
+
+
+def test_integers_beyond_64_bits_are_a_400(edge_server: LMXServer) -> None:
+    # Found by the fuzzer: a free-form field (tool call arguments) holding an
+    # integer msgpack cannot carry was a 500 on the way to the worker.
+    body = {**CHAT, "messages": [
+        {"role": "assistant", "content": None, "tool_calls": [{"x": 2**70}]},
+        {"role": "user", "content": "Hi"}]}
+    resp = edge_server.http.post("/v1/chat/completions", json=body,
+                                 headers={"X-Api-Key": API_KEY})
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"]["param"] == "messages.0.tool_calls.0.x"

@@ -16,7 +16,8 @@ from lmx_supervisor.errors import BadRequest
 
 COMPATIBILITY_QUERY = (
     QueryParam("model_id", {"type": "string"}, "only this model's rows"),
-    QueryParam("outcome", {"enum": ["pass", "fail"]}, "only passes or failures"),
+    QueryParam("outcome", {"enum": ["pass", "fail", ""]},
+               "only passes or failures (empty: both)"),
     QueryParam("include_summary", {"enum": ["true", "false", "1", "0", "yes", "no", "on",
                                             "off", ""]}, "add counts per model"),
 )
