@@ -121,7 +121,7 @@ def test_no_route_answers_without_its_key(edge_server: LMXServer) -> None:
         for keys in ({}, {"X-Admin-Key": ADMIN_KEY, "X-Api-Key": API_KEY}):
             for method, path in (("GET", "/nowhere"), ("GET", "/admin"), ("GET", "/v1"),
                                  ("GET", "/admin/nowhere"), ("POST", "/v1/nowhere"),
-                                 ("GET", "/api/tags"), ("DELETE", "/v1/nowhere")):
+                                 ("GET", "/no/where/at/all"), ("DELETE", "/v1/nowhere")):
                 resp = bare.request(method, path, headers=keys)
                 assert resp.status_code == 404, (method, path, keys, resp.text)
                 assert resp.json()["error"]["code"] == "not_found"
@@ -300,8 +300,10 @@ def test_named_keys_identity_and_reload(start_server: Any) -> None:
             assert client.post("/v1/chat/completions", json=CHAT,
                                headers={"X-Api-Key": ALICE_KEY}).status_code == 200
             # Keys appear nowhere: admin output, events, errors, the log.
+            discovery = client.get("/v1/discovery").json()
+            assert discovery["auth"]["inference_key_required"] is True  # named keys count
             seen = [reload.text, refused.text, metrics, client.get("/admin/status").text,
-                    client.get("/admin/metrics/json").text, client.get("/v1/discovery").text,
+                    client.get("/admin/metrics/json").text, str(discovery),
                     repr(events.events)]
     finally:
         events.close()

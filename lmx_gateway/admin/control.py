@@ -15,6 +15,7 @@ from starlette.responses import JSONResponse, Response
 
 from lmx_gateway import __version__
 from lmx_gateway.admin.config_reload import reload_config
+from lmx_gateway.http.auth import inference_required
 from lmx_gateway.http.body import read_json
 from lmx_gateway.http.scopes import ADMIN, GENERATION_ERRORS, PUBLIC, ScopedRoute
 from lmx_gateway.inference.generation import Generation, collect
@@ -175,8 +176,8 @@ async def discovery(request: Request) -> Response:
         "openai_base_url": f"{base}/v1",
         "auth": {
             "profile": security.profile,
-            "admin_key_required": bool(security.admin_key),
-            "inference_key_required": bool(security.inference_api_key),
+            "admin_key_required": bool(security.admin_key) or security.profile == "cloud",
+            "inference_key_required": inference_required(security),
             "admin_header": "X-Admin-Key",
             "inference_headers": ["Authorization: Bearer <key>", "X-Api-Key"],
         },
