@@ -307,7 +307,9 @@ def test_named_keys_identity_and_reload(start_server: Any) -> None:
                     repr(events.events)]
     finally:
         events.close()
-    seen.append(server.log())
+    log = server.log()
+    assert "client=alice" in log and "client=bob" in log
+    seen.append(log)
     for text in seen:
         for secret in SECRETS:
             assert secret not in text
@@ -364,6 +366,13 @@ def test_https_with_a_certificate_the_sdk_verifies(start_server: Any, tmp_path: 
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"http://127.0.0.1:{server.port}/healthz", timeout=10)
     assert "LMX listening on https://" in server.log()
+    # The lmx client commands trust the CA through SSL_CERT_FILE (httpx reads it).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LMX_")}
+    cli = subprocess.run([sys.executable, "-m", "lmx_gateway", "status", "--json",
+                          "--url", https_url], env={**env, "SSL_CERT_FILE": str(ca_file)},
+                         capture_output=True, text=True, timeout=60)
+    assert cli.returncode == 0, cli.stderr
+    assert MODEL_ID in cli.stdout
 
 
 def _serve_once(tmp_path: Path, config: dict[str, Any]) -> subprocess.CompletedProcess[str]:
