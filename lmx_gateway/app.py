@@ -1,5 +1,14 @@
 """The application factory. The lifespan owns the supervisor: it starts
-before the first request and stops every worker after the last."""
+before the first request and stops every worker after the last.
+
+Routes: each module's `ROUTES` list holds `ScopedRoute`s (`http.scopes`), one
+line per route with its scope (PUBLIC / INFERENCE / ADMIN); add the list to
+`build_routes` below. A route that is not a ScopedRoute is refused at
+startup, and `GET /openapi.json` describes every route from the same table.
+
+Middleware, outermost first: request id; Host check (421); CORS for
+`server.cors_origins`; load shedding. Each route then checks the browser
+Origin and its scope's key before its handler (`http.guards`)."""
 
 from __future__ import annotations
 
@@ -23,16 +32,18 @@ from lmx_gateway.admin import restart as routes_restart
 from lmx_gateway.admin.control import ROUTES as CONTROL_ROUTES
 from lmx_gateway.anthropic import routes as routes_anthropic
 from lmx_gateway.encoders.routes import ROUTES as ENCODER_ROUTES
-from lmx_gateway.http.auth import AuthMiddleware
+from lmx_gateway.http.edge import HostCheckMiddleware, LiveCORSMiddleware
 from lmx_gateway.http.errors import EXCEPTION_HANDLERS
 from lmx_gateway.http.load_shedding import LoadSheddingMiddleware
 from lmx_gateway.http.request_context import RequestContextMiddleware
+from lmx_gateway.http.scopes import build_routes
 from lmx_gateway.inference.presets import load_presets
 from lmx_gateway.observability import probes as routes_health
 from lmx_gateway.observability import routes as routes_observability
 from lmx_gateway.observability.events import EventBus
 from lmx_gateway.observability.observers import Observers
 from lmx_gateway.openai import routes as routes_inference
+from lmx_gateway.openapi import ROUTES as OPENAPI_ROUTES
 from lmx_gateway.responses import routes as routes_responses
 from lmx_gateway.state import GatewayState
 from lmx_supervisor.autotune import AutotuneJobs
@@ -86,22 +97,25 @@ def create_app(config: Config, config_source: ConfigSource | None = None) -> Sta
             await observers.stop()
 
     return Starlette(
-        routes=[*CONTROL_ROUTES,
-                *routes_health.ROUTES, *routes_inference.ROUTES, *routes_anthropic.ROUTES,
-                *routes_responses.ROUTES,
-                *ENCODER_ROUTES,
-                # Before routes_admin/model_files: /admin/models/compatibility
-                # must not be taken for a model id.
-                *routes_memory.ROUTES, *routes_compatibility.ROUTES, *routes_admin.ROUTES,
-                *routes_probe.ROUTES, *routes_quantize.ROUTES, *routes_performance.ROUTES,
-                *routes_restart.ROUTES,
-                *routes_dashboard.ROUTES, *routes_observability.ROUTES,
-                *routes_model_files.ROUTES],
-        # Outermost first: every request gets its id before auth can refuse it.
-        # Load shedding refuses before auth does any work.
+        routes=build_routes(
+            CONTROL_ROUTES,
+            routes_health.ROUTES, routes_inference.ROUTES, routes_anthropic.ROUTES,
+            routes_responses.ROUTES,
+            ENCODER_ROUTES,
+            # Before routes_admin/model_files: /admin/models/compatibility
+            # must not be taken for a model id.
+            routes_memory.ROUTES, routes_compatibility.ROUTES, routes_admin.ROUTES,
+            routes_probe.ROUTES, routes_quantize.ROUTES, routes_performance.ROUTES,
+            routes_restart.ROUTES,
+            routes_dashboard.ROUTES, routes_observability.ROUTES,
+            routes_model_files.ROUTES, OPENAPI_ROUTES),
+        # Outermost first: every request gets its id before anything can
+        # refuse it; a foreign Host is refused before anything else runs;
+        # load shedding refuses before a route does any work.
         middleware=[Middleware(RequestContextMiddleware),
-                    Middleware(LoadSheddingMiddleware),
-                    Middleware(AuthMiddleware, initial_config=config)],
+                    Middleware(HostCheckMiddleware, initial_config=config),
+                    Middleware(LiveCORSMiddleware, initial_config=config),
+                    Middleware(LoadSheddingMiddleware)],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
     )

@@ -8,6 +8,7 @@ import errno
 import os
 import signal
 import socket
+import ssl
 import sys
 
 import uvicorn
@@ -37,6 +38,18 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _tls_problem(cert: str, key: str) -> str | None:
+    """Load the pair once here so a bad file is one line, not uvicorn's traceback."""
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+    except FileNotFoundError as exc:
+        return f"server.tls_cert_file: cannot read {exc.filename}"
+    except (ssl.SSLError, OSError) as exc:
+        return f"server.tls_cert_file: {cert} / {key}: not a usable certificate and key " \
+               f"({getattr(exc, 'reason', None) or type(exc).__name__})"
+    return None
+
+
 def serve(args: argparse.Namespace) -> int:
 
     env = dict(os.environ)
@@ -52,6 +65,11 @@ def serve(args: argparse.Namespace) -> int:
         return _fail(str(exc), EXIT_CONFIG)
     setup_logging(config.logging.level, config.logging.format, config.logging.file)
     host, port = config.server.host, config.server.port
+    cert, key = config.server.tls_cert_file, config.server.tls_key_file
+    if cert is not None and key is not None:
+        problem = _tls_problem(cert, key)
+        if problem is not None:
+            return _fail(problem, EXIT_CONFIG)
     try:
         sock = _bind(host, port)
     except OSError as exc:
@@ -65,12 +83,15 @@ def serve(args: argparse.Namespace) -> int:
         log_level=config.logging.level.lower(),
         timeout_graceful_shutdown=int(config.server.shutdown_drain_timeout_sec),
         timeout_keep_alive=30,
+        ssl_certfile=cert,
+        ssl_keyfile=key,
     )
     # uvicorn re-raises the signal that stopped it once it has shut down; a
     # no-op handler makes that a clean exit 0 after our own drain.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    print(f"LMX listening on http://{host}:{sock.getsockname()[1]}", file=sys.stderr,
+    scheme = "https" if cert else "http"
+    print(f"LMX listening on {scheme}://{host}:{sock.getsockname()[1]}", file=sys.stderr,
           flush=True)
     uvicorn.Server(uv_config).run(sockets=[sock])
     return 0

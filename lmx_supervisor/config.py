@@ -26,6 +26,8 @@ Percent = Annotated[float, msgspec.Meta(gt=0, le=100)]
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+# A key's name shows in metric labels and logs: a tame shape only.
+KeyName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._:\-]{1,64}$")]
 
 
 class Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -42,6 +44,17 @@ class ServerConfig(Section):
     max_request_body_bytes: PositiveInt = 10 * 1024 * 1024
     # uvicorn's graceful-shutdown window: in-flight requests get this long.
     shutdown_drain_timeout_sec: PositiveFloat = 30
+    # Host names (or `*.domain` patterns, `*` for any) accepted in the Host
+    # header beyond loopback and the machine's own names (read live).
+    allowed_hosts: list[str] = []
+    # Browser origins (`http://host:port`) allowed to call the API, with CORS
+    # answers; requests from any other origin are refused (read live).
+    cors_origins: list[str] = []
+    # HTTPS: both set, or neither (startup only).
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    # The cloud profile refuses plain HTTP on a non-loopback address unless this is set.
+    allow_plaintext: bool = False
 
 
 class ModelsConfig(Section):
@@ -100,6 +113,9 @@ class SecurityConfig(Section):
     profile: Literal["lan", "cloud"] = "lan"
     admin_key: str | None = None
     inference_api_key: str | None = None
+    # Named inference keys, {name: key}; the name is the client's identity in
+    # metrics, logs and events.
+    inference_api_keys: dict[KeyName, Annotated[str, msgspec.Meta(min_length=1)]] = {}
 
 
 class LoggingConfig(Section):
@@ -196,7 +212,9 @@ def apply_env_overrides(data: dict[str, Any], environ: dict[str, str]) -> dict[s
             else:
                 value = yaml.safe_load(raw)
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{name}: cannot parse value {raw!r}: "
+            # The security section holds keys (inference_api_keys): never quoted.
+            shown = "" if path[0] == "security" else f" {raw!r}"
+            raise ConfigError(f"{name}: cannot parse value{shown}: "
                               f"{yaml_problem(exc)}") from exc
         node = data
         for key in path[:-1]:
@@ -241,13 +259,52 @@ def load_config(explicit: str | None = None, environ: dict[str, str] | None = No
             "memory.load_shedding_percent: must be >= memory.max_memory_percent"
         )
     if config.security.profile == "cloud" and not (
-        config.security.admin_key and config.security.inference_api_key
+        config.security.admin_key
+        and (config.security.inference_api_key or config.security.inference_api_keys)
     ):
         raise ConfigError(
             "security.profile: 'cloud' requires security.admin_key and "
-            "security.inference_api_key to be set"
+            "security.inference_api_key (or security.inference_api_keys) to be set"
         )
+    check_edge(config)
     return config
+
+
+_LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
+_ORIGIN = re.compile(r"^[a-z][a-z0-9+.\-]*://[^/\s?#]+$")
+
+
+def check_edge(config: Config) -> None:
+    """The HTTP edge's keys: host patterns, origins, TLS, named keys."""
+    server, security = config.server, config.security
+    for i, pattern in enumerate(server.allowed_hosts):
+        if not pattern or "*" in pattern[1:] or (pattern.startswith("*")
+                                                 and pattern not in ("*",)
+                                                 and not pattern.startswith("*.")):
+            raise ConfigError(f"server.allowed_hosts.{i}: {pattern!r} is not a host name "
+                              "or a '*.domain' pattern")
+    for i, origin in enumerate(server.cors_origins):
+        if origin != "*" and not _ORIGIN.match(origin.rstrip("/").lower()):
+            raise ConfigError(f"server.cors_origins.{i}: {origin!r} is not an origin "
+                              "like 'http://host:port'")
+    if (server.tls_cert_file is None) != (server.tls_key_file is None):
+        raise ConfigError("server.tls_cert_file: HTTPS needs both server.tls_cert_file "
+                          "and server.tls_key_file")
+    if (security.profile == "cloud" and server.tls_cert_file is None
+            and not server.allow_plaintext
+            and server.host.strip().lower() not in _LOOPBACK_HOSTS):
+        raise ConfigError(f"server.host: the 'cloud' profile serves {server.host} only over "
+                          "HTTPS: set server.tls_cert_file and server.tls_key_file (or "
+                          "server.allow_plaintext: true)")
+    seen: dict[str, str] = {}
+    for name, key in sorted(security.inference_api_keys.items()):
+        if key in seen:
+            raise ConfigError(f"security.inference_api_keys.{name}: the same key as "
+                              f"security.inference_api_keys.{seen[key]}")
+        if key in (security.inference_api_key, security.admin_key):
+            raise ConfigError(f"security.inference_api_keys.{name}: the same key as "
+                              "security.inference_api_key or security.admin_key")
+        seen[key] = name
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ class ErrorKind(enum.StrEnum):
     INVALID = "invalid"  # the request itself is wrong
     NOT_FOUND = "not_found"  # what it names does not exist
     TOO_LARGE = "too_large"  # the request is bigger than allowed
+    MEDIA_TYPE = "media_type"  # the body is not in the format the route takes
     CONFLICT = "conflict"  # the current state does not allow it (or a load failed)
     UNSUPPORTED = "unsupported"  # a model this runtime cannot serve
     BUSY = "busy"  # try again later: a bound was reached
@@ -47,6 +48,11 @@ class LMXError(Exception):
 class BadRequest(LMXError):
     kind = ErrorKind.INVALID
     code = "invalid_value"
+
+
+class UnsupportedMediaType(LMXError):
+    kind = ErrorKind.MEDIA_TYPE
+    code = "unsupported_media_type"
 
 
 class ModelNotFound(LMXError):

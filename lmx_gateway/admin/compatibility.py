@@ -9,11 +9,18 @@ from typing import Any
 import msgspec
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
+from lmx_gateway.http.scopes import ADMIN, QueryParam, ScopedRoute
 from lmx_gateway.state import gateway_state
 from lmx_supervisor.errors import BadRequest
 
+COMPATIBILITY_QUERY = (
+    QueryParam("model_id", {"type": "string"}, "only this model's rows"),
+    QueryParam("outcome", {"enum": ["pass", "fail", ""]},
+               "only passes or failures (empty: both)"),
+    QueryParam("include_summary", {"enum": ["true", "false", "1", "0", "yes", "no", "on",
+                                            "off", ""]}, "add counts per model"),
+)
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"", "0", "false", "no", "off"}
 
@@ -43,4 +50,7 @@ async def compatibility(request: Request) -> Response:
     return JSONResponse(body)
 
 
-ROUTES = [Route("/admin/models/compatibility", compatibility, methods=["GET"])]
+ROUTES = [
+    ScopedRoute(ADMIN, "/admin/models/compatibility", compatibility, methods=["GET"],
+                query=COMPATIBILITY_QUERY, errors=(400,)),
+]

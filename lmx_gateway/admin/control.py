@@ -12,12 +12,13 @@ import msgspec
 from msgspec import Meta
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from lmx_gateway import __version__
 from lmx_gateway.admin.config_reload import reload_config
 from lmx_gateway.admin.restart import apply_spawn_settings, read_reload_request
+from lmx_gateway.http.auth import inference_required
 from lmx_gateway.http.body import read_json
+from lmx_gateway.http.scopes import ADMIN, GENERATION_ERRORS, PUBLIC, ScopedRoute
 from lmx_gateway.inference.generation import Generation, collect
 from lmx_gateway.inference.presets import load_presets
 from lmx_gateway.inference.routing import resolve_route
@@ -179,8 +180,8 @@ async def discovery(request: Request) -> Response:
         "openai_base_url": f"{base}/v1",
         "auth": {
             "profile": security.profile,
-            "admin_key_required": bool(security.admin_key),
-            "inference_key_required": bool(security.inference_api_key),
+            "admin_key_required": bool(security.admin_key) or security.profile == "cloud",
+            "inference_key_required": inference_required(security),
             "admin_header": "X-Admin-Key",
             "inference_headers": ["Authorization: Bearer <key>", "X-Api-Key"],
         },
@@ -190,10 +191,11 @@ async def discovery(request: Request) -> Response:
 
 
 ROUTES = [
-    Route("/admin/config/reload", config_reload, methods=["POST"]),
-    Route("/admin/presets", list_presets, methods=["GET"]),
-    Route("/admin/presets/reload", presets_reload, methods=["POST"]),
-    Route("/admin/benchmark", benchmark, methods=["POST"]),
-    Route("/v1/discovery", discovery, methods=["GET"]),
-    Route("/.well-known/opta-lmx", discovery, methods=["GET"]),
+    ScopedRoute(ADMIN, "/admin/config/reload", config_reload, methods=["POST"], errors=(400,)),
+    ScopedRoute(ADMIN, "/admin/presets", list_presets, methods=["GET"]),
+    ScopedRoute(ADMIN, "/admin/presets/reload", presets_reload, methods=["POST"]),
+    ScopedRoute(ADMIN, "/admin/benchmark", benchmark, methods=["POST"], body=BenchmarkRequest,
+                errors=GENERATION_ERRORS),
+    ScopedRoute(PUBLIC, "/v1/discovery", discovery, methods=["GET"]),
+    ScopedRoute(PUBLIC, "/.well-known/opta-lmx", discovery, methods=["GET"]),
 ]

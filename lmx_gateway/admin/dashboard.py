@@ -11,7 +11,8 @@ from importlib import resources
 
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
-from starlette.routing import Route
+
+from lmx_gateway.http.scopes import PUBLIC, ScopedRoute
 
 DASHBOARD_PATH = "/admin/dashboard"
 
@@ -47,5 +48,5 @@ async def dashboard(_request: Request) -> Response:
 
 
 ROUTES = [
-    Route(DASHBOARD_PATH, dashboard, methods=["GET"]),
+    ScopedRoute(PUBLIC, DASHBOARD_PATH, dashboard, methods=["GET"], produces=("text/html",)),
 ]

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
+from lmx_gateway.http.scopes import ADMIN, ScopedRoute
 from lmx_gateway.state import gateway_state
 
 
@@ -14,4 +14,4 @@ async def memory(request: Request) -> Response:
     return JSONResponse(gateway_state(request).supervisor.memory.report())
 
 
-ROUTES = [Route("/admin/memory", memory, methods=["GET"])]
+ROUTES = [ScopedRoute(ADMIN, "/admin/memory", memory, methods=["GET"])]

@@ -9,9 +9,9 @@ import msgspec
 from msgspec import Meta
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from lmx_gateway.http.body import read_json
+from lmx_gateway.http.scopes import ADMIN, ScopedRoute
 from lmx_gateway.state import GatewayState, gateway_state
 from lmx_supervisor import hub_cache
 from lmx_supervisor.downloads import DownloadJob
@@ -113,11 +113,15 @@ async def auto_download(state: GatewayState, model_id: str, backend: str | None,
 
 
 ROUTES = [
-    Route("/admin/models/available", available, methods=["GET"]),
-    Route("/admin/models/download", start_download, methods=["POST"]),
-    Route("/admin/models/download", list_downloads, methods=["GET"]),
-    Route("/admin/models/download/{download_id}/progress", download_progress, methods=["GET"]),
-    Route("/admin/models/download/{download_id}", cancel_download, methods=["DELETE"]),
+    ScopedRoute(ADMIN, "/admin/models/available", available, methods=["GET"]),
+    ScopedRoute(ADMIN, "/admin/models/download", start_download, methods=["POST"],
+                body=DownloadRequest, ok=(202,), errors=(400, 404, 409, 502, 503, 507)),
+    ScopedRoute(ADMIN, "/admin/models/download", list_downloads, methods=["GET"]),
+    ScopedRoute(ADMIN, "/admin/models/download/{download_id}/progress", download_progress,
+                methods=["GET"], errors=(404,)),
+    ScopedRoute(ADMIN, "/admin/models/download/{download_id}", cancel_download,
+                methods=["DELETE"], errors=(404,)),
     # Last: ids contain slashes, so this matches any DELETE under /admin/models/.
-    Route("/admin/models/{model_id:path}", delete_model, methods=["DELETE"]),
+    ScopedRoute(ADMIN, "/admin/models/{model_id:path}", delete_model, methods=["DELETE"],
+                errors=(400, 404, 409)),
 ]

@@ -9,13 +9,13 @@ from typing import Any
 import psutil
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from lmx_gateway import __version__
 from lmx_gateway.admin.model_files import auto_download, needs_download
 from lmx_gateway.admin.schemas import LoadRequest, UnloadRequest
 from lmx_gateway.encoders.routes import encoder_listing
 from lmx_gateway.http.body import read_json
+from lmx_gateway.http.scopes import ADMIN, LOAD_ERRORS, SSE, ScopedRoute
 from lmx_gateway.http.sse import EventStreamResponse, sse_event
 from lmx_gateway.observability.observers import gib
 from lmx_gateway.state import gateway_state
@@ -137,9 +137,11 @@ async def events(request: Request) -> Response:
 
 
 ROUTES = [
-    Route("/admin/events", events, methods=["GET"]),
-    Route("/admin/models", list_loaded, methods=["GET"]),
-    Route("/admin/models/load", load_model, methods=["POST"]),
-    Route("/admin/models/unload", unload_model, methods=["POST"]),
-    Route("/admin/status", status, methods=["GET"]),
+    ScopedRoute(ADMIN, "/admin/events", events, methods=["GET"], produces=(SSE,)),
+    ScopedRoute(ADMIN, "/admin/models", list_loaded, methods=["GET"]),
+    ScopedRoute(ADMIN, "/admin/models/load", load_model, methods=["POST"], body=LoadRequest,
+                ok=(200, 202), errors=LOAD_ERRORS),
+    ScopedRoute(ADMIN, "/admin/models/unload", unload_model, methods=["POST"],
+                body=UnloadRequest, errors=(404, 409)),
+    ScopedRoute(ADMIN, "/admin/status", status, methods=["GET"]),
 ]

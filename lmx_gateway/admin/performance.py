@@ -13,9 +13,9 @@ import msgspec
 from msgspec import Meta
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from lmx_gateway.http.body import read_json
+from lmx_gateway.http.scopes import ADMIN, ScopedRoute
 from lmx_gateway.openai.schemas import ModelName
 from lmx_gateway.state import GatewayState, gateway_state
 from lmx_supervisor.autotune import AutotuneJobs, TrialShape
@@ -68,7 +68,10 @@ async def performance(request: Request) -> Response:
 
 
 ROUTES = [
-    Route("/admin/models/autotune", start, methods=["POST"]),
-    Route("/admin/models/autotune/{job_id}", get_job, methods=["GET"]),
-    Route("/admin/models/{model_id:path}/performance", performance, methods=["GET"]),
+    ScopedRoute(ADMIN, "/admin/models/autotune", start, methods=["POST"], body=AutotuneRequest,
+                ok=(202,), errors=(404, 409, 422, 429)),
+    ScopedRoute(ADMIN, "/admin/models/autotune/{job_id}", get_job, methods=["GET"],
+                errors=(404,)),
+    ScopedRoute(ADMIN, "/admin/models/{model_id:path}/performance", performance,
+                methods=["GET"], errors=(404,)),
 ]

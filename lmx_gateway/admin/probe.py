@@ -11,9 +11,9 @@ import msgspec
 from msgspec import Meta
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from lmx_gateway.http.body import read_json
+from lmx_gateway.http.scopes import ADMIN, ScopedRoute
 from lmx_gateway.openai.schemas import ModelName
 from lmx_gateway.state import gateway_state
 from lmx_supervisor.errors import InferenceTimeout
@@ -45,4 +45,5 @@ async def probe(request: Request) -> Response:
     return JSONResponse(body)
 
 
-ROUTES = [Route("/admin/models/probe", probe, methods=["POST"])]
+ROUTES = [ScopedRoute(ADMIN, "/admin/models/probe", probe, methods=["POST"], body=ProbeRequest,
+                      errors=(404, 409, 422, 504))]

@@ -11,9 +11,9 @@ import msgspec
 from msgspec import Meta
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from lmx_gateway.http.body import read_json
+from lmx_gateway.http.scopes import ADMIN, ScopedRoute
 from lmx_gateway.state import GatewayState, gateway_state
 from lmx_supervisor.errors import BadRequest, LMXError
 from lmx_supervisor.quantize_jobs import QuantizeArgs, QuantizeJobs
@@ -71,8 +71,10 @@ async def cancel_job(request: Request) -> Response:
 
 
 ROUTES = [
-    Route("/admin/quantize", start, methods=["POST"]),
-    Route("/admin/quantize", list_jobs, methods=["GET"]),
-    Route("/admin/quantize/{job_id}", get_job, methods=["GET"]),
-    Route("/admin/quantize/{job_id}", cancel_job, methods=["DELETE"]),
+    ScopedRoute(ADMIN, "/admin/quantize", start, methods=["POST"], body=QuantizeRequest,
+                ok=(202,), errors=(404, 409, 422, 429, 507)),
+    ScopedRoute(ADMIN, "/admin/quantize", list_jobs, methods=["GET"]),
+    ScopedRoute(ADMIN, "/admin/quantize/{job_id}", get_job, methods=["GET"], errors=(404,)),
+    ScopedRoute(ADMIN, "/admin/quantize/{job_id}", cancel_job, methods=["DELETE"],
+                errors=(404, 409)),
 ]

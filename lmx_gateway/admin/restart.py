@@ -10,9 +10,9 @@ from typing import Any, Literal
 import msgspec
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
-from lmx_gateway.http.body import decode_json, read_body
+from lmx_gateway.http.body import decode_json, read_body, require_json
+from lmx_gateway.http.scopes import ADMIN, LOAD_ERRORS, ScopedRoute
 from lmx_gateway.state import GatewayState, gateway_state
 from lmx_supervisor.errors import BadRequest
 from lmx_supervisor.spawn_settings import parse_overrides
@@ -41,6 +41,7 @@ class RestartAllRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True
 
 async def _body(request: Request, kind: type[Any], state: GatewayState) -> Any:
     raw = await read_body(request, state.config.server.max_request_body_bytes)
+    require_json(request, raw)  # an empty body means the defaults
     return decode_json(raw if raw.strip() else b"{}", kind)
 
 
@@ -93,6 +94,8 @@ async def apply_spawn_settings(state: GatewayState, req: ReloadRequest) -> dict[
 
 
 ROUTES = [
-    Route("/admin/models/restart", restart_model, methods=["POST"]),
-    Route("/admin/models/restart-all", restart_all, methods=["POST"]),
+    ScopedRoute(ADMIN, "/admin/models/restart", restart_model, methods=["POST"],
+                body=RestartRequest, errors=LOAD_ERRORS),
+    ScopedRoute(ADMIN, "/admin/models/restart-all", restart_all, methods=["POST"],
+                body=RestartAllRequest, errors=LOAD_ERRORS),
 ]

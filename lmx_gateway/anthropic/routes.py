@@ -19,7 +19,6 @@ from typing import Any
 import msgspec
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from lmx_gateway.anthropic.schemas import (
     CountTokensRequest,
@@ -35,6 +34,7 @@ from lmx_gateway.anthropic.schemas import (
 from lmx_gateway.http.anthropic_errors import anthropic_error_body
 from lmx_gateway.http.body import read_json
 from lmx_gateway.http.errors import headers_of, message_of, status_of
+from lmx_gateway.http.scopes import GENERATION_ERRORS, INFERENCE, JSON, SSE, ScopedRoute
 from lmx_gateway.http.sse import EventStreamResponse, sse_event
 from lmx_gateway.inference.generation import StreamRun, run_collect
 from lmx_gateway.inference.param_rename import rename_params
@@ -363,6 +363,10 @@ async def count_tokens(request: Request) -> Response:
 
 
 ROUTES = [
-    Route("/v1/messages", _anthropic_errors(create_message), methods=["POST"]),
-    Route("/v1/messages/count_tokens", _anthropic_errors(count_tokens), methods=["POST"]),
+    ScopedRoute(INFERENCE, "/v1/messages", _anthropic_errors(create_message), methods=["POST"],
+                body=MessagesRequest, produces=(JSON, SSE), errors=GENERATION_ERRORS,
+                summary="Anthropic Messages"),
+    ScopedRoute(INFERENCE, "/v1/messages/count_tokens", _anthropic_errors(count_tokens),
+                methods=["POST"], body=CountTokensRequest, errors=GENERATION_ERRORS,
+                summary="Anthropic token count"),
 ]

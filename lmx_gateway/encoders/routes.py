@@ -16,7 +16,6 @@ from typing import Any
 import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
 
 from lmx_gateway.encoders.schemas import (
     EmbeddingRequest,
@@ -25,6 +24,7 @@ from lmx_gateway.encoders.schemas import (
     embedding_inputs,
 )
 from lmx_gateway.http.body import read_json
+from lmx_gateway.http.scopes import GENERATION_ERRORS, INFERENCE, ScopedRoute
 from lmx_gateway.inference.generation import run_encoder
 from lmx_gateway.inference.routing import resolve_model
 from lmx_gateway.state import gateway_state
@@ -160,6 +160,8 @@ async def rerank(request: Request) -> Response:
 
 
 ROUTES = [
-    Route("/v1/embeddings", embeddings, methods=["POST"]),
-    Route("/v1/rerank", rerank, methods=["POST"]),
+    ScopedRoute(INFERENCE, "/v1/embeddings", embeddings, methods=["POST"], body=EmbeddingRequest,
+                errors=GENERATION_ERRORS),
+    ScopedRoute(INFERENCE, "/v1/rerank", rerank, methods=["POST"], body=RerankRequest,
+                errors=GENERATION_ERRORS),
 ]

@@ -1,36 +1,37 @@
-"""API keys: `security.admin_key` guards `/admin/*`,
-`security.inference_api_key` guards `/v1/*`.
+"""API keys, checked for the scope a route declares (`http.scopes`), never
+by path: `security.admin_key` for ADMIN routes; `security.inference_api_key`
+and the named `security.inference_api_keys` for INFERENCE routes.
 
-- Profile `lan`: a key is required only when configured.
-- Profile `cloud`: both keys are required; startup refuses without them
+- Profile `lan`: a key is required only when one is configured.
+- Profile `cloud`: keys are required; startup refuses without them
   (config.load_config), and should one be missing anyway the routes fail
   closed rather than open.
 
 The keys are read from the live config on every request, so a config reload
-that changes them takes effect on the next request. Comparison is constant
-time; neither the configured key nor what the client sent is ever logged,
-published or echoed. Probes and discovery stay open.
+that adds or removes one takes effect on the next request. Comparison is
+constant time and visits every configured key; neither a configured key nor
+what the client sent is ever logged, published or echoed. A named key's
+name (never the key) is the client's identity.
 """
 
 from __future__ import annotations
 
 import hmac
+from dataclasses import dataclass
 
-from starlette.responses import JSONResponse
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Scope
 
-from lmx_gateway.http.anthropic_errors import anthropic_error_body, is_messages_path
-from lmx_gateway.http.errors import error_body
-from lmx_supervisor.config import Config, SecurityConfig
-
-# Open whatever the keys: probes, discovery, and the dashboard page itself
-# (it holds no data; its scripts send the admin key to the data endpoints).
-PUBLIC_PATHS = frozenset({
-    "/healthz", "/readyz", "/v1/discovery", "/.well-known/opta-lmx", "/admin/dashboard",
-})
+from lmx_supervisor.config import SecurityConfig
 
 ADMIN_KEY_HEADERS = (b"x-admin-key",)
 INFERENCE_KEY_HEADERS = (b"x-api-key",)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    allowed: bool
+    # The name of the named inference key that matched; None otherwise.
+    identity: str | None = None
 
 
 def _bearer(value: bytes) -> bytes | None:
@@ -63,48 +64,26 @@ def key_matches(expected: str, presented: list[bytes]) -> bool:
     return matched
 
 
-class AuthMiddleware:
-    def __init__(self, app: ASGIApp, initial_config: Config) -> None:
-        self.app = app
-        self._initial = initial_config
+def check_admin(security: SecurityConfig, scope: Scope) -> Verdict:
+    key = security.admin_key or None  # an empty key is no key, as for the cloud check
+    if key is None:
+        return Verdict(security.profile != "cloud")
+    return Verdict(key_matches(key, presented_keys(scope, ADMIN_KEY_HEADERS)))
 
-    def _security(self, scope: Scope) -> SecurityConfig:
-        # The lifespan's state holds the live (reloadable) config.
-        state = getattr(getattr(scope.get("app"), "state", None), "lmx", None)
-        config = getattr(state, "config", None)
-        if isinstance(config, Config):
-            return config.security
-        return self._initial.security
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket"):
-            await self.app(scope, receive, send)
-            return
-        path: str = scope["path"]
-        if path in PUBLIC_PATHS:
-            await self.app(scope, receive, send)
-            return
-        security = self._security(scope)
-        if path == "/admin" or path.startswith("/admin/"):
-            key, headers, status = security.admin_key, ADMIN_KEY_HEADERS, 403
-            body = error_body("Invalid or missing admin key", "permission_error",
-                              "permission_denied")
-        elif path.startswith("/v1/"):
-            key, headers, status = security.inference_api_key, INFERENCE_KEY_HEADERS, 401
-            body = error_body("Invalid or missing API key", "authentication_error",
-                              "authentication_error")
-            if is_messages_path(path):  # the Anthropic SDK reads its own error shape
-                body = anthropic_error_body(401, "Invalid or missing API key")
-        else:
-            await self.app(scope, receive, send)
-            return
-        key = key or None  # an empty key is no key, as for the cloud check
-        required = key is not None or security.profile == "cloud"
-        if not required or (key is not None and key_matches(key, presented_keys(scope, headers))):
-            await self.app(scope, receive, send)
-            return
-        if scope["type"] == "websocket":
-            await send({"type": "websocket.close", "code": 1008})
-            return
-        extra = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-        await JSONResponse(body, status_code=status, headers=extra)(scope, receive, send)
+def inference_required(security: SecurityConfig) -> bool:
+    return (bool(security.inference_api_key) or bool(security.inference_api_keys)
+            or security.profile == "cloud")
+
+
+def check_inference(security: SecurityConfig, scope: Scope) -> Verdict:
+    if not inference_required(security):
+        return Verdict(True)
+    presented = presented_keys(scope, INFERENCE_KEY_HEADERS)
+    allowed = bool(security.inference_api_key) and key_matches(
+        security.inference_api_key or "", presented)
+    identity: str | None = None
+    for name, key in sorted(security.inference_api_keys.items()):
+        if key_matches(key, presented) and identity is None:
+            identity = name
+    return Verdict(allowed or identity is not None, identity)

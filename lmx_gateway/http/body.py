@@ -11,12 +11,15 @@ from typing import TypeVar
 import msgspec
 from starlette.requests import Request
 
-from lmx_supervisor.errors import BadRequest, RequestTooLarge
+from lmx_supervisor.errors import BadRequest, RequestTooLarge, UnsupportedMediaType
 
 T = TypeVar("T")
 
 _AT_PATH = re.compile(r" - at `\$\.?(.*)`$")
 _MISSING = re.compile(r"Object missing required field `(.+)`")
+# An integer literal this long may not fit in 64 bits (found by fuzzing).
+_LONG_DIGITS = re.compile(rb"\d{19,}")
+_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -47,17 +50,64 @@ def _param_from(text: str) -> tuple[str | None, str]:
     return (where or None), "invalid_value"
 
 
+def _oversized_int(node: object, path: str) -> str | None:
+    """Where a free-form part of the body (tool arguments, metadata) holds an
+    integer beyond 64 bits: the worker frames (msgpack) cannot carry it."""
+    if isinstance(node, bool):
+        return None
+    if isinstance(node, int):
+        return path if not _INT_MIN <= node <= _INT_MAX else None
+    children: list[tuple[str, object]] = []
+    if isinstance(node, dict):
+        children = [(str(k), v) for k, v in node.items()]
+    elif isinstance(node, list):
+        children = [(str(i), v) for i, v in enumerate(node)]
+    for name, child in children:
+        found = _oversized_int(child, f"{path}.{name}" if path else name)
+        if found is not None:
+            return found
+    return None
+
+
 def decode_json(raw: bytes, kind: type[T]) -> T:
     if not raw.strip():
         raise BadRequest("Request body is empty; expected a JSON object", code="invalid_json")
     try:
-        return msgspec.json.decode(raw, type=kind)
+        value = msgspec.json.decode(raw, type=kind)
     except msgspec.ValidationError as exc:
         param, code = _param_from(str(exc))
         raise BadRequest(f"Invalid request: {exc}", param=param, code=code) from None
     except msgspec.DecodeError as exc:
         raise BadRequest(f"Malformed JSON: {exc}", code="invalid_json") from None
+    if _LONG_DIGITS.search(raw):  # rare: only then walk the request
+        where = _oversized_int(msgspec.to_builtins(value), "")
+        if where is not None:
+            raise BadRequest("Invalid request: an integer outside the 64-bit range",
+                             param=where or None, code="invalid_value")
+    return value
+
+
+def is_json_media_type(content_type: str) -> bool:
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/")
+                                            and media.endswith("+json"))
+
+
+def require_json(request: Request, raw: bytes) -> None:
+    """415 unless the body is declared JSON. A browser may post text/plain
+    or form data (or an untyped blob) to any site without a preflight; such
+    a "simple" request never reaches a JSON route's handler. An empty body
+    without a type falls through to the "body is empty" 400."""
+    declared = request.headers.get("content-type")
+    if declared is None and not raw:
+        return
+    if declared is None or not is_json_media_type(declared):
+        raise UnsupportedMediaType(
+            f"Content-Type must be application/json, not {(declared or 'none')[:80]!r}",
+            param="Content-Type")
 
 
 async def read_json(request: Request, kind: type[T], limit: int) -> T:
-    return decode_json(await read_body(request, limit), kind)
+    raw = await read_body(request, limit)
+    require_json(request, raw)
+    return decode_json(raw, kind)

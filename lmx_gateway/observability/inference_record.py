@@ -147,11 +147,13 @@ class InferenceRecord:
             data["error"] = {"code": self.error_code, "message": self.error_message}
         self._events.publish("request_completed", data)
         fields = {"event": "request_completed", **data}
+        # The client (a named key's name, else X-Client-ID) in text logs too.
+        who = f" client={self.client}" if self.client is not None else ""
         if status == "error":
-            log.warning("Completion request failed model=%s status=%d code=%s duration=%.2fs",
-                        self.model, self.status, self.error_code, duration, extra=fields)
+            log.warning("Completion request failed model=%s status=%d code=%s duration=%.2fs%s",
+                        self.model, self.status, self.error_code, duration, who, extra=fields)
         else:
             log.info("Completion request model=%s tokens=%d speed=%.1ftok/s ttft=%s "
-                     "duration=%.2fs%s", self.model, completion, speed,
+                     "duration=%.2fs%s%s", self.model, completion, speed,
                      f"{ttft * 1000:.0f}ms" if ttft is not None else "-", duration,
-                     " (cancelled)" if status == "cancelled" else "", extra=fields)
+                     " (cancelled)" if status == "cancelled" else "", who, extra=fields)

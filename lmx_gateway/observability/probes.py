@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from lmx_gateway import __version__
+from lmx_gateway.http.scopes import PUBLIC, ScopedRoute
 from lmx_gateway.state import gateway_state
 
 
@@ -24,6 +24,6 @@ async def readyz(request: Request) -> Response:
 
 
 ROUTES = [
-    Route("/healthz", healthz, methods=["GET"]),
-    Route("/readyz", readyz, methods=["GET"]),
+    ScopedRoute(PUBLIC, "/healthz", healthz, methods=["GET"], any_origin=True),
+    ScopedRoute(PUBLIC, "/readyz", readyz, methods=["GET"], any_origin=True),
 ]

@@ -10,9 +10,9 @@ import psutil
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from lmx_gateway import __version__
+from lmx_gateway.http.scopes import ADMIN, ScopedRoute
 from lmx_gateway.observability.observers import gib, worker_rss_bytes
 from lmx_gateway.state import GatewayState, gateway_state
 from lmx_supervisor.managed_model import ManagedModel
@@ -149,8 +149,8 @@ async def stack(request: Request) -> Response:
 
 
 ROUTES = [
-    Route("/admin/metrics", metrics, methods=["GET"]),
-    Route("/admin/metrics/json", metrics_json, methods=["GET"]),
-    Route("/admin/health", health, methods=["GET"]),
-    Route("/admin/stack", stack, methods=["GET"]),
+    ScopedRoute(ADMIN, "/admin/metrics", metrics, methods=["GET"], produces=("text/plain",)),
+    ScopedRoute(ADMIN, "/admin/metrics/json", metrics_json, methods=["GET"]),
+    ScopedRoute(ADMIN, "/admin/health", health, methods=["GET"]),
+    ScopedRoute(ADMIN, "/admin/stack", stack, methods=["GET"]),
 ]

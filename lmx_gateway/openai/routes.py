@@ -10,11 +10,11 @@ from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from lmx_gateway.encoders.routes import encoder_listing
 from lmx_gateway.http.body import read_json
 from lmx_gateway.http.errors import error_payload
+from lmx_gateway.http.scopes import GENERATION_ERRORS, INFERENCE, JSON, SSE, ScopedRoute
 from lmx_gateway.http.sse import DONE, EventStreamResponse, sse_data
 from lmx_gateway.inference.generation import Collected, StreamRun, run_collect
 from lmx_gateway.inference.routing import route_request
@@ -196,7 +196,9 @@ async def list_models(request: Request) -> Response:
 
 
 ROUTES = [
-    Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-    Route("/v1/completions", completions, methods=["POST"]),
-    Route("/v1/models", list_models, methods=["GET"]),
+    ScopedRoute(INFERENCE, "/v1/chat/completions", chat_completions, methods=["POST"],
+                body=ChatCompletionRequest, produces=(JSON, SSE), errors=GENERATION_ERRORS),
+    ScopedRoute(INFERENCE, "/v1/completions", completions, methods=["POST"],
+                body=CompletionRequest, produces=(JSON, SSE), errors=GENERATION_ERRORS),
+    ScopedRoute(INFERENCE, "/v1/models", list_models, methods=["GET"]),
 ]

@@ -19,9 +19,9 @@ from typing import Any
 import msgspec
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from lmx_gateway.http.body import read_json
+from lmx_gateway.http.scopes import GENERATION_ERRORS, INFERENCE, JSON, SSE, ScopedRoute
 from lmx_gateway.http.sse import EventStreamResponse, sse_event
 from lmx_gateway.inference.generation import StreamRun, run_collect
 from lmx_gateway.inference.param_rename import rename_params
@@ -415,7 +415,10 @@ async def delete_response(request: Request) -> Response:
 
 
 ROUTES = [
-    Route("/v1/responses", create_response, methods=["POST"]),
-    Route("/v1/responses/{response_id}", get_response, methods=["GET"]),
-    Route("/v1/responses/{response_id}", delete_response, methods=["DELETE"]),
+    ScopedRoute(INFERENCE, "/v1/responses", create_response, methods=["POST"],
+                body=ResponsesRequest, produces=(JSON, SSE), errors=GENERATION_ERRORS),
+    ScopedRoute(INFERENCE, "/v1/responses/{response_id}", get_response, methods=["GET"],
+                errors=(404,)),
+    ScopedRoute(INFERENCE, "/v1/responses/{response_id}", delete_response, methods=["DELETE"],
+                errors=(404,)),
 ]
