@@ -30,6 +30,7 @@ from lmx_gateway.observability.events import EventBus
 from lmx_gateway.observability.observers import Observers
 from lmx_gateway.openai import routes as routes_inference
 from lmx_gateway.responses import routes as routes_responses
+from lmx_gateway.responses.store import ResponseStore
 from lmx_gateway.state import GatewayState
 from lmx_supervisor.config import Config, ConfigSource
 from lmx_supervisor.downloads import DownloadManager
@@ -52,7 +53,9 @@ def create_app(config: Config, config_source: ConfigSource | None = None) -> Sta
             config=config, supervisor=supervisor, events=events,
             config_source=config_source or ConfigSource(),
             presets=await asyncio.to_thread(load_presets),
-            model_files=ModelFiles(supervisor, DownloadManager(events.publish)))
+            model_files=ModelFiles(supervisor, DownloadManager(events.publish)),
+            responses=ResponseStore(config.server.responses_store_max_entries,
+                                    config.server.responses_store_max_bytes))
         observers = Observers(app.state.lmx)  # metrics, lifecycle logs, throughput
         # Load in the background: /healthz answers (and /readyz says 503)
         # while models are still loading.

@@ -65,6 +65,8 @@ def serve(args: argparse.Namespace) -> int:
         log_level=config.logging.level.lower(),
         timeout_graceful_shutdown=int(config.server.shutdown_drain_timeout_sec),
         timeout_keep_alive=30,
+        # Connections beyond it are answered 503 at once, before any work.
+        limit_concurrency=config.server.max_connections,
     )
     # uvicorn re-raises the signal that stopped it once it has shut down; a
     # no-op handler makes that a clean exit 0 after our own drain.

@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from lmx_gateway.http.anthropic_errors import anthropic_error_body, is_messages_path
 from lmx_gateway.http.errors import error_body
+from lmx_gateway.observability.inference_record import current_record
 from lmx_supervisor.config import Config, SecurityConfig
 
 # Open whatever the keys: probes, discovery, and the dashboard page itself
@@ -100,9 +101,14 @@ class AuthMiddleware:
             return
         key = key or None  # an empty key is no key, as for the cloud check
         required = key is not None or security.profile == "cloud"
+        record = current_record.get()
         if not required or (key is not None and key_matches(key, presented_keys(scope, headers))):
+            if record is not None:
+                record.trust_client()
             await self.app(scope, receive, send)
             return
+        if record is not None:
+            record.discard()
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008})
             return

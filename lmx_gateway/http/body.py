@@ -5,12 +5,14 @@ the bad field, which becomes OpenAI's `param`."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 from typing import TypeVar
 
 import msgspec
 from starlette.requests import Request
 
+from lmx_gateway.http.json_depth import MAX_JSON_DEPTH, too_deep_raw, too_deep_value
 from lmx_supervisor.errors import BadRequest, RequestTooLarge
 
 T = TypeVar("T")
@@ -47,17 +49,36 @@ def _param_from(text: str) -> tuple[str | None, str]:
     return (where or None), "invalid_value"
 
 
+def _too_deep(param: str | None) -> BadRequest:
+    return BadRequest(f"JSON nested deeper than {MAX_JSON_DEPTH} levels"
+                      + (f" in {param}" if param else ""), param=param, code="too_deeply_nested")
+
+
 def decode_json(raw: bytes, kind: type[T]) -> T:
     if not raw.strip():
         raise BadRequest("Request body is empty; expected a JSON object", code="invalid_json")
     try:
-        return msgspec.json.decode(raw, type=kind)
+        value = msgspec.json.decode(raw, type=kind)
     except msgspec.ValidationError as exc:
         param, code = _param_from(str(exc))
         raise BadRequest(f"Invalid request: {exc}", param=param, code=code) from None
     except msgspec.DecodeError as exc:
         raise BadRequest(f"Malformed JSON: {exc}", code="invalid_json") from None
+    except RecursionError:
+        raise _too_deep(too_deep_raw(raw)) from None
+    deep = too_deep_value(value)
+    if deep is not None:
+        raise _too_deep(deep)
+    return value
+
+
+# Larger bodies are decoded and walked on a thread: a few MB of small JSON
+# values take long enough to hold up every other request on the event loop.
+OFF_LOOP_BYTES = 256 * 1024
 
 
 async def read_json(request: Request, kind: type[T], limit: int) -> T:
-    return decode_json(await read_body(request, limit), kind)
+    raw = await read_body(request, limit)
+    if len(raw) > OFF_LOOP_BYTES:
+        return await asyncio.to_thread(decode_json, raw, kind)
+    return decode_json(raw, kind)

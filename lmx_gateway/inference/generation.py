@@ -20,6 +20,7 @@ from collections.abc import AsyncGenerator, Awaitable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from lmx_gateway.inference.prompt_size import check_prompt_size
 from lmx_gateway.observability.inference_record import current_record
 from lmx_gateway.state import GatewayState
 from lmx_protocol import (
@@ -88,6 +89,7 @@ class Generation(_Run):
 
     def __init__(self, state: GatewayState, model: ManagedModel, frame: Generate,
                  stream: bool) -> None:
+        check_prompt_size(model, frame, state.config.server.max_prompt_chars_per_token)
         super().__init__(state, model, stream)
         self._stream: AsyncGenerator[Tokens | Finished, None] = model.generate(frame)
         self.first_token_at: float | None = None

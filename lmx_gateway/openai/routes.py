@@ -21,7 +21,7 @@ from lmx_gateway.inference.routing import route_request
 from lmx_gateway.inference.tool_calls import ParseEvent, ToolCallParser
 from lmx_gateway.openai.chat_tools import chat_message, event_delta, finish_reason, tool_parser
 from lmx_gateway.openai.logprobs import chat_logprobs, completion_logprobs
-from lmx_gateway.openai.sampling import chat_generate, completion_generate
+from lmx_gateway.openai.sampling import chat_generate_async, completion_generate
 from lmx_gateway.openai.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from lmx_gateway.state import gateway_state
 from lmx_protocol import Finished, Generate, TokenLogprob, Tokens
@@ -147,7 +147,7 @@ async def chat_completions(request: Request) -> Response:
     limit = state.config.server.max_request_body_bytes
     # Aliases, presets and `default` resolve here; `req.model` becomes the real id.
     req, model = route_request(state, await read_json(request, ChatCompletionRequest, limit))
-    frame = chat_generate(req, _request_id())
+    frame = await chat_generate_async(req, _request_id())
 
     def render(cid: str, result: Collected) -> dict[str, Any]:
         message = chat_message(result.text, model, frame)
