@@ -41,6 +41,7 @@ from lmx_gateway.inference.param_rename import rename_params
 from lmx_gateway.inference.routing import route_request
 from lmx_gateway.inference.tool_calls import CallStart, ContentDelta, ParseEvent
 from lmx_gateway.inference.turn_output import TurnOutput, arguments_object
+from lmx_gateway.openai.chat_tools import turn_watch
 from lmx_gateway.openai.sampling import UNSUPPORTED, chat_generate_async
 from lmx_gateway.openai.schemas import (
     ChatCompletionRequest,
@@ -310,7 +311,7 @@ async def _stream(run: StreamRun, output: TurnOutput, message_id: str, model: st
         for chunk in blocks.text(""):  # plain text: the one block opens at once
             yield chunk
     try:
-        async for item in run.items():
+        async for item in run.items(lambda: output.ended):
             for chunk in blocks.events(output.feed(item.text)):
                 yield chunk
             if isinstance(item, Tokens):
@@ -349,7 +350,7 @@ async def create_message(request: Request) -> Response:
         run = await StreamRun.start(state, model, frame)
         return EventStreamResponse(_stream(run, output, message_id, chat.model),
                                    on_close=run.release)
-    result = await run_collect(state, model, frame)
+    result = await run_collect(state, model, frame, turn_watch(model, frame))
     fin = result.finished
     content = _content(output, result.text)
     return JSONResponse(_message(message_id, chat.model, content, _stop_reason(fin, output),

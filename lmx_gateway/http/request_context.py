@@ -14,6 +14,7 @@ from contextvars import ContextVar
 import msgspec
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from lmx_gateway.http.disconnect import client_receive
 from lmx_gateway.observability.inference_record import InferenceRecord, current_record
 from lmx_gateway.observability.metrics import clean_client_id
 from lmx_gateway.state import GatewayState
@@ -92,6 +93,7 @@ class RequestContextMiddleware:
                                          scope["path"])
         rid_token = request_id_var.set(rid)
         record_token = current_record.set(record)
+        receive_token = client_receive.set(receive)
         started = False
 
         async def send_with_id(message: Message) -> None:
@@ -122,5 +124,6 @@ class RequestContextMiddleware:
         finally:
             if record is not None:
                 record.finish()
+            client_receive.reset(receive_token)
             current_record.reset(record_token)
             request_id_var.reset(rid_token)

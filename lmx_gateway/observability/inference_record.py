@@ -21,6 +21,8 @@ from lmx_protocol import Finished, Tokens
 log = logging.getLogger("lmx.requests")
 
 MAX_EVENT_MESSAGE = 300
+# http.disconnect.ClientDisconnected's code (observability imports no http module).
+CLIENT_DISCONNECTED = "client_disconnected"
 
 current_record: ContextVar[InferenceRecord | None] = ContextVar(
     "lmx_inference_record", default=None)
@@ -118,6 +120,8 @@ class InferenceRecord:
     # --- closed by the middleware -----------------------------------------------
 
     def outcome_status(self) -> str:
+        if self.error_code == CLIENT_DISCONNECTED:
+            return "cancelled"  # a whole answer whose client left before it was ready
         if self.status >= 400 or self.error_code is not None:
             return "error"
         if self.model is not None and self.finished is None:

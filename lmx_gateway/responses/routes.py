@@ -34,6 +34,7 @@ from lmx_gateway.inference.tool_calls import (
     new_call_id,
 )
 from lmx_gateway.inference.turn_output import TurnOutput, content_of
+from lmx_gateway.openai.chat_tools import turn_watch
 from lmx_gateway.openai.sampling import chat_generate_async
 from lmx_gateway.openai.schemas import ChatCompletionRequest, ChatMessageIn, tool_call_in
 from lmx_gateway.responses.schemas import (
@@ -352,7 +353,7 @@ async def _stream(state: GatewayState, run: StreamRun, shape: _Shape, output: Tu
         for chunk in items.open_message():  # plain text: the one message opens at once
             yield chunk
     try:
-        async for item in run.items():
+        async for item in run.items(lambda: output.ended):
             for chunk in items.on(output.feed(item.text), output.calls):
                 yield chunk
             if not isinstance(item, Finished):
@@ -384,7 +385,7 @@ async def create_response(request: Request) -> Response:
     if req.stream:
         run = await StreamRun.start(state, model, prepared.frame)
         return EventStreamResponse(_stream(state, run, shape, output), on_close=run.release)
-    result = await run_collect(state, model, prepared.frame)
+    result = await run_collect(state, model, prepared.frame, turn_watch(model, prepared.frame))
     status = _status(result.finished)
     segments = output.segments(result.text)
     items = [_message_item(_item_id("msg"), s, status) if isinstance(s, str) else
