@@ -316,6 +316,8 @@ class ToolCallParser:
         # The call being read: its events wait here until it is complete.
         self._open = False
         self._held: list[ParseEvent] = []
+        self._held_feed = -1  # the feed that made the last held ArgumentsDelta
+        self._feeds = 0
         self._done_calls: set[tuple[str, str]] = set()  # (name, canonical arguments)
         self.ended = False  # a repeated call ended the turn: the rest is ignored
         if self.format is ToolFormat.HERMES:
@@ -333,6 +335,7 @@ class ToolCallParser:
         """Add generated text; return the events it completes."""
         if self.ended:
             return []
+        self._feeds += 1
         self._buf += text
         self._run()
         return self._take()
@@ -602,10 +605,12 @@ class ToolCallParser:
             return
         self.calls[call.index].arguments += piece
         held = self._held
-        if held and isinstance(held[-1], ArgumentsDelta) and held[-1].index == call.index:
+        if (held and isinstance(held[-1], ArgumentsDelta) and held[-1].index == call.index
+                and self._held_feed == self._feeds):
             held[-1].text += piece  # one delta per feed, not one per char
         else:
             held.append(ArgumentsDelta(call.index, piece))
+            self._held_feed = self._feeds
 
     def _end_call(self, call: _CallState) -> None:
         if call.index is None:
