@@ -219,6 +219,19 @@ def test_128_tools_with_large_schemas_refused_cleanly(server: LMXServer) -> None
     assert_error(too_many, 400, "invalid_value", "tools")
 
 
+def test_128_small_tools_work_or_are_refused_cleanly(server: LMXServer) -> None:
+    """Small enough for the gateway's size bound: the worker templates them
+    and either answers with a well-formed call or says the context is too small."""
+    tools = _big_tools(128, 2)
+    resp = chat(server, {"messages": [HI], "tools": tools, "tool_choice": "required",
+                         "temperature": 0, "max_tokens": 60})
+    if resp.status_code == 200:
+        calls = resp.json()["choices"][0]["message"].get("tool_calls") or []
+        assert all(json.loads(c["function"]["arguments"]) is not None for c in calls)
+    else:
+        assert_error(resp, 400, "context_length_exceeded", None)
+
+
 def test_stop_strings_bounded(server: LMXServer) -> None:
     assert_error(chat(server, {"messages": [HI], "stop": ["x" * 600]}), 400, "invalid_value",
                  "stop[0]")
@@ -332,11 +345,13 @@ def test_clients_hanging_up_abort_their_generations(server: LMXServer) -> None:
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(lambda pb: hang_up(*pb), HANG_UP_BODIES))
     left_at = time.monotonic()
-
+    wait_until(lambda: server.http.get("/admin/metrics/json").json()["in_flight_requests"] == 0,
+               30, interval=0.05, what="nothing in flight")
+    out_of_flight = time.monotonic() - left_at
     wait_until(lambda: _settled(server, aborted + 4), 30, interval=0.1,
                what="4 aborts and nothing in flight")
-    print(f"4 hang-ups: aborted and out of flight {time.monotonic() - left_at:.2f}s after "
-          "the clients left")
+    print(f"4 hang-ups: out of flight {out_of_flight:.2f}s and 4 aborts counted by the worker "
+          f"{time.monotonic() - left_at:.2f}s after the clients left")
 
 
 def test_benchmark_aborts_when_its_client_leaves(server: LMXServer) -> None:
