@@ -1,14 +1,14 @@
 """The application factory. The lifespan owns the supervisor: it starts
 before the first request and stops every worker after the last.
 
-Routes: each module's `ROUTES` list holds `ScopedRoute`s (`http.scopes`), one
+Routes: each module's `ROUTES` list holds `ScopedRoute`s (`access.scopes`), one
 line per route with its scope (PUBLIC / INFERENCE / ADMIN); add the list to
 `build_routes` below. A route that is not a ScopedRoute is refused at
 startup, and `GET /openapi.json` describes every route from the same table.
 
 Middleware, outermost first: request id; Host check (421); CORS for
 `server.cors_origins`; load shedding. Each route then checks the browser
-Origin and its scope's key before its handler (`http.guards`)."""
+Origin and its scope's key before its handler (`access.guards`)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ from collections.abc import AsyncIterator
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 
+from lmx_gateway.access.edge import HostCheckMiddleware, LiveCORSMiddleware
+from lmx_gateway.access.scopes import build_routes
 from lmx_gateway.admin import compatibility as routes_compatibility
 from lmx_gateway.admin import dashboard as routes_dashboard
 from lmx_gateway.admin import memory as routes_memory
@@ -32,11 +34,9 @@ from lmx_gateway.admin import restart as routes_restart
 from lmx_gateway.admin.control import ROUTES as CONTROL_ROUTES
 from lmx_gateway.anthropic import routes as routes_anthropic
 from lmx_gateway.encoders.routes import ROUTES as ENCODER_ROUTES
-from lmx_gateway.http.edge import HostCheckMiddleware, LiveCORSMiddleware
 from lmx_gateway.http.errors import EXCEPTION_HANDLERS
 from lmx_gateway.http.load_shedding import LoadSheddingMiddleware
 from lmx_gateway.http.request_context import RequestContextMiddleware
-from lmx_gateway.http.scopes import build_routes
 from lmx_gateway.inference.presets import load_presets
 from lmx_gateway.observability import probes as routes_health
 from lmx_gateway.observability import routes as routes_observability
@@ -45,6 +45,7 @@ from lmx_gateway.observability.observers import Observers
 from lmx_gateway.openai import routes as routes_inference
 from lmx_gateway.openapi import ROUTES as OPENAPI_ROUTES
 from lmx_gateway.responses import routes as routes_responses
+from lmx_gateway.responses.store import ResponseStore
 from lmx_gateway.state import GatewayState
 from lmx_supervisor.autotune import AutotuneJobs
 from lmx_supervisor.config import Config, ConfigSource
@@ -71,7 +72,9 @@ def create_app(config: Config, config_source: ConfigSource | None = None) -> Sta
             presets=await asyncio.to_thread(load_presets),
             model_files=ModelFiles(supervisor, DownloadManager(events.publish)),
             quantize_jobs=QuantizeJobs(events.publish),
-            autotune_jobs=AutotuneJobs(supervisor, events.publish))
+            autotune_jobs=AutotuneJobs(supervisor, events.publish),
+            responses=ResponseStore(config.server.responses_store_max_entries,
+                                    config.server.responses_store_max_bytes))
         observers = Observers(app.state.lmx)  # metrics, lifecycle logs, throughput
         # Load in the background: /healthz answers (and /readyz says 503)
         # while models are still loading.

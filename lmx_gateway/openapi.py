@@ -23,8 +23,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute
 
 from lmx_gateway import __version__
+from lmx_gateway.access.scopes import JSON, PUBLIC, RouteScope, ScopedRoute
 from lmx_gateway.http.anthropic_errors import is_messages_path
-from lmx_gateway.http.scopes import JSON, PUBLIC, RouteScope, ScopedRoute
 
 OPENAPI_PATH = "/openapi.json"
 REF = "#/components/schemas/{name}"

@@ -85,6 +85,8 @@ def serve(args: argparse.Namespace) -> int:
         timeout_keep_alive=30,
         ssl_certfile=cert,
         ssl_keyfile=key,
+        # Connections beyond it are answered 503 at once, before any work.
+        limit_concurrency=config.server.max_connections,
     )
     # uvicorn re-raises the signal that stopped it once it has shut down; a
     # no-op handler makes that a clean exit 0 after our own drain.

@@ -55,6 +55,16 @@ class ServerConfig(Section):
     tls_key_file: str | None = None
     # The cloud profile refuses plain HTTP on a non-loopback address unless this is set.
     allow_plaintext: bool = False
+    # Open connections (uvicorn limit_concurrency); beyond it new ones get 503.
+    max_connections: PositiveInt = 1000
+    # A prompt longer than context_length x this many characters cannot fit
+    # (no token of a real vocabulary is longer) and is refused at the gateway
+    # with 400 context_length_exceeded before any tokenizing.
+    max_prompt_chars_per_token: PositiveInt = 64
+    # /v1/responses kept for previous_response_id: entries and total bytes
+    # (the least recently used go first when either is exceeded).
+    responses_store_max_entries: PositiveInt = 1000
+    responses_store_max_bytes: PositiveInt = 64 * 1024 * 1024
 
 
 class ModelsConfig(Section):

@@ -26,8 +26,8 @@ import yaml
 from openapi_spec_validator import validate as validate_openapi
 from starlette.routing import Route
 
+from lmx_gateway.access.scopes import RouteScope, ScopedRoute, build_routes
 from lmx_gateway.app import create_app
-from lmx_gateway.http.scopes import RouteScope, ScopedRoute, build_routes
 from lmx_supervisor.config import Config, ConfigError, load_config
 from tests.conftest import MODEL_ID, LMXServer, base_config, wait_until
 from tests.lifecycle_support import EventCollector

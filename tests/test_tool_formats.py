@@ -177,7 +177,45 @@ def test_parser_holds_back_marker_prefixes() -> None:
     parser = ToolCallParser("hermes")
     assert parser.feed("Hello <tool") == [ContentDelta("Hello")]
     assert parser.feed("_c") == []
-    events = parser.feed('all>{"name": "f", "arguments": {"x"')
-    assert [type(e) for e in events] == [CallStart, ArgumentsDelta]
-    assert parser.feed(": 1}}</tool_call>")[0] == ArgumentsDelta(0, ": 1}")
+    # A call is reported once complete (so a client never sees half of one).
+    assert parser.feed('all>{"name": "f", "arguments": {"x"') == []
+    events = parser.feed(": 1}}</tool_call>")
+    # Still in the pieces the text came in.
+    assert [type(e) for e in events] == [CallStart, ArgumentsDelta, ArgumentsDelta]
+    assert "".join(e.text for e in events if isinstance(e, ArgumentsDelta)) == '{"x": 1}'
     assert parser.finish() == []
+
+
+CALL_F = '<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>\n'
+
+
+def _streamed(text: str, fmt: str = "hermes") -> tuple[ToolCallParser, list[Any]]:
+    parser = ToolCallParser(fmt, ["f", "g"])
+    return parser, [e for ch in text for e in parser.feed(ch)] + parser.finish()
+
+
+def test_repeated_call_ends_the_turn() -> None:
+    """Greedy decoding under a `required` grammar repeats one call until
+    max_tokens: the repeat is dropped, the turn ends there."""
+    text = (CALL_F + '<tool_call>\n{"name": "g", "arguments": {}}\n</tool_call>\n'
+            + '<tool_call>\n{"arguments": {"x": 1}, "name": "f"}\n</tool_call>\n' + CALL_F
+            + '<tool_call>\n{"name": "g", "arguments": {"y"')
+    content, calls = parse_tool_calls(text, "hermes", ["f", "g"])
+    assert content is None
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [("f", {"x": 1}), ("g", {})]
+    parser, events = _streamed(text)
+    assert parser.ended
+    assert [e.name for e in events if isinstance(e, CallStart)] == ["f", "g"]
+    assert parser.feed(CALL_F) == []  # the rest of the output is ignored
+
+
+def test_call_cut_short_is_never_reported() -> None:
+    text = CALL_F + '<tool_call>\n{"name": "g", "arguments": {"y": [1, 2'
+    content, calls = parse_tool_calls(text, "hermes", ["f", "g"])
+    assert content is None and [c.name for c in calls] == ["f"]
+    parser, events = _streamed(text)
+    assert not parser.ended
+    assert [e.name for e in events if isinstance(e, CallStart)] == ["f"]
+    assert all(e.index == 0 for e in events if isinstance(e, ArgumentsDelta))
+    only_cut = parse_tool_calls('<tool_call>{"name": "f", "arguments": {"x', "hermes", ["f"])
+    assert only_cut == ("", [])

@@ -10,7 +10,7 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from lmx_gateway.http.scopes import ADMIN, QueryParam, ScopedRoute
+from lmx_gateway.access.scopes import ADMIN, QueryParam, ScopedRoute
 from lmx_gateway.state import gateway_state
 from lmx_supervisor.errors import BadRequest
 

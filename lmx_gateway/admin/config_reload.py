@@ -32,7 +32,9 @@ from lmx_supervisor.errors import BadRequest
 log = logging.getLogger("lmx.gateway")
 
 # Keys that only take effect at startup; a reload keeps the running value.
-_RESTART_ONLY = {"server": ("host", "port", "tls_cert_file", "tls_key_file", "allow_plaintext"),
+_RESTART_ONLY = {"server": ("host", "port", "tls_cert_file", "tls_key_file", "allow_plaintext",
+                            "max_connections", "responses_store_max_entries",
+                            "responses_store_max_bytes"),
                  "workers": ("address", "runtime_dir")}
 _UVICORN_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access", "uvicorn.asgi")
 _KEY_PREFIX = re.compile(r"^([a-z_]+(?:\.[\w-]+)*): ")

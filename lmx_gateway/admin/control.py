@@ -14,11 +14,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from lmx_gateway import __version__
+from lmx_gateway.access.auth import inference_required
+from lmx_gateway.access.scopes import ADMIN, GENERATION_ERRORS, PUBLIC, ScopedRoute
 from lmx_gateway.admin.config_reload import reload_config
 from lmx_gateway.admin.restart import apply_spawn_settings, read_reload_request
-from lmx_gateway.http.auth import inference_required
 from lmx_gateway.http.body import read_json
-from lmx_gateway.http.scopes import ADMIN, GENERATION_ERRORS, PUBLIC, ScopedRoute
 from lmx_gateway.inference.generation import Generation, collect
 from lmx_gateway.inference.presets import load_presets
 from lmx_gateway.inference.routing import resolve_route

@@ -12,7 +12,7 @@ from importlib import resources
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
-from lmx_gateway.http.scopes import PUBLIC, ScopedRoute
+from lmx_gateway.access.scopes import PUBLIC, ScopedRoute
 
 DASHBOARD_PATH = "/admin/dashboard"
 

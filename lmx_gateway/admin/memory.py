@@ -6,7 +6,7 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from lmx_gateway.http.scopes import ADMIN, ScopedRoute
+from lmx_gateway.access.scopes import ADMIN, ScopedRoute
 from lmx_gateway.state import gateway_state
 
 

@@ -10,8 +10,8 @@ from msgspec import Meta
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from lmx_gateway.access.scopes import ADMIN, ScopedRoute
 from lmx_gateway.http.body import read_json
-from lmx_gateway.http.scopes import ADMIN, ScopedRoute
 from lmx_gateway.state import GatewayState, gateway_state
 from lmx_supervisor import hub_cache
 from lmx_supervisor.downloads import DownloadJob

@@ -11,11 +11,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from lmx_gateway import __version__
+from lmx_gateway.access.scopes import ADMIN, LOAD_ERRORS, SSE, ScopedRoute
 from lmx_gateway.admin.model_files import auto_download, needs_download
 from lmx_gateway.admin.schemas import LoadRequest, UnloadRequest
 from lmx_gateway.encoders.routes import encoder_listing
 from lmx_gateway.http.body import read_json
-from lmx_gateway.http.scopes import ADMIN, LOAD_ERRORS, SSE, ScopedRoute
 from lmx_gateway.http.sse import EventStreamResponse, sse_event
 from lmx_gateway.observability.observers import gib
 from lmx_gateway.state import gateway_state

@@ -12,8 +12,8 @@ from msgspec import Meta
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from lmx_gateway.access.scopes import ADMIN, ScopedRoute
 from lmx_gateway.http.body import read_json
-from lmx_gateway.http.scopes import ADMIN, ScopedRoute
 from lmx_gateway.openai.schemas import ModelName
 from lmx_gateway.state import gateway_state
 from lmx_supervisor.errors import InferenceTimeout

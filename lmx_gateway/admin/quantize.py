@@ -12,8 +12,8 @@ from msgspec import Meta
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from lmx_gateway.access.scopes import ADMIN, ScopedRoute
 from lmx_gateway.http.body import read_json
-from lmx_gateway.http.scopes import ADMIN, ScopedRoute
 from lmx_gateway.state import GatewayState, gateway_state
 from lmx_supervisor.errors import BadRequest, LMXError
 from lmx_supervisor.quantize_jobs import QuantizeArgs, QuantizeJobs

@@ -11,8 +11,8 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from lmx_gateway.access.scopes import ADMIN, LOAD_ERRORS, ScopedRoute
 from lmx_gateway.http.body import decode_json, read_body, require_json
-from lmx_gateway.http.scopes import ADMIN, LOAD_ERRORS, ScopedRoute
 from lmx_gateway.state import GatewayState, gateway_state
 from lmx_supervisor.errors import BadRequest
 from lmx_supervisor.spawn_settings import parse_overrides

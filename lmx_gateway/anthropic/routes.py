@@ -20,6 +20,7 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from lmx_gateway.access.scopes import GENERATION_ERRORS, INFERENCE, JSON, SSE, ScopedRoute
 from lmx_gateway.anthropic.schemas import (
     CountTokensRequest,
     MessageIn,
@@ -34,15 +35,20 @@ from lmx_gateway.anthropic.schemas import (
 from lmx_gateway.http.anthropic_errors import anthropic_error_body
 from lmx_gateway.http.body import read_json
 from lmx_gateway.http.errors import headers_of, message_of, status_of
-from lmx_gateway.http.scopes import GENERATION_ERRORS, INFERENCE, JSON, SSE, ScopedRoute
 from lmx_gateway.http.sse import EventStreamResponse, sse_event
 from lmx_gateway.inference.generation import StreamRun, run_collect
 from lmx_gateway.inference.param_rename import rename_params
 from lmx_gateway.inference.routing import route_request
 from lmx_gateway.inference.tool_calls import CallStart, ContentDelta, ParseEvent
 from lmx_gateway.inference.turn_output import TurnOutput, arguments_object
-from lmx_gateway.openai.sampling import UNSUPPORTED, chat_generate
-from lmx_gateway.openai.schemas import ChatCompletionRequest, ChatMessageIn
+from lmx_gateway.openai.chat_tools import turn_watch
+from lmx_gateway.openai.sampling import UNSUPPORTED, chat_generate_async
+from lmx_gateway.openai.schemas import (
+    ChatCompletionRequest,
+    ChatMessageIn,
+    ToolCallIn,
+    tool_call_in,
+)
 from lmx_gateway.state import GatewayState, gateway_state
 from lmx_protocol import Finished, FinishReason, Generate, Tokens
 from lmx_supervisor.errors import BadRequest, LMXError
@@ -86,9 +92,8 @@ def _text_of(blocks: str | list[TextBlock] | None) -> str:
     return "\n".join(b.text for b in blocks)
 
 
-def _tool_call(block: ToolUseBlock) -> dict[str, Any]:
-    return {"id": block.id, "type": "function",
-            "function": {"name": block.name, "arguments": json.dumps(block.input)}}
+def _tool_call(block: ToolUseBlock) -> ToolCallIn:
+    return tool_call_in(block.id, block.name, json.dumps(block.input))
 
 
 def _turns(messages: list[MessageIn]) -> list[ChatMessageIn]:
@@ -104,7 +109,7 @@ def _turns(messages: list[MessageIn]) -> list[ChatMessageIn]:
             raise BadRequest("message content must not be empty",
                              param=f"messages[{i}].content")
         texts: list[str] = []
-        calls: list[dict[str, Any]] = []
+        calls: list[ToolCallIn] = []
         results: list[ChatMessageIn] = []
         for j, block in enumerate(msg.content):
             where = f"messages[{i}].content[{j}]"
@@ -212,12 +217,12 @@ _RENAMES = ((r"tools\[(\d+)\]\.function\.parameters", r"tools[\1].input_schema")
             (r"response_format(\.json_schema\.schema)?", "output_config.format.schema"))
 
 
-def _prepare(state: GatewayState, req: CountTokensRequest
-             ) -> tuple[ChatCompletionRequest, ManagedModel, Generate]:
+async def _prepare(state: GatewayState, req: CountTokensRequest
+                   ) -> tuple[ChatCompletionRequest, ManagedModel, Generate]:
     # Aliases, presets and `default` resolve here; `chat.model` becomes the real id.
     chat, model = route_request(state, _chat_request(req))
     try:
-        return chat, model, chat_generate(chat, secrets.token_hex(12))
+        return chat, model, await chat_generate_async(chat, secrets.token_hex(12))
     except BadRequest as exc:
         raise rename_params(exc, _RENAMES) from None
 
@@ -306,7 +311,7 @@ async def _stream(run: StreamRun, output: TurnOutput, message_id: str, model: st
         for chunk in blocks.text(""):  # plain text: the one block opens at once
             yield chunk
     try:
-        async for item in run.items():
+        async for item in run.items(lambda: output.ended):
             for chunk in blocks.events(output.feed(item.text)):
                 yield chunk
             if isinstance(item, Tokens):
@@ -338,14 +343,14 @@ def _content(output: TurnOutput, text: str) -> list[dict[str, Any]]:
 async def create_message(request: Request) -> Response:
     state = gateway_state(request)
     req = await read_json(request, MessagesRequest, state.config.server.max_request_body_bytes)
-    chat, model, frame = _prepare(state, req)
+    chat, model, frame = await _prepare(state, req)
     message_id = "msg_" + frame.request_id
     output = TurnOutput(model, frame, _tool_use_id)
     if req.stream:
         run = await StreamRun.start(state, model, frame)
         return EventStreamResponse(_stream(run, output, message_id, chat.model),
                                    on_close=run.release)
-    result = await run_collect(state, model, frame)
+    result = await run_collect(state, model, frame, turn_watch(model, frame))
     fin = result.finished
     content = _content(output, result.text)
     return JSONResponse(_message(message_id, chat.model, content, _stop_reason(fin, output),
@@ -356,7 +361,7 @@ async def count_tokens(request: Request) -> Response:
     state = gateway_state(request)
     req = await read_json(request, CountTokensRequest,
                           state.config.server.max_request_body_bytes)
-    _, model, frame = _prepare(state, req)
+    _, model, frame = await _prepare(state, req)
     frame = msgspec.structs.replace(frame, count_only=True)
     result = await run_collect(state, model, frame)
     return JSONResponse({"input_tokens": result.finished.prompt_tokens})

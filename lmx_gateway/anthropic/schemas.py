@@ -12,7 +12,13 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
-from lmx_gateway.openai.schemas import ModelName, NonNegativeInt, PositiveInt
+from lmx_gateway.openai.schemas import (
+    MAX_STOP_STRINGS,
+    ModelName,
+    NonNegativeInt,
+    PositiveInt,
+    StopString,
+)
 
 ToolName = Annotated[str, Meta(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
 
@@ -118,7 +124,7 @@ class CountTokensRequest(msgspec.Struct, kw_only=True):
 
 class MessagesRequest(CountTokensRequest, kw_only=True):
     max_tokens: PositiveInt
-    stop_sequences: Annotated[list[str], Meta(max_length=16)] | None = None
+    stop_sequences: Annotated[list[StopString], Meta(max_length=MAX_STOP_STRINGS)] | None = None
     stream: bool = False
     temperature: Annotated[float, Meta(ge=0, le=1)] | None = None
     top_p: Annotated[float, Meta(gt=0, le=1)] | None = None

@@ -17,6 +17,7 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
+from lmx_gateway.access.scopes import GENERATION_ERRORS, INFERENCE, ScopedRoute
 from lmx_gateway.encoders.schemas import (
     EmbeddingRequest,
     RerankDocument,
@@ -24,7 +25,6 @@ from lmx_gateway.encoders.schemas import (
     embedding_inputs,
 )
 from lmx_gateway.http.body import read_json
-from lmx_gateway.http.scopes import GENERATION_ERRORS, INFERENCE, ScopedRoute
 from lmx_gateway.inference.generation import run_encoder
 from lmx_gateway.inference.routing import resolve_model
 from lmx_gateway.state import gateway_state

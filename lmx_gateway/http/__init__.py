@@ -1,14 +1,4 @@
-"""The HTTP edge every route shares: reading and validating bodies, server-sent
-events, error bodies in each dialect's shape, auth, request ids, load
-shedding and log setup.
-
-The LAN edge: `scopes.ScopedRoute` is the only kind of route the app takes;
-each declares its scope (PUBLIC / INFERENCE / ADMIN), and `guards` checks the
-browser Origin and the scope's key before the handler. `edge` holds the Host
-check (421) and the CORS middleware for `server.cors_origins`. To add a
-route, put one line in its module's ROUTES list:
-
-    ScopedRoute(ADMIN, "/admin/models/restart", restart, methods=["POST"], body=RestartRequest)
-
-and it is guarded, documented in `GET /openapi.json` and fuzzed.
-"""
+"""The HTTP edge every route shares: reading and validating bodies (size,
+depth, content type), server-sent events, error bodies in each dialect's
+shape, request ids and records, client disconnects, load shedding and log
+setup. Who may call which route is `lmx_gateway.access`."""

@@ -5,12 +5,14 @@ the bad field, which becomes OpenAI's `param`."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 from typing import TypeVar
 
 import msgspec
 from starlette.requests import Request
 
+from lmx_gateway.http.json_depth import MAX_JSON_DEPTH, too_deep_raw, too_deep_value
 from lmx_supervisor.errors import BadRequest, RequestTooLarge, UnsupportedMediaType
 
 T = TypeVar("T")
@@ -69,6 +71,11 @@ def _oversized_int(node: object, path: str) -> str | None:
     return None
 
 
+def _too_deep(param: str | None) -> BadRequest:
+    return BadRequest(f"JSON nested deeper than {MAX_JSON_DEPTH} levels"
+                      + (f" in {param}" if param else ""), param=param, code="too_deeply_nested")
+
+
 def decode_json(raw: bytes, kind: type[T]) -> T:
     if not raw.strip():
         raise BadRequest("Request body is empty; expected a JSON object", code="invalid_json")
@@ -79,12 +86,22 @@ def decode_json(raw: bytes, kind: type[T]) -> T:
         raise BadRequest(f"Invalid request: {exc}", param=param, code=code) from None
     except msgspec.DecodeError as exc:
         raise BadRequest(f"Malformed JSON: {exc}", code="invalid_json") from None
-    if _LONG_DIGITS.search(raw):  # rare: only then walk the request
+    except RecursionError:
+        raise _too_deep(too_deep_raw(raw)) from None
+    deep = too_deep_value(value)
+    if deep is not None:
+        raise _too_deep(deep)
+    if _LONG_DIGITS.search(raw):  # rare: only then walk the request (depth is bounded now)
         where = _oversized_int(msgspec.to_builtins(value), "")
         if where is not None:
             raise BadRequest("Invalid request: an integer outside the 64-bit range",
                              param=where or None, code="invalid_value")
     return value
+
+
+# Larger bodies are decoded and walked on a thread: a few MB of small JSON
+# values take long enough to hold up every other request on the event loop.
+OFF_LOOP_BYTES = 256 * 1024
 
 
 def is_json_media_type(content_type: str) -> bool:
@@ -110,4 +127,6 @@ def require_json(request: Request, raw: bytes) -> None:
 async def read_json(request: Request, kind: type[T], limit: int) -> T:
     raw = await read_body(request, limit)
     require_json(request, raw)
+    if len(raw) > OFF_LOOP_BYTES:
+        return await asyncio.to_thread(decode_json, raw, kind)
     return decode_json(raw, kind)

@@ -14,6 +14,7 @@ from contextvars import ContextVar
 import msgspec
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from lmx_gateway.http.disconnect import client_receive
 from lmx_gateway.observability.inference_record import InferenceRecord, current_record
 from lmx_gateway.observability.metrics import clean_client_id
 from lmx_gateway.state import GatewayState
@@ -92,10 +93,12 @@ class RequestContextMiddleware:
                                          scope["path"])
         rid_token = request_id_var.set(rid)
         record_token = current_record.set(record)
+        receive_token = client_receive.set(receive)
         started = False
+        closed = False
 
         async def send_with_id(message: Message) -> None:
-            nonlocal started
+            nonlocal started, closed
             if message["type"] == "http.response.start":
                 started = True
                 headers = list(message.get("headers", []))
@@ -104,11 +107,16 @@ class RequestContextMiddleware:
                 message = {**message, "headers": headers}
                 if record is not None:
                     record.status = int(message["status"])
-            elif (message["type"] == "http.response.body" and record is not None
-                  and record.status >= 400 and record.error_code is None):
-                found = _error_from_body(message.get("body", b""))
-                if found is not None:
-                    record.on_error(*found)
+            elif message["type"] == "http.response.body" and record is not None:
+                if record.status >= 400 and record.error_code is None:
+                    found = _error_from_body(message.get("body", b""))
+                    if found is not None:
+                        record.on_error(*found)
+                if not message.get("more_body", False) and not closed:
+                    # Counted before the last byte goes out: a client that has
+                    # its whole answer (a stream's [DONE]) finds it in the metrics.
+                    closed = True
+                    record.finish()
             await send(message)
 
         try:
@@ -120,7 +128,8 @@ class RequestContextMiddleware:
                 record.on_error("internal_error", type(exc).__name__)
             raise
         finally:
-            if record is not None:
+            if record is not None and not closed:
                 record.finish()
+            client_receive.reset(receive_token)
             current_record.reset(record_token)
             request_id_var.reset(rid_token)

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator, Awaitable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from lmx_gateway.http.disconnect import abort_on_disconnect
+from lmx_gateway.inference.prompt_size import check_prompt_size
 from lmx_gateway.observability.inference_record import current_record
 from lmx_gateway.state import GatewayState
 from lmx_protocol import (
@@ -88,9 +90,13 @@ class Generation(_Run):
 
     def __init__(self, state: GatewayState, model: ManagedModel, frame: Generate,
                  stream: bool) -> None:
+        check_prompt_size(model, frame, state.config.server.max_prompt_chars_per_token)
         super().__init__(state, model, stream)
         self._stream: AsyncGenerator[Tokens | Finished, None] = model.generate(frame)
         self.first_token_at: float | None = None
+        self._request_id = frame.request_id
+        self._prompt_tokens = 0
+        self._completion_tokens = 0
 
     async def next(self) -> Tokens | Finished:
         try:
@@ -104,9 +110,23 @@ class Generation(_Run):
             raise
         if self.first_token_at is None:
             self.first_token_at = time.monotonic()
+        if isinstance(item, Tokens):
+            self._prompt_tokens = item.prompt_tokens or self._prompt_tokens
+            self._completion_tokens += len(item.token_ids)
         if self.record is not None:
             self.record.on_item(item)
         return item
+
+    async def end_early(self) -> Finished:
+        """The caller has all it needs (the turn is over: see
+        tool_calls.ToolCallParser.ended): abort the rest in the worker and
+        finish as a normal stop, counting the tokens generated so far."""
+        await self.close()
+        finished = Finished(self._request_id, FinishReason.STOP, self._prompt_tokens,
+                            self._completion_tokens)
+        if self.record is not None:
+            self.record.on_item(finished)
+        return finished
 
     async def close(self) -> None:
         self._count_out()
@@ -120,25 +140,35 @@ class Collected:
     logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
-async def collect(gen: Generation) -> Collected:
-    """Every item of `gen` up to its Finished frame; closes `gen`."""
+# Fed each piece of text as it arrives; True when the answer is complete
+# before the model says so (a repeated tool call ended the turn).
+TurnEnded = Callable[[str], bool]
+
+
+async def collect(gen: Generation, turn_ended: TurnEnded | None = None) -> Collected:
+    """Every item of `gen` up to its Finished frame (or until `turn_ended`);
+    closes `gen`, at once if the client goes away first (ClientDisconnected)."""
     parts: list[str] = []
     logprobs: list[TokenLogprob] = []
     try:
-        while True:
-            item = await gen.next()
-            parts.append(item.text)
-            if isinstance(item, Finished):
-                return Collected("".join(parts), item, logprobs)
-            if item.logprobs:
-                logprobs.extend(item.logprobs)
+        async with abort_on_disconnect():
+            while True:
+                item = await gen.next()
+                parts.append(item.text)
+                if isinstance(item, Finished):
+                    return Collected("".join(parts), item, logprobs)
+                if item.logprobs:
+                    logprobs.extend(item.logprobs)
+                if turn_ended is not None and turn_ended(item.text):
+                    return Collected("".join(parts), await gen.end_early(), logprobs)
     finally:
         await gen.close()
 
 
-async def run_collect(state: GatewayState, model: ManagedModel, frame: Generate) -> Collected:
+async def run_collect(state: GatewayState, model: ManagedModel, frame: Generate,
+                      turn_ended: TurnEnded | None = None) -> Collected:
     """A whole answer."""
-    return await collect(Generation(state, model, frame, stream=False))
+    return await collect(Generation(state, model, frame, stream=False), turn_ended)
 
 
 class StreamRun:
@@ -154,17 +184,25 @@ class StreamRun:
                     ) -> StreamRun:
         gen = Generation(state, model, frame, stream=True)
         try:
-            first = await gen.next()
+            async with abort_on_disconnect():  # a client may leave while queued
+                first = await gen.next()
         except BaseException:
             await gen.close()
             raise
         return cls(gen, first)
 
-    async def items(self) -> AsyncGenerator[Tokens | Finished, None]:
+    async def items(self, turn_ended: Callable[[], bool] | None = None
+                    ) -> AsyncGenerator[Tokens | Finished, None]:
+        """The generation's items. `turn_ended` is asked after each Tokens
+        item has been consumed; when it says the answer is complete, the
+        generation is aborted and a Finished (stop) ends the items."""
         try:
             item = self.first
             yield item
             while not isinstance(item, Finished):
+                if turn_ended is not None and turn_ended():
+                    yield await self._gen.end_early()
+                    return
                 item = await self._gen.next()
                 yield item
         finally:

@@ -16,6 +16,15 @@ that might be the beginning of a marker is held back until it is decided.
   output (several separated by `;`), or after `<|python_tag|>`;
 - json: a bare JSON call object, or a list of them, as the whole output.
 
+A call is reported (CallStart, then its ArgumentsDelta pieces) only once it
+is complete, so every call a client sees is whole, with arguments that are
+JSON: a call cut short by max_tokens, or one whose arguments do not parse,
+is dropped. A call identical (same name, same arguments) to an earlier one
+of the same output ends the turn: it is dropped, everything after it is
+ignored, and `ended` tells the caller it may stop the generation (small
+models decoding greedily under a `required` grammar repeat one call until
+max_tokens otherwise).
+
 In the formats without a marker (llama3_json, json), output that starts
 with `{` only counts as a call once it has a "name" (one of the offered
 tools, when the parser knows them) and an arguments key; any other JSON is
@@ -304,6 +313,13 @@ class ToolCallParser:
         self._held_space = ""
         self._said_anything = False  # content or call emitted: "start of output" has passed
         self._final = False
+        # The call being read: its events wait here until it is complete.
+        self._open = False
+        self._held: list[ParseEvent] = []
+        self._held_feed = -1  # the feed that made the last held ArgumentsDelta
+        self._feeds = 0
+        self._done_calls: set[tuple[str, str]] = set()  # (name, canonical arguments)
+        self.ended = False  # a repeated call ended the turn: the rest is ignored
         if self.format is ToolFormat.HERMES:
             self._markers = [HERMES_OPEN]
         elif self.format is ToolFormat.MISTRAL:
@@ -317,6 +333,9 @@ class ToolCallParser:
 
     def feed(self, text: str) -> list[ParseEvent]:
         """Add generated text; return the events it completes."""
+        if self.ended:
+            return []
+        self._feeds += 1
         self._buf += text
         self._run()
         return self._take()
@@ -325,7 +344,14 @@ class ToolCallParser:
         """The generation ended: decide everything still held back."""
         self._final = True
         self._run()
-        if self._mode != "text" and not self.calls:
+        if self.ended:
+            self._held_space = ""
+            return self._take()
+        if self._open:
+            # A call cut short (max_tokens): never reported, nor its markup.
+            self._drop_open()
+            self._buf = ""
+        elif self._mode != "text" and not self.calls:
             self._content(self._region + self._buf)  # an unfinished, never-started call
             self._buf = ""
         elif self._mode != "text":
@@ -343,7 +369,7 @@ class ToolCallParser:
     # --- modes --------------------------------------------------------------
 
     def _run(self) -> None:
-        while True:
+        while not self.ended:
             handler = getattr(self, f"_mode_{self._mode}")
             if not handler():
                 return
@@ -516,6 +542,8 @@ class ToolCallParser:
     def _abandon(self) -> None:
         """What followed the marker was not a call: it is content after all
         (unless a call in this region already went out)."""
+        if self._open:
+            self._drop_open()  # a started call that turned out malformed
         if self._region_calls == 0:
             self._content(self._region)
         self._region = ""
@@ -564,7 +592,8 @@ class ToolCallParser:
         self._region_calls += 1
         self._said_anything = True
         self._held_space = ""  # whitespace before a call is not content
-        self._events.append(CallStart(call.index, tool_call.id, call.name))
+        self._open = True
+        self._held.append(CallStart(call.index, tool_call.id, call.name))
         if call.pending_args and not call.args_string:
             self._arguments(call, "".join(call.pending_args))
             call.pending_args = []
@@ -575,19 +604,51 @@ class ToolCallParser:
         if not piece:
             return
         self.calls[call.index].arguments += piece
-        if self._events and isinstance(self._events[-1], ArgumentsDelta) \
-                and self._events[-1].index == call.index:
-            self._events[-1].text += piece  # one delta per feed, not one per char
+        held = self._held
+        if (held and isinstance(held[-1], ArgumentsDelta) and held[-1].index == call.index
+                and self._held_feed == self._feeds):
+            held[-1].text += piece  # one delta per feed, not one per char
         else:
-            self._events.append(ArgumentsDelta(call.index, piece))
+            held.append(ArgumentsDelta(call.index, piece))
+            self._held_feed = self._feeds
 
     def _end_call(self, call: _CallState) -> None:
         if call.index is None:
             raise _Invalid
+        if not self._open:
+            return
+        done = self.calls[call.index]
+        arguments = _canonical(done.arguments)
+        if arguments is None:  # not JSON after all
+            self._drop_open()
+            return
+        if (done.name, arguments) in self._done_calls:
+            self._drop_open()
+            self.ended = True
+            self._buf = ""
+            return
+        self._done_calls.add((done.name, arguments))
+        self._open = False
+        self._events.extend(self._held)
+        self._held = []
+
+    def _drop_open(self) -> None:
+        """Forget the call being read: none of its events went out."""
+        if self._open:
+            self.calls.pop()
+            self._open = False
+            self._held = []
 
     def _take(self) -> list[ParseEvent]:
         events, self._events = self._events, []
         return events
+
+
+def _canonical(arguments: str) -> str | None:
+    try:
+        return json.dumps(json.loads(arguments or "{}"), sort_keys=True)
+    except ValueError:
+        return None
 
 
 def parse_tool_calls(text: str, fmt: str, tool_names: Collection[str] = ()

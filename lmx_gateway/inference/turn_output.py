@@ -35,6 +35,11 @@ class TurnOutput:
         return self.parser.calls if self.parser is not None else []
 
     @property
+    def ended(self) -> bool:
+        """A repeated call ended the turn (tool_calls.ToolCallParser.ended)."""
+        return self.parser is not None and self.parser.ended
+
+    @property
     def parses_tools(self) -> bool:
         return self.parser is not None
 

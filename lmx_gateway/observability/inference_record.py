@@ -21,6 +21,8 @@ from lmx_protocol import Finished, Tokens
 log = logging.getLogger("lmx.requests")
 
 MAX_EVENT_MESSAGE = 300
+# http.disconnect.ClientDisconnected's code (observability imports no http module).
+CLIENT_DISCONNECTED = "client_disconnected"
 
 current_record: ContextVar[InferenceRecord | None] = ContextVar(
     "lmx_inference_record", default=None)
@@ -28,6 +30,8 @@ current_record: ContextVar[InferenceRecord | None] = ContextVar(
 
 class InferenceRecord:
     __slots__ = (
+        "_client_trusted",
+        "_discarded",
         "_events",
         "_inter",
         "_metrics",
@@ -64,6 +68,19 @@ class InferenceRecord:
         self.last_token_at: float | None = None
         self.tokens = 0
         self._inter: GapSeries | None = None
+        # The X-Client-ID is only believed once auth has let the request in;
+        # a request auth refuses is not counted at all (discard), so keyless
+        # junk cannot fill the per-client series or the error counters.
+        self._client_trusted = False
+        self._discarded = False
+
+    def trust_client(self) -> None:
+        """Auth let the request in: its X-Client-ID may label the metrics."""
+        self._client_trusted = True
+
+    def discard(self) -> None:
+        """Auth refused the request: it leaves no metrics, event or log line."""
+        self._discarded = True
 
     # --- fed by the generation ----------------------------------------------------
 
@@ -103,6 +120,8 @@ class InferenceRecord:
     # --- closed by the middleware -----------------------------------------------
 
     def outcome_status(self) -> str:
+        if self.error_code == CLIENT_DISCONNECTED:
+            return "cancelled"  # a whole answer whose client left before it was ready
         if self.status >= 400 or self.error_code is not None:
             return "error"
         if self.model is not None and self.finished is None:
@@ -113,6 +132,9 @@ class InferenceRecord:
         end = time.monotonic()
         if self.model is not None:
             self._metrics.active_requests -= 1
+        if self._discarded:
+            return
+        client = self.client if self._client_trusted else None
         status = self.outcome_status()
         fin = self.finished
         prompt = fin.prompt_tokens if fin else 0
@@ -127,7 +149,7 @@ class InferenceRecord:
         elif completion and duration > 0:
             speed = completion / duration
         self._metrics.record(Outcome(
-            model=self.model, client=self._metrics.client_label(self.client),
+            model=self.model, client=self._metrics.client_label(client),
             stream=self.stream, error=status == "error", duration_sec=duration,
             ttft_sec=ttft, prompt_tokens=prompt, completion_tokens=completion))
         if ttft is not None and self.model is not None:
@@ -141,8 +163,8 @@ class InferenceRecord:
             "ttft_ms": round(ttft * 1000, 1) if ttft is not None else None,
             "duration_ms": round(duration * 1000, 1),
         }
-        if self.client is not None:
-            data["client"] = self.client
+        if client is not None:
+            data["client"] = client
         if status == "error":
             data["error"] = {"code": self.error_code, "message": self.error_message}
         self._events.publish("request_completed", data)

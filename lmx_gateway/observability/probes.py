@@ -6,7 +6,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from lmx_gateway import __version__
-from lmx_gateway.http.scopes import PUBLIC, ScopedRoute
+from lmx_gateway.access.scopes import PUBLIC, ScopedRoute
 from lmx_gateway.state import gateway_state
 
 

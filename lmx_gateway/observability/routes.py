@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from lmx_gateway import __version__
-from lmx_gateway.http.scopes import ADMIN, ScopedRoute
+from lmx_gateway.access.scopes import ADMIN, ScopedRoute
 from lmx_gateway.observability.observers import gib, worker_rss_bytes
 from lmx_gateway.state import GatewayState, gateway_state
 from lmx_supervisor.managed_model import ManagedModel

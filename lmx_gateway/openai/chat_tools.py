@@ -5,6 +5,7 @@ and OpenAI's shapes for what it finds (`message.tool_calls`, streamed
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from lmx_gateway.inference.tool_calls import (
@@ -39,6 +40,19 @@ def tool_parser(model: ManagedModel, frame: Generate) -> ToolCallParser | None:
     if not frame.tools:
         return None
     return ToolCallParser(model_tool_format(model), offered_names(frame))
+
+
+def turn_watch(model: ManagedModel, frame: Generate) -> Callable[[str], bool] | None:
+    """For a whole answer with tools: fed the text as it comes, True once a
+    repeated call has ended the turn (so the generation can stop there)."""
+    parser = tool_parser(model, frame)
+    if parser is None:
+        return None
+
+    def ended(text: str) -> bool:
+        parser.feed(text)
+        return parser.ended
+    return ended
 
 
 def finish_reason(reason: FinishReason, called: bool) -> str:

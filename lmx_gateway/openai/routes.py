@@ -11,17 +11,23 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from lmx_gateway.access.scopes import GENERATION_ERRORS, INFERENCE, JSON, SSE, ScopedRoute
 from lmx_gateway.encoders.routes import encoder_listing
 from lmx_gateway.http.body import read_json
 from lmx_gateway.http.errors import error_payload
-from lmx_gateway.http.scopes import GENERATION_ERRORS, INFERENCE, JSON, SSE, ScopedRoute
 from lmx_gateway.http.sse import DONE, EventStreamResponse, sse_data
 from lmx_gateway.inference.generation import Collected, StreamRun, run_collect
 from lmx_gateway.inference.routing import route_request
 from lmx_gateway.inference.tool_calls import ParseEvent, ToolCallParser
-from lmx_gateway.openai.chat_tools import chat_message, event_delta, finish_reason, tool_parser
+from lmx_gateway.openai.chat_tools import (
+    chat_message,
+    event_delta,
+    finish_reason,
+    tool_parser,
+    turn_watch,
+)
 from lmx_gateway.openai.logprobs import chat_logprobs, completion_logprobs
-from lmx_gateway.openai.sampling import chat_generate, completion_generate
+from lmx_gateway.openai.sampling import chat_generate_async, completion_generate
 from lmx_gateway.openai.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from lmx_gateway.state import gateway_state
 from lmx_protocol import Finished, Generate, TokenLogprob, Tokens
@@ -96,7 +102,7 @@ async def _stream(run: StreamRun, shape: ChunkShape) -> AsyncGenerator[bytes, No
     if shape.kind == "chat":
         yield shape.chunk([shape.choice("", None, first=True)])
     try:
-        async for item in run.items():
+        async for item in run.items(lambda: shape.tools is not None and shape.tools.ended):
             if isinstance(item, Tokens) and shape.tools is not None:
                 for chunk in shape.tool_chunks(shape.tools.feed(item.text), item.logprobs):
                     yield chunk
@@ -127,7 +133,8 @@ async def _respond(request: Request, req: SamplingFields, model: ManagedModel, f
     state = gateway_state(request)
     completion_id = ("chatcmpl-" if kind == "chat" else "cmpl-") + frame.request_id
     if not req.stream:
-        result = await run_collect(state, model, frame)
+        result = await run_collect(state, model, frame,
+                                   turn_watch(model, frame) if kind == "chat" else None)
         return JSONResponse(render(completion_id, result))
     # The first token arrives before any header goes out: a request that
     # fails early (busy, timeout, dead worker) still gets its real status.
@@ -147,7 +154,7 @@ async def chat_completions(request: Request) -> Response:
     limit = state.config.server.max_request_body_bytes
     # Aliases, presets and `default` resolve here; `req.model` becomes the real id.
     req, model = route_request(state, await read_json(request, ChatCompletionRequest, limit))
-    frame = chat_generate(req, _request_id())
+    frame = await chat_generate_async(req, _request_id())
 
     def render(cid: str, result: Collected) -> dict[str, Any]:
         message = chat_message(result.text, model, frame)

@@ -3,12 +3,17 @@ spellings clients use, refuse what would otherwise be silently ignored."""
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 from lmx_gateway.inference.structured_output import response_schema, tool_settings
 from lmx_gateway.openai.schemas import (
     ChatCompletionRequest,
+    ChatMessageIn,
     CompletionRequest,
     SamplingFields,
     TextPart,
+    ToolCallIn,
 )
 from lmx_protocol import ChatMessage, Generate, SamplingParams
 from lmx_supervisor.errors import BadRequest
@@ -88,18 +93,48 @@ def _flatten(content: object, index: int) -> str | None:
     return "".join(texts)
 
 
+def _check_roles(messages: list[ChatMessageIn]) -> None:
+    """What each role may carry (the shapes themselves are typed in schemas.py)."""
+    for i, m in enumerate(messages):
+        if m.tool_calls and m.role != "assistant":
+            raise BadRequest(f"only assistant messages carry tool_calls (this one is {m.role})",
+                             param=f"messages[{i}].tool_calls")
+        if m.role == "tool" and m.tool_call_id is None:
+            raise BadRequest("a tool message needs the tool_call_id it answers",
+                             param=f"messages[{i}].tool_call_id",
+                             code="missing_required_parameter")
+
+
+def _calls(calls: list[ToolCallIn] | None) -> list[dict[str, Any]] | None:
+    if not calls:
+        return None
+    return [{"id": c.id, "type": c.type,
+             "function": {"name": c.function.name, "arguments": c.function.arguments}}
+            for c in calls]
+
+
 def chat_generate(req: ChatCompletionRequest, request_id: str) -> Generate:
     max_tokens = req.max_completion_tokens or req.max_tokens
+    _check_roles(req.messages)
     messages = [
         ChatMessage(role="system" if m.role == "developer" else m.role,
                     content=_flatten(m.content, i), name=m.name,
-                    tool_calls=m.tool_calls, tool_call_id=m.tool_call_id)
+                    tool_calls=_calls(m.tool_calls), tool_call_id=m.tool_call_id)
         for i, m in enumerate(req.messages)
     ]
     tools = tool_settings(req.tools, req.tool_choice, req.parallel_tool_calls)
     return Generate(request_id=request_id, params=sampling_params(req, max_tokens),
                     messages=messages, tools=tools.tools_json, tool_choice=tools.choice,
                     tool_name=tools.name, parallel_tool_calls=tools.parallel)
+
+
+async def chat_generate_async(req: ChatCompletionRequest, request_id: str) -> Generate:
+    """`chat_generate` on a thread when the request carries schemas: checking
+    128 tools' parameters can take long enough to stall every other request
+    (and /healthz) if done on the event loop."""
+    if req.tools is None and req.response_format is None:
+        return chat_generate(req, request_id)
+    return await asyncio.to_thread(chat_generate, req, request_id)
 
 
 def completion_generate(req: CompletionRequest, request_id: str) -> Generate:

@@ -18,7 +18,17 @@ Penalty = Annotated[float, Meta(ge=-2, le=2)]
 PositiveInt = Annotated[int, Meta(ge=1)]
 NonNegativeInt = Annotated[int, Meta(ge=0)]
 ModelName = Annotated[str, Meta(min_length=1)]
-Stop = str | Annotated[list[str], Meta(max_length=16)] | None
+# Stop strings are matched against every decoded token's tail, so both their
+# number and their length are bounded.
+MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 512
+StopString = Annotated[str, Meta(max_length=MAX_STOP_LENGTH)]
+Stop = StopString | Annotated[list[StopString], Meta(max_length=MAX_STOP_STRINGS)] | None
+# Names, call ids and calls per message: generous for any real client, small
+# enough that history cannot smuggle in unbounded structure.
+MAX_NAME_LENGTH = 256
+MAX_ID_LENGTH = 256
+MAX_CALLS_PER_MESSAGE = 128
 
 
 class TextPart(msgspec.Struct, tag_field="type", tag="text"):
@@ -32,12 +42,33 @@ class ImagePart(msgspec.Struct, tag_field="type", tag="image_url"):
 ContentPart = TextPart | ImagePart
 
 
+class FunctionCallIn(msgspec.Struct, kw_only=True):
+    """An earlier call's function: arguments are JSON text, as OpenAI sends
+    them (templates parse them back; text that is not JSON is kept as is)."""
+
+    name: Annotated[str, Meta(min_length=1, max_length=MAX_NAME_LENGTH)]
+    arguments: str
+
+
+class ToolCallIn(msgspec.Struct, kw_only=True):
+    """A call in an assistant message of the history. Typed so a malformed
+    call is a 400 naming its field here, never an exception in a worker."""
+
+    id: Annotated[str, Meta(min_length=1, max_length=MAX_ID_LENGTH)]
+    function: FunctionCallIn
+    type: Literal["function"] = "function"
+
+
+def tool_call_in(call_id: str, name: str, arguments: str) -> ToolCallIn:
+    return ToolCallIn(id=call_id, function=FunctionCallIn(name=name, arguments=arguments))
+
+
 class ChatMessageIn(msgspec.Struct, kw_only=True):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
-    name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
-    tool_call_id: str | None = None
+    name: Annotated[str, Meta(max_length=MAX_NAME_LENGTH)] | None = None
+    tool_calls: Annotated[list[ToolCallIn], Meta(max_length=MAX_CALLS_PER_MESSAGE)] | None = None
+    tool_call_id: Annotated[str, Meta(min_length=1, max_length=MAX_ID_LENGTH)] | None = None
 
 
 class StreamOptions(msgspec.Struct, kw_only=True):

@@ -20,8 +20,8 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from lmx_gateway.access.scopes import GENERATION_ERRORS, INFERENCE, JSON, SSE, ScopedRoute
 from lmx_gateway.http.body import read_json
-from lmx_gateway.http.scopes import GENERATION_ERRORS, INFERENCE, JSON, SSE, ScopedRoute
 from lmx_gateway.http.sse import EventStreamResponse, sse_event
 from lmx_gateway.inference.generation import StreamRun, run_collect
 from lmx_gateway.inference.param_rename import rename_params
@@ -34,8 +34,9 @@ from lmx_gateway.inference.tool_calls import (
     new_call_id,
 )
 from lmx_gateway.inference.turn_output import TurnOutput, content_of
-from lmx_gateway.openai.sampling import chat_generate
-from lmx_gateway.openai.schemas import ChatCompletionRequest, ChatMessageIn
+from lmx_gateway.openai.chat_tools import turn_watch
+from lmx_gateway.openai.sampling import chat_generate_async
+from lmx_gateway.openai.schemas import ChatCompletionRequest, ChatMessageIn, tool_call_in
 from lmx_gateway.responses.schemas import (
     FormatJsonObject,
     FormatJsonSchema,
@@ -71,8 +72,7 @@ def _turns(items: list[InputItem], known_calls: set[str]) -> list[ChatMessageIn]
         if isinstance(item, MessageItem):
             out.append(ChatMessageIn(role=item.role, content=_part_text(item.content)))
         elif isinstance(item, FunctionCallItem):
-            call = {"id": item.call_id, "type": "function",
-                    "function": {"name": item.name, "arguments": item.arguments}}
+            call = tool_call_in(item.call_id, item.name, item.arguments)
             known_calls.add(item.call_id)
             last = out[-1] if out else None
             # Calls made in one turn belong to one assistant message.
@@ -139,21 +139,22 @@ class _Prepared:
     conversation: list[ChatMessageIn]  # without instructions
 
 
-def _prepare(state: GatewayState, req: ResponsesRequest) -> _Prepared:
+async def _prepare(state: GatewayState, req: ResponsesRequest) -> _Prepared:
     conversation: list[ChatMessageIn] = []
     if req.previous_response_id is not None:
         previous = state.responses.get(req.previous_response_id)
         if previous is None:
             raise NotFound(f"Previous response with id '{req.previous_response_id}' not found "
                            "(responses are kept in memory, up to "
-                           f"{state.responses.capacity}, and only with store: true)",
+                           f"{state.responses.capacity} and {state.responses.max_bytes} bytes, "
+                           "and only with store: true)",
                            param="previous_response_id", code="previous_response_not_found")
         conversation = list(previous.conversation)
-    known_calls = {c.get("id") for m in conversation for c in (m.tool_calls or [])}
+    known_calls = {c.id for m in conversation for c in (m.tool_calls or [])}
     if isinstance(req.input, str):
         conversation.append(ChatMessageIn(role="user", content=req.input))
     else:
-        conversation.extend(_turns(input_items(req.input), {c for c in known_calls if c}))
+        conversation.extend(_turns(input_items(req.input), known_calls))
     messages = list(conversation)
     if req.instructions:
         messages.insert(0, ChatMessageIn(role="system", content=req.instructions))
@@ -166,7 +167,7 @@ def _prepare(state: GatewayState, req: ResponsesRequest) -> _Prepared:
     # Aliases, presets and `default` resolve here; `chat.model` becomes the real id.
     chat, model = route_request(state, chat)
     try:
-        frame = chat_generate(chat, secrets.token_hex(12))
+        frame = await chat_generate_async(chat, secrets.token_hex(12))
     except BadRequest as exc:
         raise rename_params(exc, _RENAMES) from None
     return _Prepared(chat, model, frame, conversation)
@@ -250,8 +251,9 @@ def _remember(state: GatewayState, shape: _Shape, body: dict[str, Any], text: st
     if not shape.req.store:
         return
     reply = ChatMessageIn(role="assistant", content=text or None,
-                          tool_calls=[c.openai() for c in calls] or None)
-    state.responses.put(shape.id, StoredResponse(body, [*shape.prepared.conversation, reply]))
+                          tool_calls=[tool_call_in(c.id, c.name, c.arguments or "{}")
+                                      for c in calls] or None)
+    state.responses.put(shape.id, StoredResponse.of(body, [*shape.prepared.conversation, reply]))
 
 
 class _Sequenced:
@@ -351,7 +353,7 @@ async def _stream(state: GatewayState, run: StreamRun, shape: _Shape, output: Tu
         for chunk in items.open_message():  # plain text: the one message opens at once
             yield chunk
     try:
-        async for item in run.items():
+        async for item in run.items(lambda: output.ended):
             for chunk in items.on(output.feed(item.text), output.calls):
                 yield chunk
             if not isinstance(item, Finished):
@@ -376,14 +378,14 @@ async def _stream(state: GatewayState, run: StreamRun, shape: _Shape, output: Tu
 async def create_response(request: Request) -> Response:
     state = gateway_state(request)
     req = await read_json(request, ResponsesRequest, state.config.server.max_request_body_bytes)
-    prepared = _prepare(state, req)
+    prepared = await _prepare(state, req)
     shape = _Shape(req, prepared)
     model = prepared.model
     output = TurnOutput(model, prepared.frame, new_call_id)
     if req.stream:
         run = await StreamRun.start(state, model, prepared.frame)
         return EventStreamResponse(_stream(state, run, shape, output), on_close=run.release)
-    result = await run_collect(state, model, prepared.frame)
+    result = await run_collect(state, model, prepared.frame, turn_watch(model, prepared.frame))
     status = _status(result.finished)
     segments = output.segments(result.text)
     items = [_message_item(_item_id("msg"), s, status) if isinstance(s, str) else

@@ -27,7 +27,7 @@ from typing import Any
 from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
-from lmx_gateway.http.guards import guard_route
+from lmx_gateway.access.guards import guard_route
 
 
 class RouteScope(enum.StrEnum):

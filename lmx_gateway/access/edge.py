@@ -35,7 +35,7 @@ import psutil
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from lmx_gateway.http.guards import refusal
+from lmx_gateway.access.guards import refusal
 from lmx_supervisor.config import Config
 
 WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::", "[::]"})

@@ -19,8 +19,8 @@ from urllib.parse import urlsplit
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Scope
 
+from lmx_gateway.access.auth import check_admin, check_inference
 from lmx_gateway.http.anthropic_errors import anthropic_error_body, is_messages_path
-from lmx_gateway.http.auth import check_admin, check_inference
 from lmx_gateway.http.errors import error_body
 from lmx_gateway.observability.inference_record import current_record
 from lmx_supervisor.config import Config
@@ -88,7 +88,21 @@ def _live_config(scope: Scope) -> Config | None:
 
 
 def guard_route(scope: Scope, route_scope: str, *, any_origin: bool) -> ASGIApp | None:
-    """None to go on to the handler, else the response that refuses."""
+    """None to go on to the handler, else the response that refuses. A
+    refused request leaves no metrics, event or log line (keyless junk must
+    not fill the per-client series); an admitted one may be labelled with
+    its client."""
+    refused = _verdict(scope, route_scope, any_origin)
+    record = current_record.get()
+    if record is not None:
+        if refused is None:
+            record.trust_client()
+        else:
+            record.discard()
+    return refused
+
+
+def _verdict(scope: Scope, route_scope: str, any_origin: bool) -> ASGIApp | None:
     config = _live_config(scope)
     if config is None:  # no lifespan (never in a served app): fail closed
         return refusal(scope, 503, "Server is starting", "server_error", "not_ready")
