@@ -1,5 +1,5 @@
 """`GET /openapi.json`: an OpenAPI 3.1 document of every route, built from
-the route table itself (`http.scopes.ScopedRoute`), so it cannot drift from
+the route table itself (`access.scopes.ScopedRoute`), so it cannot drift from
 what is served: each route's scope becomes its security requirement, the
 msgspec type its handler validates the body with becomes the request schema
 (`msgspec.json.schema_components`, JSON Schema 2020-12 as OpenAPI 3.1 takes

@@ -1,4 +1,4 @@
-"""API keys, checked for the scope a route declares (`http.scopes`), never
+"""API keys, checked for the scope a route declares (`access.scopes`), never
 by path: `security.admin_key` for ADMIN routes; `security.inference_api_key`
 and the named `security.inference_api_keys` for INFERENCE routes.
 
