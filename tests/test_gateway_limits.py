@@ -73,7 +73,7 @@ def test_depth_scans_agree_and_stop_at_a_schema() -> None:
 
 def _get_healthz(port: int) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
-        conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
         return conn.recv(1024)
 
 

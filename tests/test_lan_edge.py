@@ -280,10 +280,11 @@ def test_named_keys_identity_and_reload(start_server: Any) -> None:
             assert client.post("/v1/completions", headers={"X-Api-Key": BOB_KEY}, json={
                 "model": MODEL_ID, "prompt": "Hi", "max_tokens": 1}).status_code == 200
             assert client.post("/v1/chat/completions", json=CHAT).status_code == 401
-            completed = wait_until(lambda: len(events.of("request_completed")) >= 3
+            completed = wait_until(lambda: len(events.of("request_completed")) >= 2
                                    and events.of("request_completed"), 30)
-            # The refused request has no identity (and no X-Client-ID was sent).
-            assert sorted(str(e.get("client")) for e in completed) == ["None", "alice", "bob"]
+            # A request refused by auth leaves no event (issue 11: keyless junk
+            # must not fill the series); the admitted ones carry the key's name.
+            assert sorted(str(e.get("client")) for e in completed) == ["alice", "bob"]
             metrics = client.get("/admin/metrics").text
             assert 'lmx_client_requests_total{client="alice"} 1.0' in metrics
             assert 'lmx_client_requests_total{client="bob"} 1.0' in metrics
@@ -454,11 +455,13 @@ def test_openapi_document_is_valid_and_complete(edge_server: LMXServer) -> None:
 
 def test_integers_beyond_64_bits_are_a_400(edge_server: LMXServer) -> None:
     # Found by the fuzzer: a free-form field (tool call arguments) holding an
-    # integer msgpack cannot carry was a 500 on the way to the worker.
+    # integer msgpack cannot carry was a 500 on the way to the worker (tool calls
+    # in messages are typed now; tool schemas stay free-form).
     body = {**CHAT, "messages": [
-        {"role": "assistant", "content": None, "tool_calls": [{"x": 2**70}]},
-        {"role": "user", "content": "Hi"}]}
+        {"role": "user", "content": "Hi"}],
+        "tools": [{"type": "function", "function": {
+            "name": "f", "parameters": {"type": "object", "default": {"x": 2**70}}}}]}
     resp = edge_server.http.post("/v1/chat/completions", json=body,
                                  headers={"X-Api-Key": API_KEY})
     assert resp.status_code == 400, resp.text
-    assert resp.json()["error"]["param"] == "messages.0.tool_calls.0.x"
+    assert resp.json()["error"]["param"] == "tools.0.function.parameters.default.x"
