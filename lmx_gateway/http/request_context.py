@@ -93,6 +93,13 @@ class RequestContextMiddleware:
         rid_token = request_id_var.set(rid)
         record_token = current_record.set(record)
         started = False
+        closed = False
+
+        def close_record() -> None:
+            nonlocal closed
+            if record is not None and not closed:
+                closed = True
+                record.finish()
 
         async def send_with_id(message: Message) -> None:
             nonlocal started
@@ -109,6 +116,11 @@ class RequestContextMiddleware:
                 found = _error_from_body(message.get("body", b""))
                 if found is not None:
                     record.on_error(*found)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                # Closed before the body's last byte leaves: a client that has
+                # read the whole response then finds its request counted
+                # (metrics, request_completed), never a moment later.
+                close_record()
             await send(message)
 
         try:
@@ -120,7 +132,6 @@ class RequestContextMiddleware:
                 record.on_error("internal_error", type(exc).__name__)
             raise
         finally:
-            if record is not None:
-                record.finish()
+            close_record()  # a response cut short (client gone, error) never sent its end
             current_record.reset(record_token)
             request_id_var.reset(rid_token)
