@@ -15,6 +15,7 @@ import psutil
 import pytest
 
 from tests.conftest import MODEL_ID, LMXServer, wait_until
+from tests.event_reader import EventReader
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -241,17 +242,11 @@ def test_worker_exit_before_and_during_response(start_server: Any) -> None:
 def test_events_stream_reports_lifecycle(start_server: Any) -> None:
     server: LMXServer = start_server(config={"server": {"sse_heartbeat_interval_sec": 0.5}})
     server.wait_healthy()
-    seen: list[str] = []
-    with httpx.Client(base_url=server.url, timeout=30) as watcher, \
-            watcher.stream("GET", "/admin/events") as events:
+    with EventReader(server.url) as events:
         assert events.status_code == 200
-        lines = events.iter_lines()
         assert server.load(MODEL_ID).status_code == 200
         os.kill(server.worker_pid(MODEL_ID), signal.SIGKILL)
-        for line in lines:
-            if line.startswith("event: "):
-                seen.append(line[len("event: "):])
-            if "worker_restarted" in seen:
-                break
+        wait_until(lambda: events.of("worker_restarted"), 90, what="worker_restarted")
+        seen = events.kinds()
     assert "model_loaded" in seen
     assert seen.index("worker_crashed") < seen.index("worker_restarted")

@@ -17,8 +17,9 @@ from typing import Any
 import pytest
 
 from tests.conftest import LMXServer, base_config, wait_until
+from tests.event_reader import EventReader
 from tests.fake_hub import FakeHub, HubFile
-from tests.model_fixtures import EventReader, mlx_files, safetensors_bytes
+from tests.model_fixtures import mlx_files, safetensors_bytes
 
 pytestmark = pytest.mark.timeout(120)
 

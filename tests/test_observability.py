@@ -9,7 +9,6 @@ import os
 import re
 import signal
 import socket
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import httpx
 import pytest
 
 from tests.conftest import MODEL_ID, LMXServer, base_config, wait_until
+from tests.event_reader import EventReader
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -42,39 +42,6 @@ def obs_server(tmp_path_factory: pytest.TempPathFactory, model_file: Path
     server.stop()
 
 
-class Watcher:
-    """A healthy /admin/events subscriber reading in a thread."""
-
-    def __init__(self, server: LMXServer) -> None:
-        self.events: list[tuple[str, dict[str, Any]]] = []
-        self._stop = threading.Event()
-        self._client = httpx.Client(base_url=server.url, timeout=30)
-        self._opened = threading.Event()
-        self._thread = threading.Thread(target=self._run)
-        self._thread.start()
-        assert self._opened.wait(10)
-
-    def _run(self) -> None:
-        with self._client.stream("GET", "/admin/events") as resp:
-            self._opened.set()
-            kind = ""
-            for line in resp.iter_lines():
-                if line.startswith("event: "):
-                    kind = line[7:]
-                elif line.startswith("data: "):
-                    self.events.append((kind, json.loads(line[6:])))
-                if self._stop.is_set():
-                    return
-
-    def of(self, kind: str) -> list[dict[str, Any]]:
-        return [data for k, data in list(self.events) if k == kind]
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(10)  # a heartbeat arrives within 0.5 s to wake the reader
-        self._client.close()
-
-
 def stream_chat(server: LMXServer, max_tokens: int, request_id: str) -> str:
     body = {"model": MODEL_ID, "messages": [{"role": "user", "content": "Tell a story."}],
             "max_tokens": max_tokens, "ignore_eos": True, "stream": True}
@@ -87,7 +54,7 @@ def stream_chat(server: LMXServer, max_tokens: int, request_id: str) -> str:
 
 
 def test_request_completed_and_throughput_events(obs_server: LMXServer) -> None:
-    watcher = Watcher(obs_server)
+    watcher = EventReader(obs_server.url)
     try:
         text = stream_chat(obs_server, 25, "obs-throughput-1")
         assert text.rstrip().endswith("data: [DONE]")
@@ -104,10 +71,10 @@ def test_request_completed_and_throughput_events(obs_server: LMXServer) -> None:
         ticks = watcher.of("throughput")
         assert any(t["active_requests"] >= 1 and t["tokens_per_second"] > 0 for t in ticks)
         # Idle now: heartbeats go on, throughput stops after at most one last tick.
-        seen = len(watcher.events)
-        wait_until(lambda: sum(1 for k, _ in watcher.events[seen:] if k == "heartbeat") >= 4,
+        seen = len(watcher.snapshot())
+        wait_until(lambda: watcher.kinds()[seen:].count("heartbeat") >= 4,
                    10, what="four heartbeats while idle")
-        late = [d for k, d in watcher.events[seen:] if k == "throughput"]
+        late = [d for k, d in watcher.snapshot()[seen:] if k == "throughput"]
         assert len(late) <= 1
         assert all(t["active_requests"] == 0 for t in late)
     finally:
@@ -131,7 +98,7 @@ def test_stalled_subscriber_never_blocks_inference(obs_server: LMXServer) -> Non
 
     dropped_before = events_state()["dropped_total"]
     stalled = stalled_subscriber(obs_server)
-    watcher = Watcher(obs_server)
+    watcher = EventReader(obs_server.url)
     try:
         wait_until(lambda: events_state()["subscribers"] == 2, 10, what="two subscribers")
         # Cheap failing requests each publish a request_completed, until the
