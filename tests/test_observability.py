@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import MODEL_ID, LMXServer, base_config, wait_until
+from tests.conftest import MODEL_ID, LMXServer, running_server, wait_until
 from tests.event_reader import EventReader
 
 pytestmark = pytest.mark.timeout(90)
@@ -29,17 +29,13 @@ SLOW = "*=slow_tokens:50"
 @pytest.fixture(scope="module")
 def obs_server(tmp_path_factory: pytest.TempPathFactory, model_file: Path
                ) -> Iterator[LMXServer]:
-    root = tmp_path_factory.mktemp("obs")
-    models = root / "models"
-    models.mkdir()
-    (models / model_file.name).symlink_to(model_file)
-    config = base_config(models, auto_load=[MODEL_ID])
-    config["server"] = {"sse_heartbeat_interval_sec": 0.5}
-    config["routing"] = {"aliases": {"chat": ["missing-model", MODEL_ID], "code": ["nope"]}}
-    server = LMXServer(root, config, env={"LMX_FAILPOINTS": SLOW})
-    server.wait_ready(MODEL_ID)
-    yield server
-    server.stop()
+    with running_server(
+            tmp_path_factory, "obs", links=[model_file], models={"auto_load": [MODEL_ID]},
+            config={"server": {"sse_heartbeat_interval_sec": 0.5},
+                    "routing": {"aliases": {"chat": ["missing-model", MODEL_ID],
+                                            "code": ["nope"]}}},
+            env={"LMX_FAILPOINTS": SLOW}, wait_for=[MODEL_ID]) as server:
+        yield server
 
 
 def stream_chat(server: LMXServer, max_tokens: int, request_id: str) -> str:
