@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,14 +44,18 @@ def wait_until(predicate: Any, timeout: float, interval: float = 0.05, what: str
         time.sleep(interval)
 
 
+# What `lmx serve` prints once its socket is bound.
+LISTENING = re.compile(rb"^LMX listening on http://[^\s]+:(\d+)$", re.M)
+
+
 class LMXServer:
-    """A real `python -m lmx_gateway serve` subprocess."""
+    """A real `python -m lmx_gateway serve` subprocess. It binds port 0 and
+    the test reads the port it got: a port picked here and handed over could
+    be taken by another process in between (many test runs share the host)."""
 
     def __init__(self, home: Path, config: dict[str, Any], env: dict[str, str] | None = None
                  ) -> None:
         self.home = home
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         self.config_path = home / "config.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
         self.log_path = home / "server.log"
@@ -59,14 +64,34 @@ class LMXServer:
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "lmx_gateway", "serve", "--config", str(self.config_path),
-             "--port", str(self.port)],
+             "--port", "0"],
             env=full_env, stdout=self._log, stderr=subprocess.STDOUT,
         )
+        try:
+            self.port = self._bound_port()
+        except AssertionError:
+            self.proc.kill()
+            self.proc.wait()
+            self._log.close()
+            raise
+        self.url = f"http://127.0.0.1:{self.port}"
         self.http = httpx.Client(base_url=self.url, timeout=30)
         self._clients: list[openai.OpenAI] = []
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def _bound_port(self, timeout: float = STARTUP_TIMEOUT) -> int:
+        """The port the server announced; 0 if it exited first (wait_healthy
+        then reports the exit with the log)."""
+        def announced() -> int | None:
+            found = LISTENING.search(self.log_path.read_bytes())
+            if found:
+                return int(found.group(1))
+            return 0 if self.proc.poll() is not None else None
+        port = wait_until(lambda: (p := announced()) is not None and (p,), timeout,
+                          what="the server to bind its port")
+        return int(port[0])
 
     def wait_healthy(self, timeout: float = STARTUP_TIMEOUT) -> None:
         def healthy() -> bool:
@@ -132,6 +157,66 @@ def base_config(models_dir: Path, **models: Any) -> dict[str, Any]:
     }
 
 
+# A model to place in the server's models directory: a path (linked under
+# its own name) or (name, path).
+Link = Path | tuple[str, Path]
+Sections = Mapping[str, Mapping[str, Any]]
+
+
+@contextlib.contextmanager
+def running_server(tmp_path_factory: pytest.TempPathFactory, name: str, *,
+                   links: Sequence[Link] = (), models: Mapping[str, Any] | None = None,
+                   config: Sections | Callable[[Path], dict[str, Any]] | None = None,
+                   env: dict[str, str] | Callable[[Path], dict[str, str]] | None = None,
+                   headers: Mapping[str, str] | None = None,
+                   prepare: Callable[[Path], None] | None = None,
+                   wait_for: Sequence[str] = (), timeout: float = STARTUP_TIMEOUT,
+                   ) -> Iterator[LMXServer]:
+    """A real server in a fresh LMX home (a `name`-prefixed temporary
+    directory), for module-scoped fixtures:
+
+        @pytest.fixture(scope="module")
+        def server(tmp_path_factory, model_file):
+            with running_server(tmp_path_factory, "mine", links=[model_file],
+                                models={"auto_load": [MODEL_ID]}, wait_for=[MODEL_ID]) as srv:
+                yield srv
+
+    `home/models` holds a symlink to each of `links`. The config is
+    base_config with `models` merged into its models section and each of
+    `config`'s sections merged in, or, when `config` is a function, what it
+    returns for the models directory. `env` (or `env(home)`) is added to
+    the server's environment. `prepare(home)` runs before the server
+    starts (files it must find at startup). `headers` go on
+    `server.http` before the first request. The block starts once every
+    model in `wait_for` is ready (just /healthz when there is none), and
+    the server is stopped however it ends, a failed start included."""
+    home = tmp_path_factory.mktemp(name)
+    models_dir = home / "models"
+    models_dir.mkdir()
+    for link in links:
+        link_name, target = link if isinstance(link, tuple) else (link.name, link)
+        (models_dir / link_name).symlink_to(target, target_is_directory=target.is_dir())
+    if callable(config):
+        assert models is None, "models= is merged into base_config only"
+        cfg = config(models_dir)
+    else:
+        cfg = base_config(models_dir, **(models or {}))
+        for section, values in (config or {}).items():
+            cfg.setdefault(section, {}).update(values)
+    if prepare is not None:
+        prepare(home)
+    server = LMXServer(home, cfg, env(home) if callable(env) else env)
+    try:
+        server.http.headers.update(headers or {})
+        if not wait_for:
+            server.wait_healthy(timeout)
+        for model_id in wait_for:
+            server.wait_ready(model_id, timeout)
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture(scope="session")
 def model_file() -> Path:
     return ensure_default_model()
@@ -184,11 +269,6 @@ def start_server(tmp_path: Path, models_dir: Path) -> Iterator[Any]:
 def shared_server(tmp_path_factory: pytest.TempPathFactory, model_file: Path
                   ) -> Iterator[LMXServer]:
     """One server with the bundled model loaded, for tests that only read."""
-    root = tmp_path_factory.mktemp("shared")
-    models = root / "models"
-    models.mkdir()
-    (models / model_file.name).symlink_to(model_file)
-    server = LMXServer(root, base_config(models, auto_load=[MODEL_ID]))
-    server.wait_ready(MODEL_ID)
-    yield server
-    server.stop()
+    with running_server(tmp_path_factory, "shared", links=[model_file],
+                        models={"auto_load": [MODEL_ID]}, wait_for=[MODEL_ID]) as server:
+        yield server

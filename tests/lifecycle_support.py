@@ -1,5 +1,5 @@
 """Helpers for the memory / runtime-state tests: a chat stream kept open in
-a background thread, an /admin/events collector, and the model's memory
+a background thread, and the model's memory
 estimate (the same figure the server computes, so budgets can be sized to
 fit exactly one or two models)."""
 
@@ -71,45 +71,4 @@ class Streamer:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(30)
-        self._client.close()
-
-
-class EventCollector:
-    """Collects /admin/events (type, payload) in a thread."""
-
-    def __init__(self, url: str) -> None:
-        self.events: list[tuple[str, dict[str, Any]]] = []
-        self._lock = threading.Lock()
-        self._client = httpx.Client(base_url=url, timeout=httpx.Timeout(30, read=None))
-        self._opened = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        assert self._opened.wait(15), "event stream did not open"
-
-    def _run(self) -> None:
-        kind = None
-        try:
-            with self._client.stream("GET", "/admin/events") as stream:
-                self._opened.set()
-                for line in stream.iter_lines():
-                    if self._stop.is_set():
-                        return
-                    if line.startswith("event: "):
-                        kind = line[len("event: "):]
-                    elif line.startswith("data: ") and kind is not None:
-                        with self._lock:
-                            self.events.append((kind, json.loads(line[len("data: "):])))
-                        kind = None
-        except (httpx.HTTPError, RuntimeError, ValueError):
-            return
-
-    def of(self, kind: str, **match: Any) -> list[dict[str, Any]]:
-        with self._lock:
-            return [d for k, d in self.events
-                    if k == kind and all(d.get(key) == v for key, v in match.items())]
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(15)
         self._client.close()

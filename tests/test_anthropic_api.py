@@ -14,7 +14,7 @@ import httpx
 import jsonschema
 import pytest
 
-from tests.conftest import MODEL_ID, LMXServer, base_config
+from tests.conftest import MODEL_ID, LMXServer, running_server
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -29,16 +29,11 @@ GREEDY = {"temperature": 0}
 def server(tmp_path_factory: pytest.TempPathFactory, model_file: Path) -> Iterator[LMXServer]:
     """The bundled model behind an inference API key (so every request here
     also proves the SDK's x-api-key header is accepted)."""
-    root = tmp_path_factory.mktemp("anthropic")
-    models = root / "models"
-    models.mkdir()
-    (models / model_file.name).symlink_to(model_file)
-    cfg = base_config(models, auto_load=[MODEL_ID])
-    cfg["security"] = {"inference_api_key": API_KEY}
-    srv = LMXServer(root, cfg)
-    srv.wait_ready(MODEL_ID)
-    yield srv
-    srv.stop()
+    with running_server(tmp_path_factory, "anthropic", links=[model_file],
+                        models={"auto_load": [MODEL_ID]},
+                        config={"security": {"inference_api_key": API_KEY}},
+                        wait_for=[MODEL_ID]) as srv:
+        yield srv
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import MODEL_ID, LMXServer
+from tests.conftest import MODEL_ID, LMXServer, running_server, wait_until
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -58,17 +58,11 @@ def assert_same_or_near_tie(alone: Rows, batched: Rows, tie: float = TIE) -> Non
 
 @pytest.fixture(scope="module")
 def batch_server(tmp_path_factory: pytest.TempPathFactory, model_file: Any) -> Any:
-    from tests.conftest import base_config
-
-    root = tmp_path_factory.mktemp("batch")
-    models = root / "models"
-    models.mkdir()
-    (models / model_file.name).symlink_to(model_file)
-    server = LMXServer(root, base_config(models, auto_load=[MODEL_ID], parallel_slots=8,
-                                         context_length=1024, max_concurrent_requests=16))
-    server.wait_ready(MODEL_ID)
-    yield server
-    server.stop()
+    with running_server(tmp_path_factory, "batch", links=[model_file],
+                        models={"auto_load": [MODEL_ID], "parallel_slots": 8,
+                                "context_length": 1024, "max_concurrent_requests": 16},
+                        wait_for=[MODEL_ID]) as server:
+        yield server
 
 
 def test_batching_does_not_change_greedy_tokens(batch_server: LMXServer) -> None:
@@ -109,6 +103,10 @@ def test_abort_mid_batch_leaves_others_untouched(batch_server: LMXServer) -> Non
     for a, b in zip(alone, batched, strict=True):
         assert len(b) == 32  # every token arrived: the abort cut nobody else short
         assert_same_or_near_tie(a, b)
+    # The gateway tells the worker once it notices the closed connection,
+    # which may be after the other answers are back: wait for it, bounded.
+    wait_until(lambda: batch_server.admin_models()[MODEL_ID]["worker_stats"][
+        "requests_aborted"] > before, 15, what="the abort reaching the worker")
     after = batch_server.admin_models()[MODEL_ID]["worker_stats"]
     assert after["requests_aborted"] == before + 1
 

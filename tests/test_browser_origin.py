@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from tests.conftest import MODEL_ID, LMXServer, free_port
-from tests.lifecycle_support import EventCollector
+from tests.event_reader import EventReader
 from tests.test_dashboard import CHROMIUM, CHROMIUM_ARGS, requires_chromium
 
 pytestmark = pytest.mark.timeout(150)
@@ -105,7 +105,7 @@ def foreign_site(tmp_path: Path) -> Iterator[str]:
 def test_foreign_page_cannot_drive_the_server(start_server: Any, foreign_site: str) -> None:
     server: LMXServer = start_server(auto_load=[MODEL_ID])  # the default: no keys at all
     server.wait_ready(MODEL_ID)
-    events = EventCollector(server.url)
+    events = EventReader(server.url)
     with playwright_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:

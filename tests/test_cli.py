@@ -11,6 +11,7 @@ import re
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,7 +22,13 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import MODEL_ID, LMXServer, base_config, free_port, wait_until
+from tests.conftest import (
+    MODEL_ID,
+    LMXServer,
+    base_config,
+    running_server,
+    wait_until,
+)
 from tests.fake_hub import FakeHub, HubFile
 from tests.model_fixtures import mlx_files
 
@@ -53,19 +60,19 @@ def _config(models: Path) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, model_file: Path, hub: FakeHub
            ) -> Iterator[LMXServer]:
-    root = tmp_path_factory.mktemp("cli")
-    models = root / "models"
-    models.mkdir()
-    (models / model_file.name).symlink_to(model_file)
-    shutil.copyfile(model_file, models / f"{SPARE}.gguf")
-    env = {"HF_ENDPOINT": hub.url, "HF_HUB_CACHE": str(root / "hf-cache"),
-           "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_OFFLINE": "0"}
-    env["LMX_FAILPOINTS"] = f"{SLOW}=slow_tokens:150"
-    srv = LMXServer(root, _config(models), env=env)
-    srv.http.headers.update({"X-Admin-Key": ADMIN_KEY, "Authorization": f"Bearer {API_KEY}"})
-    srv.wait_ready(MODEL_ID)
-    yield srv
-    srv.stop()
+    def env(home: Path) -> dict[str, str]:
+        return {"HF_ENDPOINT": hub.url, "HF_HUB_CACHE": str(home / "hf-cache"),
+                "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
+                "HF_HUB_OFFLINE": "0", "LMX_FAILPOINTS": f"{SLOW}=slow_tokens:150"}
+
+    def spare_copy(home: Path) -> None:
+        shutil.copyfile(model_file, home / "models" / f"{SPARE}.gguf")
+
+    with running_server(tmp_path_factory, "cli", links=[model_file], config=_config, env=env,
+                        prepare=spare_copy, wait_for=[MODEL_ID],
+                        headers={"X-Admin-Key": ADMIN_KEY,
+                                 "Authorization": f"Bearer {API_KEY}"}) as srv:
+        yield srv
 
 
 def cli_env(url: str, keys: bool = True) -> dict[str, str]:
@@ -96,12 +103,16 @@ def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
 
 
 def test_dead_server_is_one_line_and_exit_2() -> None:
-    url = f"http://127.0.0.1:{free_port()}"
-    for args in (["status"], ["chat", "-m", "x", "hello"], ["events", "--json"]):
-        result = lmx(url, *args)
-        assert result.returncode == 2, (args, result.stdout, result.stderr)
-        assert "cannot reach the LMX server at " + url in one_error_line(result)
-        assert result.stdout == ""
+    # Bound, never listening: connections are refused, and no other process
+    # can start listening on the port while the test runs.
+    with socket.socket() as dead:
+        dead.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{dead.getsockname()[1]}"
+        for args in (["status"], ["chat", "-m", "x", "hello"], ["events", "--json"]):
+            result = lmx(url, *args)
+            assert result.returncode == 2, (args, result.stdout, result.stderr)
+            assert "cannot reach the LMX server at " + url in one_error_line(result)
+            assert result.stdout == ""
 
 
 def test_status_and_models_ls(server: LMXServer) -> None:

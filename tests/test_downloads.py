@@ -16,9 +16,10 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import LMXServer, base_config, wait_until
+from tests.conftest import LMXServer, base_config, running_server, wait_until
+from tests.event_reader import EventReader
 from tests.fake_hub import FakeHub, HubFile
-from tests.model_fixtures import EventReader, mlx_files, safetensors_bytes
+from tests.model_fixtures import mlx_files, safetensors_bytes
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -37,13 +38,10 @@ def hub_env(hub: FakeHub, cache: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, hub: FakeHub) -> Iterator[LMXServer]:
-    root = tmp_path_factory.mktemp("downloads")
-    (root / "models").mkdir()
-    config = {**base_config(root / "models"), "server": {"sse_heartbeat_interval_sec": 0.5}}
-    lmx = LMXServer(root, config, env=hub_env(hub, root / "hf-cache"))
-    lmx.wait_healthy()
-    yield lmx
-    lmx.stop()
+    with running_server(tmp_path_factory, "downloads",
+                        config={"server": {"sse_heartbeat_interval_sec": 0.5}},
+                        env=lambda home: hub_env(hub, home / "hf-cache")) as lmx:
+        yield lmx
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ import openai
 import pytest
 from tokenizers import Tokenizer
 
-from tests.conftest import MODEL_ID, LMXServer, base_config
+from tests.conftest import MODEL_ID, LMXServer, running_server
 from tests.encoder_fixtures import cosine, minilm_dir, reference
 
 pytestmark = pytest.mark.timeout(150)
@@ -41,21 +41,15 @@ def matryoshka_copy(src: Path, dst: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, model_file: Path) -> Iterator[LMXServer]:
-    root = tmp_path_factory.mktemp("embed")
-    models = root / "models"
-    models.mkdir()
-    (models / model_file.name).symlink_to(model_file)
-    (models / MINILM).symlink_to(minilm_dir())
-    matryoshka_copy(minilm_dir(), models / MATRYOSHKA)
     # warmup_on_load: the canary of an encoder is one embedding.
-    config = base_config(models, auto_load=[MODEL_ID, MINILM, MATRYOSHKA],
-                         warmup_on_load=True)
-    srv = LMXServer(root, config, env={"LMX_FAILPOINTS": f"{SLOW}=slow_encode:1500"})
-    srv.wait_ready(MINILM, timeout=120)
-    srv.wait_ready(MATRYOSHKA, timeout=120)
-    srv.wait_ready(MODEL_ID, timeout=120)
-    yield srv
-    srv.stop()
+    with running_server(tmp_path_factory, "embed", links=[model_file, (MINILM, minilm_dir())],
+                        prepare=lambda home: matryoshka_copy(minilm_dir(),
+                                                             home / "models" / MATRYOSHKA),
+                        models={"auto_load": [MODEL_ID, MINILM, MATRYOSHKA],
+                                "warmup_on_load": True},
+                        env={"LMX_FAILPOINTS": f"{SLOW}=slow_encode:1500"},
+                        wait_for=[MINILM, MATRYOSHKA, MODEL_ID], timeout=120) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ from lmx_gateway.access.scopes import RouteScope, ScopedRoute, build_routes
 from lmx_gateway.app import create_app
 from lmx_supervisor.config import Config, ConfigError, load_config
 from tests.conftest import MODEL_ID, LMXServer, base_config, wait_until
-from tests.lifecycle_support import EventCollector
+from tests.event_reader import EventReader
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -270,7 +270,7 @@ def test_named_keys_identity_and_reload(start_server: Any) -> None:
     security = {"inference_api_keys": {"alice": ALICE_KEY, "bob": BOB_KEY}}
     server: LMXServer = start_server(config={"security": security}, auto_load=[MODEL_ID])
     server.wait_ready(MODEL_ID)
-    events = EventCollector(server.url)
+    events = EventReader(server.url)
     try:
         with httpx.Client(base_url=server.url, timeout=60) as client:
             # The key's name wins over a client-supplied X-Client-ID.
@@ -305,7 +305,7 @@ def test_named_keys_identity_and_reload(start_server: Any) -> None:
             assert discovery["auth"]["inference_key_required"] is True  # named keys count
             seen = [reload.text, refused.text, metrics, client.get("/admin/status").text,
                     client.get("/admin/metrics/json").text, str(discovery),
-                    repr(events.events)]
+                    repr(events.snapshot())]
     finally:
         events.close()
     log = server.log()

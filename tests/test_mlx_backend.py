@@ -16,7 +16,7 @@ import jsonschema
 import openai
 import pytest
 
-from tests.conftest import MLX_MODEL_ID, LMXServer, base_config
+from tests.conftest import MLX_MODEL_ID, LMXServer, running_server
 from tests.test_batching import SUBJECTS, Rows, assert_same_or_near_tie
 
 pytestmark = pytest.mark.timeout(300)
@@ -24,15 +24,11 @@ pytestmark = pytest.mark.timeout(300)
 
 @pytest.fixture(scope="module")
 def mlx_server(tmp_path_factory: pytest.TempPathFactory, mlx_model_dir: Path) -> Any:
-    root = tmp_path_factory.mktemp("mlx-serve")
-    models = root / "models"
-    models.mkdir()
-    (models / MLX_MODEL_ID).symlink_to(mlx_model_dir, target_is_directory=True)
-    server = LMXServer(root, base_config(models, auto_load=[MLX_MODEL_ID], parallel_slots=8,
-                                         context_length=1024, max_concurrent_requests=16))
-    server.wait_ready(MLX_MODEL_ID, timeout=180)
-    yield server
-    server.stop()
+    with running_server(tmp_path_factory, "mlx-serve", links=[(MLX_MODEL_ID, mlx_model_dir)],
+                        models={"auto_load": [MLX_MODEL_ID], "parallel_slots": 8,
+                                "context_length": 1024, "max_concurrent_requests": 16},
+                        wait_for=[MLX_MODEL_ID], timeout=180) as server:
+        yield server
 
 
 def stats(server: LMXServer) -> dict[str, Any]:

@@ -9,7 +9,6 @@ import os
 import re
 import signal
 import socket
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import MODEL_ID, LMXServer, base_config, wait_until
+from tests.conftest import MODEL_ID, LMXServer, running_server, wait_until
+from tests.event_reader import EventReader
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -29,50 +29,13 @@ SLOW = "*=slow_tokens:50"
 @pytest.fixture(scope="module")
 def obs_server(tmp_path_factory: pytest.TempPathFactory, model_file: Path
                ) -> Iterator[LMXServer]:
-    root = tmp_path_factory.mktemp("obs")
-    models = root / "models"
-    models.mkdir()
-    (models / model_file.name).symlink_to(model_file)
-    config = base_config(models, auto_load=[MODEL_ID])
-    config["server"] = {"sse_heartbeat_interval_sec": 0.5}
-    config["routing"] = {"aliases": {"chat": ["missing-model", MODEL_ID], "code": ["nope"]}}
-    server = LMXServer(root, config, env={"LMX_FAILPOINTS": SLOW})
-    server.wait_ready(MODEL_ID)
-    yield server
-    server.stop()
-
-
-class Watcher:
-    """A healthy /admin/events subscriber reading in a thread."""
-
-    def __init__(self, server: LMXServer) -> None:
-        self.events: list[tuple[str, dict[str, Any]]] = []
-        self._stop = threading.Event()
-        self._client = httpx.Client(base_url=server.url, timeout=30)
-        self._opened = threading.Event()
-        self._thread = threading.Thread(target=self._run)
-        self._thread.start()
-        assert self._opened.wait(10)
-
-    def _run(self) -> None:
-        with self._client.stream("GET", "/admin/events") as resp:
-            self._opened.set()
-            kind = ""
-            for line in resp.iter_lines():
-                if line.startswith("event: "):
-                    kind = line[7:]
-                elif line.startswith("data: "):
-                    self.events.append((kind, json.loads(line[6:])))
-                if self._stop.is_set():
-                    return
-
-    def of(self, kind: str) -> list[dict[str, Any]]:
-        return [data for k, data in list(self.events) if k == kind]
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(10)  # a heartbeat arrives within 0.5 s to wake the reader
-        self._client.close()
+    with running_server(
+            tmp_path_factory, "obs", links=[model_file], models={"auto_load": [MODEL_ID]},
+            config={"server": {"sse_heartbeat_interval_sec": 0.5},
+                    "routing": {"aliases": {"chat": ["missing-model", MODEL_ID],
+                                            "code": ["nope"]}}},
+            env={"LMX_FAILPOINTS": SLOW}, wait_for=[MODEL_ID]) as server:
+        yield server
 
 
 def stream_chat(server: LMXServer, max_tokens: int, request_id: str) -> str:
@@ -87,7 +50,7 @@ def stream_chat(server: LMXServer, max_tokens: int, request_id: str) -> str:
 
 
 def test_request_completed_and_throughput_events(obs_server: LMXServer) -> None:
-    watcher = Watcher(obs_server)
+    watcher = EventReader(obs_server.url)
     try:
         text = stream_chat(obs_server, 25, "obs-throughput-1")
         assert text.rstrip().endswith("data: [DONE]")
@@ -104,10 +67,10 @@ def test_request_completed_and_throughput_events(obs_server: LMXServer) -> None:
         ticks = watcher.of("throughput")
         assert any(t["active_requests"] >= 1 and t["tokens_per_second"] > 0 for t in ticks)
         # Idle now: heartbeats go on, throughput stops after at most one last tick.
-        seen = len(watcher.events)
-        wait_until(lambda: sum(1 for k, _ in watcher.events[seen:] if k == "heartbeat") >= 4,
+        seen = len(watcher.snapshot())
+        wait_until(lambda: watcher.kinds()[seen:].count("heartbeat") >= 4,
                    10, what="four heartbeats while idle")
-        late = [d for k, d in watcher.events[seen:] if k == "throughput"]
+        late = [d for k, d in watcher.snapshot()[seen:] if k == "throughput"]
         assert len(late) <= 1
         assert all(t["active_requests"] == 0 for t in late)
     finally:
@@ -131,7 +94,7 @@ def test_stalled_subscriber_never_blocks_inference(obs_server: LMXServer) -> Non
 
     dropped_before = events_state()["dropped_total"]
     stalled = stalled_subscriber(obs_server)
-    watcher = Watcher(obs_server)
+    watcher = EventReader(obs_server.url)
     try:
         wait_until(lambda: events_state()["subscribers"] == 2, 10, what="two subscribers")
         # Cheap failing requests each publish a request_completed, until the

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from tokenizers import Tokenizer
 
-from tests.conftest import MODEL_ID, LMXServer, base_config
+from tests.conftest import MODEL_ID, LMXServer, running_server
 from tests.encoder_fixtures import minilm_dir, numpy_cross_encoder_scores, random_cross_encoder
 
 pytestmark = pytest.mark.timeout(150)
@@ -73,16 +73,10 @@ def cross_encoder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, model_file: Path) -> Iterator[LMXServer]:
-    root = tmp_path_factory.mktemp("rerank")
-    models = root / "models"
-    models.mkdir()
-    (models / model_file.name).symlink_to(model_file)
-    (models / MINILM).symlink_to(minilm_dir())
-    srv = LMXServer(root, base_config(models, auto_load=[MODEL_ID, MINILM]))
-    srv.wait_ready(MINILM, timeout=120)
-    srv.wait_ready(MODEL_ID, timeout=120)
-    yield srv
-    srv.stop()
+    with running_server(tmp_path_factory, "rerank", links=[model_file, (MINILM, minilm_dir())],
+                        models={"auto_load": [MODEL_ID, MINILM]}, wait_for=[MINILM, MODEL_ID],
+                        timeout=120) as srv:
+        yield srv
 
 
 def _rerank(server: LMXServer, **body: Any) -> dict[str, Any]:

@@ -20,7 +20,8 @@ import yaml
 
 from lmx_supervisor.admission import AdmissionGate, AdmissionTimeout
 from tests.conftest import MODEL_ID, LMXServer, base_config, wait_until
-from tests.lifecycle_support import EventCollector, model_estimate
+from tests.event_reader import EventReader
+from tests.lifecycle_support import model_estimate
 
 CLIENTS = 8
 NORMAL_FINISH = {"stop", "length"}
@@ -135,7 +136,7 @@ def alive(pid: int) -> bool:
 def test_rolling_and_drain_restarts_under_load_fail_no_request(make_server: Any) -> None:
     server = make_server(auto_load=[MODEL_ID])
     server.wait_ready(MODEL_ID)
-    events = EventCollector(server.url)
+    events = EventReader(server.url)
     seen_in_progress: list[dict[str, Any]] = []
     watching = threading.Event()
 
@@ -205,7 +206,7 @@ def test_replacement_that_crashes_leaves_the_old_worker_serving(make_server: Any
                                f"{MODEL_ID}[parallel_slots=5]=hang_on_load"})
     server.wait_ready(MODEL_ID)
     old_pid = server.worker_pid(MODEL_ID)
-    events = EventCollector(server.url)
+    events = EventReader(server.url)
     try:
         load = LoadClients(server)
         try:
@@ -372,7 +373,7 @@ def test_old_worker_crash_during_rolling_restart_promotes_the_replacement(
         auto_load=[MODEL_ID],
         env={"LMX_FAILPOINTS": f"{MODEL_ID}[parallel_slots=3]=load_after_file:{gate}"})
     server.wait_ready(MODEL_ID)
-    events = EventCollector(server.url)
+    events = EventReader(server.url)
     try:
         old_pid = server.worker_pid(MODEL_ID)
         outcome: dict[str, httpx.Response] = {}

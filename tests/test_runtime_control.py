@@ -14,7 +14,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import MODEL_ID, LMXServer, base_config, wait_until
+from tests.conftest import MODEL_ID, LMXServer, base_config, running_server, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -34,27 +34,25 @@ def _config(models_dir: Path, **routing: Any) -> dict[str, Any]:
     return cfg
 
 
-def _write_preset(server: LMXServer, name: str, body: dict[str, Any] | str) -> None:
+def _write_preset(home: Path, name: str, body: dict[str, Any] | str) -> None:
     text = body if isinstance(body, str) else yaml.safe_dump(body)
-    (server.home / "presets" / f"{name}.yaml").write_text(text)
+    (home / "presets" / f"{name}.yaml").write_text(text)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, model_file: Path) -> Iterator[LMXServer]:
-    root = tmp_path_factory.mktemp("control")
-    models = root / "models"
-    models.mkdir()
-    (models / model_file.name).symlink_to(model_file)
-    (root / "presets").mkdir()
-    srv = LMXServer(root, _config(models), env={"LMX_FAILPOINTS": f"{CRASHY}=crash_on_load"})
-    srv.http.headers.update({"X-Admin-Key": ADMIN_KEY, "Authorization": f"Bearer {API_KEY}"})
-    _write_preset(srv, "terse", {"model": MODEL_ID, "max_tokens": 3})
-    _write_preset(srv, "pirate", {"model": "code", "system_prompt": PIRATE_PROMPT,
-                                  "description": "arr"})
-    _write_preset(srv, "broken", {"model": MODEL_ID, "temperature": 9})
-    srv.wait_ready(MODEL_ID)
-    yield srv
-    srv.stop()
+    def presets(home: Path) -> None:  # read at startup: written before the server starts
+        (home / "presets").mkdir()
+        _write_preset(home, "terse", {"model": MODEL_ID, "max_tokens": 3})
+        _write_preset(home, "pirate", {"model": "code", "system_prompt": PIRATE_PROMPT,
+                                       "description": "arr"})
+        _write_preset(home, "broken", {"model": MODEL_ID, "temperature": 9})
+
+    with running_server(tmp_path_factory, "control", links=[model_file], config=_config,
+                        env={"LMX_FAILPOINTS": f"{CRASHY}=crash_on_load"}, prepare=presets,
+                        headers={"X-Admin-Key": ADMIN_KEY, "Authorization": f"Bearer {API_KEY}"},
+                        wait_for=[MODEL_ID]) as srv:
+        yield srv
 
 
 def reload_with(server: LMXServer, cfg: dict[str, Any] | str) -> httpx.Response:
@@ -222,20 +220,20 @@ def test_presets_apply_defaults_and_system_prompt(server: LMXServer) -> None:
 
 
 def test_presets_reload_and_config_reload_pick_up_changes(server: LMXServer) -> None:
-    _write_preset(server, "terse", {"model": MODEL_ID, "max_tokens": 5})
+    _write_preset(server.home, "terse", {"model": MODEL_ID, "max_tokens": 5})
     resp = server.http.post("/admin/presets/reload")
     assert resp.status_code == 200, resp.text
     assert resp.json()["success"] is True and resp.json()["presets_loaded"] == 2
     got = chat(server, "preset:terse", max_tokens=None, ignore_eos=True).json()
     assert got["usage"]["completion_tokens"] == 5
 
-    _write_preset(server, "terse", {"model": MODEL_ID, "max_tokens": 4})
+    _write_preset(server.home, "terse", {"model": MODEL_ID, "max_tokens": 4})
     resp = reload_with(server, base(server))
     assert resp.status_code == 200 and "presets" in resp.json()["updated"]
     got = chat(server, "preset:terse", max_tokens=None, ignore_eos=True).json()
     assert got["usage"]["completion_tokens"] == 4
 
-    _write_preset(server, "terse", "model: [unclosed\n")  # now broken: skipped, not fatal
+    _write_preset(server.home, "terse", "model: [unclosed\n")  # now broken: skipped, not fatal
     resp = server.http.post("/admin/presets/reload")
     assert resp.status_code == 200 and resp.json()["presets_loaded"] == 1
     assert {e["file"] for e in resp.json()["errors"]} == {"terse.yaml", "broken.yaml"}

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from lmx_supervisor.config import ConfigError, load_config
-from tests.conftest import MODEL_ID, LMXServer, base_config
+from tests.conftest import MODEL_ID, LMXServer, base_config, running_server
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -32,18 +32,13 @@ COMPLETION = {"model": MODEL_ID, "prompt": "Hello", "max_tokens": 1}
 @pytest.fixture(scope="module")
 def cloud_server(tmp_path_factory: pytest.TempPathFactory, model_file: Path
                  ) -> Iterator[LMXServer]:
-    root = tmp_path_factory.mktemp("cloud")
-    models = root / "models"
-    models.mkdir()
-    (models / model_file.name).symlink_to(model_file)
-    config = base_config(models, auto_load=[MODEL_ID])
-    config["security"] = {"profile": "cloud", "admin_key": ADMIN_KEY,
-                          "inference_api_key": API_KEY}
-    server = LMXServer(root, config)
-    server.http.headers["X-Admin-Key"] = ADMIN_KEY  # for the fixture's own helpers
-    server.wait_ready(MODEL_ID)
-    yield server
-    server.stop()
+    with running_server(tmp_path_factory, "cloud", links=[model_file],
+                        models={"auto_load": [MODEL_ID]},
+                        config={"security": {"profile": "cloud", "admin_key": ADMIN_KEY,
+                                             "inference_api_key": API_KEY}},
+                        headers={"X-Admin-Key": ADMIN_KEY},  # for the fixture's own helpers
+                        wait_for=[MODEL_ID]) as server:
+        yield server
 
 
 # (method, path, body, family) for every route family.

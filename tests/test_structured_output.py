@@ -12,7 +12,7 @@ from typing import Any
 import jsonschema
 import pytest
 
-from tests.conftest import MODEL_ID, LMXServer, base_config
+from tests.conftest import MODEL_ID, LMXServer, running_server
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -50,17 +50,12 @@ CHARACTER = {
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, model_file: Path) -> Iterator[LMXServer]:
     """Eight slots, so the concurrent requests decode in one batch."""
-    root = tmp_path_factory.mktemp("structured")
-    models = root / "models"
-    models.mkdir()
-    (models / model_file.name).symlink_to(model_file)
-    config = base_config(models, auto_load=[MODEL_ID], parallel_slots=8,
-                         max_concurrent_requests=8, semaphore_timeout_sec=400,
-                         inference_timeout_sec=400)
-    lmx = LMXServer(root, config)
-    lmx.wait_ready(MODEL_ID)
-    yield lmx
-    lmx.stop()
+    with running_server(tmp_path_factory, "structured", links=[model_file],
+                        models={"auto_load": [MODEL_ID], "parallel_slots": 8,
+                                "max_concurrent_requests": 8, "semaphore_timeout_sec": 400,
+                                "inference_timeout_sec": 400},
+                        wait_for=[MODEL_ID]) as lmx:
+        yield lmx
 
 
 def test_json_schema_twenty_of_twenty(server: LMXServer) -> None:

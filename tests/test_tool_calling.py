@@ -15,7 +15,7 @@ from typing import Any
 import jsonschema
 import pytest
 
-from tests.conftest import MODEL_ID, LMXServer, base_config
+from tests.conftest import MODEL_ID, LMXServer, running_server
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -47,17 +47,12 @@ MARKUP = ("<tool_call>", "</tool_call>", '"arguments"', "<tool")
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, model_file: Path) -> Iterator[LMXServer]:
-    root = tmp_path_factory.mktemp("tools")
-    models = root / "models"
-    models.mkdir()
-    (models / model_file.name).symlink_to(model_file)
-    config = base_config(models, auto_load=[MODEL_ID], parallel_slots=4,
-                         max_concurrent_requests=4, semaphore_timeout_sec=400,
-                         inference_timeout_sec=400)
-    lmx = LMXServer(root, config)
-    lmx.wait_ready(MODEL_ID)
-    yield lmx
-    lmx.stop()
+    with running_server(tmp_path_factory, "tools", links=[model_file],
+                        models={"auto_load": [MODEL_ID], "parallel_slots": 4,
+                                "max_concurrent_requests": 4, "semaphore_timeout_sec": 400,
+                                "inference_timeout_sec": 400},
+                        wait_for=[MODEL_ID]) as lmx:
+        yield lmx
 
 
 def _check_call(call: Any, name: str | None = None) -> dict[str, Any]:

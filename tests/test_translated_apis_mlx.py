@@ -14,7 +14,7 @@ import anthropic
 import jsonschema
 import pytest
 
-from tests.conftest import MLX_MODEL_ID, LMXServer, base_config
+from tests.conftest import MLX_MODEL_ID, LMXServer, running_server
 
 pytest.importorskip("mlx.core")
 pytestmark = pytest.mark.timeout(300)
@@ -29,14 +29,10 @@ WEATHER = {"name": "get_weather", "description": "Current weather for a city",
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, mlx_model_dir: Path
            ) -> Iterator[LMXServer]:
-    root = tmp_path_factory.mktemp("translated-mlx")
-    models = root / "models"
-    models.mkdir()
-    (models / MLX_MODEL_ID).symlink_to(mlx_model_dir, target_is_directory=True)
-    srv = LMXServer(root, base_config(models, auto_load=[MLX_MODEL_ID], context_length=1024))
-    srv.wait_ready(MLX_MODEL_ID, timeout=180)
-    yield srv
-    srv.stop()
+    with running_server(tmp_path_factory, "translated-mlx", links=[(MLX_MODEL_ID, mlx_model_dir)],
+                        models={"auto_load": [MLX_MODEL_ID], "context_length": 1024},
+                        wait_for=[MLX_MODEL_ID], timeout=180) as srv:
+        yield srv
 
 
 def test_anthropic_messages_on_mlx(server: LMXServer) -> None:

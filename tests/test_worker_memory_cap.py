@@ -12,7 +12,8 @@ import psutil
 import pytest
 
 from tests.conftest import MODEL_ID, LMXServer, wait_until
-from tests.lifecycle_support import LIGHT, EventCollector
+from tests.event_reader import EventReader
+from tests.lifecycle_support import LIGHT
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -33,7 +34,7 @@ def test_runaway_worker_dies_alone(start_server: Any) -> None:
     memory = server.http.get("/admin/memory").json()["models"]["hog"]
     cap = memory["memory_cap_bytes"]
     assert cap and memory["data_bytes"] < cap  # loaded and ran under its cap
-    events = EventCollector(server.url)
+    events = EventReader(server.url)
     try:
         resp = server.http.post("/v1/chat/completions", json={
             "model": "hog", **CHAT, "max_tokens": 1000, "ignore_eos": True}, timeout=60)
