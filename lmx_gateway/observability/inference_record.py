@@ -43,6 +43,7 @@ class InferenceRecord:
         "started",
         "status",
         "stream",
+        "tags",
         "tokens",
     )
 
@@ -63,6 +64,8 @@ class InferenceRecord:
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
         self.tokens = 0
+        # Who the client says the request is for (OpenAI's user, metadata...).
+        self.tags: dict[str, Any] = {}
         self._inter: GapSeries | None = None
 
     # --- fed by the generation ----------------------------------------------------
@@ -143,6 +146,7 @@ class InferenceRecord:
         }
         if self.client is not None:
             data["client"] = self.client
+        data.update(self.tags)
         if status == "error":
             data["error"] = {"code": self.error_code, "message": self.error_message}
         self._events.publish("request_completed", data)
