@@ -28,6 +28,7 @@ from lmx_gateway.observability import probes as routes_health
 from lmx_gateway.observability import routes as routes_observability
 from lmx_gateway.observability.events import EventBus
 from lmx_gateway.observability.observers import Observers
+from lmx_gateway.ollama.routes import ROUTES as OLLAMA_ROUTES
 from lmx_gateway.openai import routes as routes_inference
 from lmx_gateway.responses import routes as routes_responses
 from lmx_gateway.state import GatewayState
@@ -76,7 +77,7 @@ def create_app(config: Config, config_source: ConfigSource | None = None) -> Sta
     return Starlette(
         routes=[*CONTROL_ROUTES,
                 *routes_health.ROUTES, *routes_inference.ROUTES, *routes_anthropic.ROUTES,
-                *routes_responses.ROUTES,
+                *routes_responses.ROUTES, *OLLAMA_ROUTES,
                 *ENCODER_ROUTES,
                 # Before routes_admin/model_files: /admin/models/compatibility
                 # must not be taken for a model id.

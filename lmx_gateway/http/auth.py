@@ -15,6 +15,7 @@ published or echoed. Probes and discovery stay open.
 from __future__ import annotations
 
 import hmac
+from typing import Any
 
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -87,14 +88,16 @@ class AuthMiddleware:
         security = self._security(scope)
         if path == "/admin" or path.startswith("/admin/"):
             key, headers, status = security.admin_key, ADMIN_KEY_HEADERS, 403
-            body = error_body("Invalid or missing admin key", "permission_error",
+            body: dict[str, Any] = error_body("Invalid or missing admin key", "permission_error",
                               "permission_denied")
-        elif path.startswith("/v1/"):
+        elif path.startswith(("/v1/", "/api/")):  # /api/: Ollama's API, inference scope
             key, headers, status = security.inference_api_key, INFERENCE_KEY_HEADERS, 401
             body = error_body("Invalid or missing API key", "authentication_error",
                               "authentication_error")
             if is_messages_path(path):  # the Anthropic SDK reads its own error shape
                 body = anthropic_error_body(401, "Invalid or missing API key")
+            elif path.startswith("/api/"):  # Ollama's clients read {"error": "..."}
+                body = {"error": "Invalid or missing API key"}
         else:
             await self.app(scope, receive, send)
             return
