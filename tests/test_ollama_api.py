@@ -151,16 +151,19 @@ WEATHER_TOOL = {"type": "function", "function": {
 
 
 def test_tool_call_round_trip(client: ollama.Client) -> None:
-    question = {"role": "user", "content": "What is the weather in Paris? Call get_weather."}
+    question = {"role": "user", "content": "What is the weather in Paris?"}
+    # Ollama's API has no tool_choice; LMX takes it in options (a 135M model
+    # left to decide answers in prose).
+    forced = {"temperature": 0, "num_predict": 60, "tool_choice": "required"}
     answer = client.chat(model=MODEL_ID, messages=[question], tools=[WEATHER_TOOL],
-                         options={"temperature": 0, "num_predict": 60})
+                         options=forced)
     calls = answer.message.tool_calls
     assert calls, answer.message.content
     assert calls[0].function.name == "get_weather"
     assert isinstance(calls[0].function.arguments, dict)
     assert (answer.message.content or "").find("<tool_call>") == -1
     streamed = list(client.chat(model=MODEL_ID, messages=[question], tools=[WEATHER_TOOL],
-                                options={"temperature": 0, "num_predict": 60}, stream=True))
+                                options=forced, stream=True))
     streamed_calls = [c for p in streamed for c in (p.message.tool_calls or [])]
     assert [c.function.name for c in streamed_calls] == [c.function.name for c in calls]
     # The call and its result go back in Ollama's shape.

@@ -32,6 +32,7 @@ from lmx_gateway.ollama.options import (
     response_format,
     sampling_fields,
     sampling_options,
+    tool_choice,
 )
 from lmx_gateway.ollama.schemas import ChatBody, GenerateBody, Message
 from lmx_gateway.ollama.serving import apply_keep_alive, served_name
@@ -46,6 +47,7 @@ NDJSON = "application/x-ndjson"
 _encode = msgspec.json.Encoder().encode
 # Errors from the chat path name OpenAI's fields; say Ollama's.
 _RENAMES = ((r"response_format(\.json_schema\.schema)?", "format"),
+            (r"^tool_choice", "options.tool_choice"),
             (r"^max_tokens", "options.num_predict"),
             (r"^(temperature|top_p|top_k|min_p|seed|stop)$", r"options.\1"))
 
@@ -215,6 +217,7 @@ async def chat(request: Request) -> Response:
         return await _load_only(state, name, True, keep_alive)
     req = ChatCompletionRequest(model=name, messages=chat_messages(body.messages),
                                 tools=body.tools or None,
+                                tool_choice=tool_choice(body.options, bool(body.tools)),
                                 response_format=response_format(body.format),
                                 **sampling_fields(opts, 1 << 62))
     try:
@@ -273,6 +276,7 @@ async def generate(request: Request) -> Response:
         raise BadRequest("format is not supported with raw prompts", param="format",
                          code=UNSUPPORTED)
     opts = sampling_options(body.options)
+    tool_choice(body.options, False)  # no tools here: refused if asked for
     name = await served_name(state, body.model)
     if not body.prompt and body.suffix is None:
         return await _load_only(state, name, False, keep_alive)

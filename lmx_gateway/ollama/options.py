@@ -39,6 +39,9 @@ _SAMPLING = set(SamplingOptions.__struct_fields__)
 # How the runtime runs, decided by LMX's config: accepted, no effect.
 _RUNTIME = {"num_gpu", "main_gpu", "num_thread", "num_batch", "use_mmap", "use_mlock", "numa",
             "low_vram", "vocab_only", "f16_kv", "num_keep"}
+# LMX's own, for what Ollama's API has no field for: `tool_choice` ("auto",
+# "required", "none" or a tool's name) on /api/chat, as OpenAI's.
+EXTENSIONS = {"tool_choice"}
 # Accepted only at the value that means "off" (what LMX does anyway).
 _NEUTRAL: dict[str, object] = {"mirostat": 0, "typical_p": 1.0, "tfs_z": 1.0,
                                "repeat_last_n": 64}
@@ -47,7 +50,7 @@ _NEUTRAL: dict[str, object] = {"mirostat": 0, "typical_p": 1.0, "tfs_z": 1.0,
 def sampling_options(options: dict[str, Any] | None) -> SamplingOptions:
     options = options or {}
     for key, value in options.items():
-        if key in _SAMPLING or key in _RUNTIME:
+        if key in _SAMPLING or key in _RUNTIME or key in EXTENSIONS:
             continue
         if key in _NEUTRAL and value == _NEUTRAL[key]:
             continue
@@ -81,6 +84,21 @@ def sampling_fields(opts: SamplingOptions, context_length: int) -> dict[str, Any
             "max_tokens": max_tokens, "repetition_penalty": opts.repeat_penalty,
             "presence_penalty": opts.presence_penalty,
             "frequency_penalty": opts.frequency_penalty}
+
+
+def tool_choice(options: dict[str, Any] | None, has_tools: bool) -> Any:
+    """`options.tool_choice` in OpenAI's spelling (None: the model decides)."""
+    choice = (options or {}).get("tool_choice")
+    if choice is None:
+        return None
+    if not has_tools:
+        raise BadRequest("options.tool_choice needs tools", param="options.tool_choice")
+    if not isinstance(choice, str) or not choice:
+        raise BadRequest("options.tool_choice must be auto, required, none or a tool name",
+                         param="options.tool_choice")
+    if choice in ("auto", "required", "none"):
+        return choice
+    return {"type": "function", "function": {"name": choice}}
 
 
 def response_format(fmt: Any) -> dict[str, Any] | None:
