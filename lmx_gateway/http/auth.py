@@ -1,5 +1,5 @@
 """API keys: `security.admin_key` guards `/admin/*`,
-`security.inference_api_key` guards `/v1/*`.
+`security.inference_api_key` guards `/v1/*` and Ollama's `/api/*`.
 
 - Profile `lan`: a key is required only when configured.
 - Profile `cloud`: both keys are required; startup refuses without them

@@ -160,7 +160,11 @@ async def _respond(request: Request, req: SamplingFields, model: ManagedModel, f
         if len(frames) == 1:
             results = [await run_collect(state, model, frame)]
         else:
-            results = await collect_choices(await start_choices(state, model, frames))
+            runs = await start_choices(state, model, frames)
+            record = current_record.get()
+            if record is not None:  # the choices ran as streams, the answer is whole
+                record.stream = False
+            results = await collect_choices(runs)
         return JSONResponse({
             "id": completion_id, "object": "chat.completion" if kind == "chat"
             else "text_completion", "created": int(time.time()), "model": req.model,
