@@ -41,8 +41,9 @@ def token_id(vocab: Llama, piece: bytes) -> int:
     return int(ids[0])
 
 
-def first_token(client: openai.OpenAI, **extra: Any) -> tuple[bytes, str]:
-    resp = client.chat.completions.create(model=MODEL_ID, messages=QUESTION,  # type: ignore[arg-type]
+def first_token(client: openai.OpenAI, model: str = MODEL_ID, **extra: Any
+                ) -> tuple[bytes, str]:
+    resp = client.chat.completions.create(model=model, messages=QUESTION,  # type: ignore[arg-type]
                                           max_tokens=6, temperature=0, logprobs=True, **extra)
     choice = resp.choices[0]
     assert choice.logprobs is not None and choice.logprobs.content
@@ -161,11 +162,21 @@ def test_n_streamed_interleaved_and_bounded(shared_server: LMXServer) -> None:
     assert err.value.body["param"] == "n"  # type: ignore[index]
 
 
-def test_n_choices_mlx(start_server: Any, mlx_model_dir: Path, models_dir: Path) -> None:
+def test_n_choices_and_logit_bias_mlx(start_server: Any, mlx_model_dir: Path,
+                                      models_dir: Path, vocab: Llama) -> None:
     (models_dir / MLX_MODEL_ID).symlink_to(mlx_model_dir, target_is_directory=True)
     server = start_server(auto_load=[MLX_MODEL_ID])
     server.wait_ready(MLX_MODEL_ID, timeout=180)
     check_n_choices(server, MLX_MODEL_ID)
+    # logit_bias on MLX (the converted model keeps the GGUF's token ids).
+    client = server.openai()
+    piece, baseline = first_token(client, MLX_MODEL_ID)
+    banned_piece, banned_text = first_token(
+        client, MLX_MODEL_ID, logit_bias={str(token_id(vocab, piece)): -100})
+    assert banned_piece != piece and banned_text != baseline
+    forced_piece, _ = first_token(client, MLX_MODEL_ID,
+                                  logit_bias={str(token_id(vocab, b" banana")): 100})
+    assert forced_piece == b" banana"
 
 
 # --- echo, suffix, user/metadata, refusals -----------------------------------------
