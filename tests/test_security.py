@@ -114,7 +114,10 @@ def test_ollama_routes_take_the_inference_key(cloud_server: LMXServer) -> None:
             assert resp.status_code == 401  # Ollama's shape, nothing else
             assert resp.json() == {"error": "Invalid or missing API key"}
     client = ollama.Client(host=cloud_server.url, headers={"Authorization": f"Bearer {API_KEY}"})
-    assert MODEL_ID in {m.model for m in client.list().models}
+    try:
+        assert MODEL_ID in {m.model for m in client.list().models}
+    finally:
+        client._client.close()
 
 
 def test_events_stream_needs_the_admin_key(cloud_server: LMXServer) -> None:
