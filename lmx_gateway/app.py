@@ -42,6 +42,7 @@ from lmx_gateway.observability import probes as routes_health
 from lmx_gateway.observability import routes as routes_observability
 from lmx_gateway.observability.events import EventBus
 from lmx_gateway.observability.observers import Observers
+from lmx_gateway.ollama.routes import ROUTES as OLLAMA_ROUTES
 from lmx_gateway.openai import routes as routes_inference
 from lmx_gateway.openapi import ROUTES as OPENAPI_ROUTES
 from lmx_gateway.responses import routes as routes_responses
@@ -103,7 +104,7 @@ def create_app(config: Config, config_source: ConfigSource | None = None) -> Sta
         routes=build_routes(
             CONTROL_ROUTES,
             routes_health.ROUTES, routes_inference.ROUTES, routes_anthropic.ROUTES,
-            routes_responses.ROUTES,
+            routes_responses.ROUTES, OLLAMA_ROUTES,
             ENCODER_ROUTES,
             # Before routes_admin/model_files: /admin/models/compatibility
             # must not be taken for a model id.

@@ -76,6 +76,9 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, gc=False):
     # JSON text of a JSON schema the output must match (response_format
     # json_object / json_schema), enforced by constrained decoding.
     json_schema: str = ""
+    # OpenAI's logit_bias: token id -> value added to that token's logit
+    # (-100..100; -100 bans the token), in this request's own logits row.
+    logit_bias: dict[int, float] = {}
 
 
 # --- supervisor -> worker ----------------------------------------------------
@@ -100,6 +103,9 @@ class Generate(Frame, tag="generate"):
     tool_choice: str = "auto"
     tool_name: str = ""
     parallel_tool_calls: bool = True
+    # Fill-in-the-middle (completions `suffix`): the model writes what goes
+    # between `prompt` and this text, with its own FIM tokens.
+    suffix: str | None = None
 
 
 class Abort(Frame, tag="abort"):

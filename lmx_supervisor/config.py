@@ -86,6 +86,9 @@ class ModelsConfig(Section):
     # Requests one worker decodes together (llama.cpp sequences sharing a
     # batch); each slot may use up to context_length tokens.
     parallel_slots: PositiveInt = 4
+    # Most choices one OpenAI request may ask for (`n`); they decode
+    # together and share the prompt's prefill.
+    max_n: PositiveInt = 8
     # MLX weights: "auto" dequantizes to float32 on a CPU (BLAS beats MLX's
     # quantized CPU kernels) and keeps them quantized on a GPU; true/false force it.
     mlx_dequantize: Literal["auto"] | bool = "auto"

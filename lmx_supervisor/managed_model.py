@@ -145,6 +145,9 @@ class ManagedModel:
         self.restarts = 0
         self.loaded_at: float | None = None
         self.last_used = time.monotonic()
+        # Idle seconds before the TTL unloads this model, set by a client
+        # (Ollama's keep_alive); negative: never. None: memory.ttl_* decide.
+        self.keep_alive_sec: float | None = None
         self.gate = AdmissionGate(settings.max_concurrent_requests)
         self._changed = asyncio.Event()
         self._inflight: dict[str, asyncio.Queue[Item]] = {}

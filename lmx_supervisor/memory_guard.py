@@ -85,6 +85,14 @@ def estimate_of(model: ManagedModel) -> int:
     return estimate.total_bytes if estimate is not None else 0
 
 
+def idle_ttl(model: ManagedModel, cfg: MemoryConfig) -> float | None:
+    """Idle seconds after which `model` is unloaded (None: never): what a
+    client asked for this model (keep_alive), else the configured TTL."""
+    if model.keep_alive_sec is not None:
+        return model.keep_alive_sec if model.keep_alive_sec >= 0 else None
+    return cfg.ttl_seconds if cfg.ttl_enabled else None
+
+
 def is_idle(model: ManagedModel) -> bool:
     return (model.state is ModelState.READY and model.in_flight == 0
             and model.gate.queued == 0 and model.gate.active == 0
@@ -224,12 +232,11 @@ class MemoryGuard:
                 "reason": "high_usage", "used_percent": round(sysmem.percent, 1),
                 "threshold_percent": cfg.max_memory_percent})
         self._high = high
-        if cfg.ttl_enabled:
-            now = time.monotonic()
-            for model in self._host.models():
-                if is_idle(model) and now - model.last_used > cfg.ttl_seconds:
-                    await self._host.evict(
-                        model.model_id, f"ttl: idle for more than {cfg.ttl_seconds:g}s")
+        now = time.monotonic()
+        for model in self._host.models():
+            ttl = idle_ttl(model, cfg)
+            if ttl is not None and is_idle(model) and now - model.last_used > ttl:
+                await self._host.evict(model.model_id, f"ttl: idle for more than {ttl:g}s")
 
     # --- report (GET /admin/memory) -----------------------------------------
 

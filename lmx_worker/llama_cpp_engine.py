@@ -43,6 +43,7 @@ from lmx_worker.constraints import (
     tokenizer_from_llama_vocab,
 )
 from lmx_worker.engine import RequestError, StepOutput
+from lmx_worker.logit_bias import LogitBias
 from lmx_worker.spec import WorkerSpec
 from lmx_worker.text_stream import TextStream
 
@@ -51,6 +52,7 @@ _PIECE_BUFFER = 256
 _KV_CACHE_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0,
                    "q4_0": llama_cpp.GGML_TYPE_Q4_0}
 _PENALTY_LAST_N = 64
+_MIN_PREFIX_COPY = 32  # tokens a KV copy from another slot must save
 _backend_ready = False
 
 
@@ -69,6 +71,7 @@ class _Job:
     stream: TextStream
     max_new: int
     constraint: TokenConstraint | None = None  # grammar the output must follow
+    bias: LogitBias | None = None  # the request's logit_bias
     special_text: bool = False  # show control tokens (tool-call markers) as text
     to_prefill: list[int] = field(default_factory=list)
     generated: list[int] = field(default_factory=list)
@@ -141,6 +144,11 @@ class LlamaCppEngine:
         self.chat_template = self._load_template()
         if self.chat_template is not None:
             self.capabilities.append("tools")
+        self._fim = (llama_cpp.llama_vocab_fim_pre(self._vocab),
+                     llama_cpp.llama_vocab_fim_suf(self._vocab),
+                     llama_cpp.llama_vocab_fim_mid(self._vocab))
+        if min(self._fim) >= 0:
+            self.capabilities.append("fill_in_middle")  # completions `suffix`
         self._llg_tokenizer: LLTokenizer | None = None  # built on first constrained request
         self._slots = [_Slot(i) for i in range(slots)]
         # Grammar-forced tokens one sequence may add in a step; bounded so
@@ -175,7 +183,19 @@ class LlamaCppEngine:
             # The template writes BOS itself when the model wants one.
             return list(self.model.tokenize(text.encode(), add_bos=False, special=True))
         prompt = (request.prompt or "").encode()
+        if request.suffix is not None:
+            return self._infill_tokens(prompt, request.suffix.encode())
         return list(self.model.tokenize(prompt, add_bos=self._add_bos, special=True))
+
+    def _infill_tokens(self, prefix: bytes, suffix: bytes) -> list[int]:
+        """llama-server's infill layout: [BOS] PRE prefix SUF suffix MID."""
+        pre, suf, mid = self._fim
+        if min(self._fim) < 0:
+            raise RequestError("unsupported_feature", "this model has no fill-in-the-middle "
+                               "tokens, so suffix cannot be honoured", param="suffix")
+        bos = [self.model.token_bos()] if self._add_bos else []
+        return [*bos, pre, *self.model.tokenize(prefix, add_bos=False, special=False),
+                suf, *self.model.tokenize(suffix, add_bos=False, special=False), mid]
 
     def _sampler(self, request: Generate) -> internals.LlamaSampler:
         p = request.params
@@ -221,6 +241,8 @@ class LlamaCppEngine:
         max_new = min(p.max_tokens, room) if p.max_tokens is not None else room
         job = _Job(request, prompt, self._sampler(request), TextStream(p.stop), max_new)
         job.constraint = request_constraint(request, self.chat_template, self._tokenizer)
+        if p.logit_bias:
+            job.bias = LogitBias(p.logit_bias, self._n_vocab)
         job.special_text = request.messages is not None and request_tools(request) is not None
         self._pending.append(job)
 
@@ -256,6 +278,7 @@ class LlamaCppEngine:
             job = self._pending.popleft()
             slot = max(free, key=lambda s: _common_prefix(s.cached, job.prompt))
             keep = _common_prefix(slot.cached, job.prompt)
+            keep = self._copy_longer_prefix(slot, job.prompt, keep)
             if keep == len(job.prompt):
                 keep -= 1  # at least one token must be decoded to get logits
             llama_cpp.llama_memory_seq_rm(self.ctx.memory, slot.seq_id, keep, -1)
@@ -263,6 +286,24 @@ class LlamaCppEngine:
             job.to_prefill = job.prompt[keep:]
             self.cached_prompt_tokens += keep
             slot.job = job
+
+    def _copy_longer_prefix(self, slot: _Slot, prompt: list[int], keep: int) -> int:
+        """If another slot (running or not) holds a longer prefix of `prompt`
+        than `slot` does, copy that slot's KV into `slot` instead of reading
+        the prompt again: this is how the n choices of one request (and
+        identical prompts in general) share one prefill. A copy moves the
+        whole KV stream, so short gains are not worth it."""
+        donor, best = None, keep
+        for other in self._slots:
+            if other is not slot:
+                shared = _common_prefix(other.cached, prompt)
+                if shared > best:
+                    donor, best = other, shared
+        if donor is None or best - keep < _MIN_PREFIX_COPY:
+            return keep
+        llama_cpp.llama_memory_seq_cp(self.ctx.memory, donor.seq_id, slot.seq_id, -1, -1)
+        slot.cached = list(donor.cached)
+        return best
 
     def _fill_batch(self) -> list[tuple[_Slot, int]]:
         """Decoding sequences first (one token each), then prompt chunks in
@@ -317,11 +358,14 @@ class LlamaCppEngine:
             assert job is not None
             wants_logprobs = job.request.params.logprobs
             raw = None
-            if job.constraint is not None:
+            if job.constraint is not None or job.bias is not None:
                 # The sampler chain reads the context's logits row, so
-                # masking that row in place constrains what it can pick.
+                # biasing and masking that row in place steers what it picks.
                 row = self._logits_row(index)
                 raw = row.copy() if wants_logprobs else None  # logprobs: the model's view
+                if job.bias is not None:
+                    job.bias.apply(row)
+            if job.constraint is not None:
                 job.constraint.mask_logits(row)
                 if job.constraint.error:
                     out.append(self._fail(slot, job, job.constraint.error))

@@ -63,6 +63,7 @@ from lmx_worker.constraints import (
     tokenizer_from_hf,
 )
 from lmx_worker.engine import RequestError, StepOutput
+from lmx_worker.logit_bias import bias_row, check_logit_bias
 from lmx_worker.mlx_cpu_layout import optimize_for_cpu
 from lmx_worker.mlx_weights import apply_plan, plan_weights
 from lmx_worker.spec import WorkerSpec
@@ -76,6 +77,7 @@ log = logging.getLogger("lmx.worker.mlx")
 # sequences (or delay an abort) for more than a fraction of a second on CPU.
 PREFILL_STEP = 256
 PENALTY_LAST_N = 64  # as the llama.cpp backend
+MIN_PREFIX_COPY = 32  # prompt tokens a copy of a running sequence's KV must save
 _CACHE_KEY = "model"  # one model per worker: the trie needs only one key
 
 Sampler = Any  # mlx-lm's Callable[[mx.array], mx.array]
@@ -97,6 +99,15 @@ class _Job:
     # yet handed out, kept only when logprobs are asked for and processors
     # would otherwise change what the generator reports.
     raw_rows: deque[mx.array] = field(default_factory=deque)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _seeded_sampler(p: SamplingParams, vocab: int) -> Sampler:
@@ -292,6 +303,9 @@ class MlxEngine:
             processors.append(lambda _tokens, logits: mx.where(mask, -mx.inf, logits))
         if (p.repetition_penalty, p.frequency_penalty, p.presence_penalty) != (1.0, 0.0, 0.0):
             processors.append(_penalties(p, len(job.prompt), self._vocab))
+        if p.logit_bias:  # this request's row only (see lmx_worker.logit_bias)
+            bias = mx.array(bias_row(p.logit_bias, self._vocab))
+            processors.append(lambda _tokens, logits: logits + bias)
         if job.constraint is not None:
             processors.append(self._grammar_mask(job))
         if processors and p.logprobs:
@@ -320,6 +334,10 @@ class MlxEngine:
         max_new = min(p.max_tokens, room) if p.max_tokens is not None else room
         if max_new <= 0:
             raise RequestError("invalid_request", "max_tokens must be at least 1")
+        if request.suffix is not None:
+            raise RequestError("unsupported_feature", "fill-in-the-middle (suffix) is only "
+                               "implemented on the llama.cpp backend", param="suffix")
+        check_logit_bias(p.logit_bias, self._vocab)
         job = _Job(request, prompt, TextStream(p.stop), max_new)
         job.constraint = request_constraint(request, self.chat_template, self._tokenizer)
         job.special_text = request.messages is not None and request_tools(request) is not None
@@ -360,11 +378,34 @@ class MlxEngine:
             rest = prompt[-1:]
         return cache, len(prompt) - len(rest)
 
+    def _running_prefix(self, prompt: list[int], have: int) -> tuple[list[Any] | None, int]:
+        """A copy of the KV of a running sequence that shares a longer prefix
+        with `prompt` than the prefix cache does (the n choices of one request
+        share one prefill this way), trimmed to that prefix, and its length.
+        Only sequences that have produced a token qualify: their prompt is
+        wholly in their cache."""
+        donor, best = None, have
+        for uid, other in self._active.items():
+            if other.generated:
+                shared = min(_common_prefix(other.prompt, prompt), len(prompt) - 1)
+                if shared > best:
+                    donor, best = uid, shared
+        if donor is None or best - have < MIN_PREFIX_COPY:
+            return None, have
+        cache = self._gen.extract_cache([donor])[donor][0]
+        if not can_trim_prompt_cache(cache):
+            return None, have
+        trim_prompt_cache(cache, cache[0].offset - best)
+        return cache, best
+
     def _admit(self) -> None:
         while self._pending and len(self._active) < self.slots:
             job = self._pending.popleft()
             p = job.request.params
             cache, cached = self._cached_start(job.prompt)
+            running, shared = self._running_prefix(job.prompt, cached)
+            if running is not None:
+                cache, cached = running, shared
             sampler = greedy_sampler if p.temperature == 0 else \
                 _seeded_sampler(p, self._vocab)
             (uid,) = self._gen.insert(

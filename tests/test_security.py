@@ -98,6 +98,23 @@ def test_route_family_keys(cloud_server: LMXServer, method: str, path: str, body
         assert resp.status_code == 200, resp.text
 
 
+def test_ollama_routes_take_the_inference_key(cloud_server: LMXServer) -> None:
+    import ollama
+
+    for headers in ({}, {"Authorization": f"Bearer {WRONG}"},
+                    {"Authorization": f"Bearer {ADMIN_KEY}"}):
+        for method, path in (("GET", "/api/tags"), ("POST", "/api/pull"),
+                             ("DELETE", "/api/delete")):
+            resp = call(cloud_server, method, path, {"model": "x/y"}, headers)
+            assert resp.status_code == 401  # Ollama's shape, nothing else
+            assert resp.json() == {"error": "Invalid or missing API key"}
+    client = ollama.Client(host=cloud_server.url, headers={"Authorization": f"Bearer {API_KEY}"})
+    try:
+        assert MODEL_ID in {m.model for m in client.list().models}
+    finally:
+        client._client.close()
+
+
 def test_events_stream_needs_the_admin_key(cloud_server: LMXServer) -> None:
     with httpx.Client(base_url=cloud_server.url, timeout=10) as client:
         for headers in ({}, {"X-Admin-Key": WRONG}):

@@ -25,15 +25,21 @@ from lmx_gateway.http.errors import error_body
 from lmx_gateway.observability.inference_record import current_record
 from lmx_supervisor.config import Config
 
+OLLAMA_PATH_PREFIX = "/api/"
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 def refusal(scope: Scope, status: int, message: str, type_: str, code: str,
             headers: dict[str, str] | None = None) -> JSONResponse:
-    """An error in the route family's own shape (Anthropic's on /v1/messages)."""
-    body: dict[str, Any] = (anthropic_error_body(status, message)
-                            if is_messages_path(scope["path"])
-                            else error_body(message, type_, code))
+    """An error in the route family's own shape (Anthropic's on /v1/messages,
+    Ollama's `{"error": ...}` on /api/)."""
+    body: dict[str, Any]
+    if is_messages_path(scope["path"]):
+        body = anthropic_error_body(status, message)
+    elif scope["path"].startswith(OLLAMA_PATH_PREFIX):
+        body = {"error": message}
+    else:
+        body = error_body(message, type_, code)
     return JSONResponse(body, status_code=status, headers=headers)
 
 

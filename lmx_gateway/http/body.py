@@ -124,9 +124,14 @@ def require_json(request: Request, raw: bytes) -> None:
             param="Content-Type")
 
 
-async def read_json(request: Request, kind: type[T], limit: int) -> T:
+async def read_json(request: Request, kind: type[T], limit: int, *,
+                    untyped_ok_without_origin: bool = False) -> T:
+    """The body decoded as `kind`. `untyped_ok_without_origin`: a request
+    that carries no Origin (so no browser page sent it) may omit the JSON
+    Content-Type; Ollama's clients and documented `curl -d` calls do."""
     raw = await read_body(request, limit)
-    require_json(request, raw)
+    if not (untyped_ok_without_origin and "origin" not in request.headers):
+        require_json(request, raw)
     if len(raw) > OFF_LOOP_BYTES:
         return await asyncio.to_thread(decode_json, raw, kind)
     return decode_json(raw, kind)

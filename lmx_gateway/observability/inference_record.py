@@ -47,6 +47,7 @@ class InferenceRecord:
         "started",
         "status",
         "stream",
+        "tags",
         "tokens",
     )
 
@@ -67,6 +68,8 @@ class InferenceRecord:
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
         self.tokens = 0
+        # Who the client says the request is for (OpenAI's user, metadata...).
+        self.tags: dict[str, Any] = {}
         self._inter: GapSeries | None = None
         # The X-Client-ID is only believed once auth has let the request in;
         # a request auth refuses is not counted at all (discard), so keyless
@@ -165,6 +168,7 @@ class InferenceRecord:
         }
         if client is not None:
             data["client"] = client
+        data.update(self.tags)
         if status == "error":
             data["error"] = {"code": self.error_code, "message": self.error_message}
         self._events.publish("request_completed", data)

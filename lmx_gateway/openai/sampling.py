@@ -7,6 +7,7 @@ import asyncio
 from typing import Any
 
 from lmx_gateway.inference.structured_output import response_schema, tool_settings
+from lmx_gateway.openai.request_surface import UNSUPPORTED, check_chat_surface, logit_bias
 from lmx_gateway.openai.schemas import (
     ChatCompletionRequest,
     ChatMessageIn,
@@ -18,16 +19,7 @@ from lmx_gateway.openai.schemas import (
 from lmx_protocol import ChatMessage, Generate, SamplingParams
 from lmx_supervisor.errors import BadRequest
 
-UNSUPPORTED = "unsupported_parameter"
-
-
-def _refuse_unsupported(req: SamplingFields) -> None:
-    if req.n != 1:
-        raise BadRequest("n > 1 is not supported; send separate requests", param="n",
-                         code=UNSUPPORTED)
-    if req.logit_bias:
-        raise BadRequest("logit_bias is not supported", param="logit_bias", code=UNSUPPORTED)
-
+__all__ = ["UNSUPPORTED", "chat_generate", "completion_generate", "sampling_params"]
 
 MAX_TOP_LOGPROBS = 20
 
@@ -58,7 +50,6 @@ def logprob_settings(req: SamplingFields, chat: bool) -> tuple[bool, int]:
 
 def sampling_params(req: SamplingFields, max_tokens: int | None, chat: bool = True
                     ) -> SamplingParams:
-    _refuse_unsupported(req)
     logprobs, top_logprobs = logprob_settings(req, chat)
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     repetition = req.repetition_penalty or req.repeat_penalty or 1.0
@@ -77,6 +68,7 @@ def sampling_params(req: SamplingFields, max_tokens: int | None, chat: bool = Tr
         logprobs=logprobs,
         top_logprobs=top_logprobs,
         json_schema=response_schema(req.response_format),
+        logit_bias=logit_bias(req.logit_bias),
     )
 
 
@@ -114,6 +106,7 @@ def _calls(calls: list[ToolCallIn] | None) -> list[dict[str, Any]] | None:
 
 
 def chat_generate(req: ChatCompletionRequest, request_id: str) -> Generate:
+    check_chat_surface(req)
     max_tokens = req.max_completion_tokens or req.max_tokens
     _check_roles(req.messages)
     messages = [
@@ -138,10 +131,11 @@ async def chat_generate_async(req: ChatCompletionRequest, request_id: str) -> Ge
 
 
 def completion_generate(req: CompletionRequest, request_id: str) -> Generate:
-    if req.echo:
-        raise BadRequest("echo is not supported", param="echo", code=UNSUPPORTED)
-    if req.suffix:
-        raise BadRequest("suffix is not supported", param="suffix", code=UNSUPPORTED)
+    if req.echo and req.logprobs is not None:
+        raise BadRequest("echo with logprobs is not supported (prompt tokens get no "
+                         "logprobs here)", param="echo", code=UNSUPPORTED)
+    if req.echo and req.suffix is not None:
+        raise BadRequest("echo and suffix cannot be combined", param="echo", code=UNSUPPORTED)
     if req.tools is not None or req.tool_choice is not None:
         raise BadRequest("tools are only supported on /v1/chat/completions",
                          param="tools" if req.tools is not None else "tool_choice",
@@ -152,4 +146,4 @@ def completion_generate(req: CompletionRequest, request_id: str) -> Generate:
     # OpenAI's legacy default is 16 tokens; keep it so clients get what they expect.
     max_tokens = req.max_tokens if req.max_tokens is not None else 16
     return Generate(request_id=request_id, params=sampling_params(req, max_tokens, chat=False),
-                    prompt=prompt)
+                    prompt=prompt, suffix=req.suffix)

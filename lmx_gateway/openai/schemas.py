@@ -1,9 +1,10 @@
 """Request bodies of the OpenAI-compatible routes, validated by msgspec.
 
 Unknown fields are ignored, as OpenAI clients send fields a local server may
-not know; fields whose silent ignoring would change the answer (n > 1,
-logit_bias...) are rejected explicitly in `sampling.py`, and tools and
-response_format are validated in `inference/structured_output.py`."""
+not know; every field of the SDK's request types is declared here, and
+those whose silent ignoring would change the answer are decided explicitly
+in `request_surface.py` and `sampling.py` (tools and response_format in
+`inference/structured_output.py`); README.md's table lists every decision."""
 
 from __future__ import annotations
 
@@ -107,6 +108,23 @@ class SamplingFields(msgspec.Struct, kw_only=True):
 class ChatCompletionRequest(SamplingFields, kw_only=True):
     messages: Annotated[list[ChatMessageIn], Meta(min_length=1)]
     max_completion_tokens: PositiveInt | None = None
+    # Decided in request_surface.py: refused, no-ops, or carried to the logs.
+    audio: Any = None
+    function_call: Any = None
+    functions: Any = None
+    metadata: Any = None
+    modalities: Any = None
+    moderation: Any = None
+    prediction: Any = None
+    prompt_cache_key: str | None = None
+    prompt_cache_options: Any = None
+    prompt_cache_retention: Any = None
+    reasoning_effort: Any = None
+    safety_identifier: str | None = None
+    service_tier: str | None = None
+    store: bool | None = None
+    verbosity: Any = None
+    web_search_options: Any = None
 
 
 class CompletionRequest(SamplingFields, kw_only=True):
