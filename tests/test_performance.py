@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from tests.conftest import MODEL_ID, LMXServer, base_config, wait_until
-from tests.model_fixtures import EventReader
+from tests.event_reader import EventReader
 
 pytestmark = pytest.mark.timeout(400)
 

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import MODEL_ID, LMXServer, base_config, wait_until
-from tests.model_fixtures import EventReader
+from tests.event_reader import EventReader
 
 pytestmark = pytest.mark.timeout(300)
 
