@@ -18,6 +18,15 @@ Points:
                       it stops at ALLOC_CEILING and merely holds that much.
   slow_encode:MS      sleep MS milliseconds before every embedding/rerank
                       batch (so concurrent requests pile up into one batch)
+  segfault_on_prompt:MARKER
+                      dereference NULL (a real SIGSEGV) when a generation's
+                      prompt or any chat message contains MARKER: a poison
+                      request, as a native bug in templating or decoding
+                      would make one
+  stall_on_prompt:MARKER
+                      block the decode loop for good (the heartbeat thread
+                      keeps beating) when a prompt contains MARKER: a worker
+                      alive but stuck
 """
 
 from __future__ import annotations
@@ -26,6 +35,8 @@ import ctypes
 import os
 import resource
 import time
+
+from lmx_protocol import Generate
 
 ENV_VAR = "LMX_FAILPOINTS"
 # alloc_mid_stream never takes more than this from a worker that has no
@@ -79,6 +90,15 @@ class Failpoints:
         if slow:
             time.sleep(int(slow) / 1000.0)
 
+    def on_generate(self, request: Generate) -> None:
+        poison = self._points.get("segfault_on_prompt")
+        if poison and _mentions(request, poison):
+            ctypes.string_at(0)
+        stall = self._points.get("stall_on_prompt")
+        if stall and _mentions(request, stall):
+            while True:
+                time.sleep(3600)
+
     @property
     def fails_generate(self) -> bool:
         return "fail_generate" in self._points
@@ -93,3 +113,9 @@ class Failpoints:
         block = b"\x5a" * size
         self._hoard.append(block)
         self._hoarded += size
+
+
+def _mentions(request: Generate, marker: str) -> bool:
+    if request.prompt is not None and marker in request.prompt:
+        return True
+    return any(m.content is not None and marker in m.content for m in request.messages or [])

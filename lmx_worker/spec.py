@@ -25,6 +25,10 @@ class WorkerSpec(msgspec.Struct, forbid_unknown_fields=True):
     parallel_slots: int = 1
     # MLX: dequantize weights ("auto": on a CPU yes, on a GPU no; see mlx_weights).
     mlx_dequantize: Literal["auto"] | bool = "auto"
+    # Write end of the heartbeat pipe (see lmx_worker.heartbeat), and how
+    # often the worker writes to it. None: no heartbeat (a worker run by hand).
+    heartbeat_fd: int | None = None
+    heartbeat_interval_sec: float = 1.0
 
 
 def encode_spec(spec: WorkerSpec) -> str:
