@@ -135,3 +135,36 @@ class Conflict(LMXError):
     status = 409
     code = "conflict"
     type = "invalid_request_error"
+
+
+class WorkerUnresponsive(LMXError):
+    """The worker serving the request stopped answering its heartbeat (or made
+    no progress for too long); it is killed and restarted."""
+
+    status = 503
+    code = "worker_unresponsive"
+
+
+class RequestQuarantined(LMXError):
+    """This exact request was in flight at two crashes of the model's worker:
+    it is refused for a while instead of being allowed to crash it again."""
+
+    status = 422
+    code = "request_quarantined"
+    type = "invalid_request_error"
+
+
+class QueueFull(LMXError):
+    """Too many requests already wait for this model (models.max_queued_requests)."""
+
+    status = 429
+    code = "queue_full"
+    type = "rate_limit_error"
+
+
+class Forbidden(LMXError):
+    """The operation is not allowed (e.g. a load path outside the allowed dirs)."""
+
+    status = 403
+    code = "forbidden"
+    type = "invalid_request_error"

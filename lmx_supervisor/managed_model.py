@@ -36,18 +36,22 @@ from lmx_protocol import (
     Tokens,
     WorkerStats,
 )
-from lmx_supervisor.admission import AdmissionGate, AdmissionTimeout
+from lmx_supervisor.admission import AdmissionGate, AdmissionQueueFull, AdmissionTimeout
 from lmx_supervisor.errors import (
     BadRequest,
     LMXError,
     LoadConflict,
     ModelUnavailable,
+    QueueFull,
     RateLimited,
+    RequestQuarantined,
     WorkerCrashed,
     WorkerError,
+    WorkerUnresponsive,
 )
 from lmx_supervisor.exit_causes import describe_exit
 from lmx_supervisor.memory_estimate import MemoryEstimate
+from lmx_supervisor.poison import PoisonRegistry, fingerprint
 from lmx_supervisor.process_memory import WorkerMemory
 from lmx_supervisor.restart_policy import CrashHistory, backoff_delay
 from lmx_supervisor.states import ModelState, check_transition
@@ -88,6 +92,9 @@ class ModelSettings:
     n_threads: int | None = None
     parallel_slots: int = 1
     mlx_dequantize: Literal["auto"] | bool = "auto"
+    max_queued_requests: int = 64
+    worker_heartbeat_timeout_sec: float = 10
+    worker_stall_timeout_sec: float = 300
 
 
 @dataclass
@@ -120,6 +127,7 @@ class ManagedModel:
         history: CrashHistory,
         emit: EventSink,
         worker_env: dict[str, str] | None = None,
+        poison: PoisonRegistry | None = None,
     ) -> None:
         self.model_id = model_id
         self.path = path
@@ -137,9 +145,18 @@ class ManagedModel:
         self.restarts = 0
         self.loaded_at: float | None = None
         self.last_used = time.monotonic()
-        self.gate = AdmissionGate(settings.max_concurrent_requests)
+        self.gate = AdmissionGate(settings.max_concurrent_requests,
+                                  settings.max_queued_requests)
+        self.poison = poison or PoisonRegistry(settings.crash_loop_window_sec, 600, 256)
         self._changed = asyncio.Event()
         self._inflight: dict[str, asyncio.Queue[Item]] = {}
+        # Each in-flight request's fingerprint, recorded when its worker dies.
+        self._fingerprints: dict[str, str] = {}
+        self._monitor_task: asyncio.Task[None] | None = None
+        # Set when the heartbeat monitor kills a hung worker: why, and what
+        # was in flight then (those requests have already been failed).
+        self._hung_cause: str | None = None
+        self._hung_fingerprints: set[str] = set()
         self._idle = asyncio.Event()
         self._idle.set()
         self._startup: asyncio.Future[Ready | Failed] | None = None
@@ -255,6 +272,8 @@ class ManagedModel:
             self.last_used = time.monotonic()  # idle (TTL, LRU) counts from ready
             self._set_state(ModelState.READY)
             self._watch_task = asyncio.create_task(self._watch(worker), name=f"watch-{worker_id}")
+            self._monitor_task = asyncio.create_task(self._monitor(worker),
+                                                     name=f"heartbeat-{worker_id}")
             self._emit("model_loaded", {"model_id": self.model_id, "pid": worker.pid,
                                         "backend": self.backend,
                                         "load_time_sec": round(time.monotonic() - started, 3),
@@ -338,8 +357,11 @@ class ManagedModel:
         returncode = await worker.exited
         if self.worker is not worker or self.state is not ModelState.READY:
             return  # an intended stop
-        cause = describe_exit(returncode)
-        oom = self._died_of_oom(returncode)
+        hung, self._hung_cause = self._hung_cause, None
+        suspects = set(self._fingerprints.values()) | self._hung_fingerprints
+        self._hung_fingerprints = set()
+        cause = describe_exit(returncode) if hung is None else hung
+        oom = hung is None and self._died_of_oom(returncode)
         if oom:
             cause = f"exceeded its memory cap of {self.memory_cap_bytes} bytes ({cause})"
         log.error("model %s: worker pid %d %s", self.model_id, worker.pid, cause)
@@ -355,7 +377,62 @@ class ManagedModel:
         if oom:
             self._unload_after_oom(worker.pid, cause)
             return
-        self._handle_crash(cause)
+        now = time.monotonic()
+        self._handle_crash(cause, self._blame_requests(suspects, now), now)
+
+    def _blame_requests(self, suspects: set[str], now: float) -> bool:
+        """Record the crash against the requests in flight; True if it is a
+        poison request's (then it does not count against the model)."""
+        newly, earlier = self.poison.record_crash(self.model_id, suspects, now)
+        if not newly:
+            return False
+        self.history.forget(earlier)
+        for entry in newly:
+            log.error("model %s: request %s quarantined for %gs (in flight at %d crashes)",
+                      self.model_id, entry.fingerprint, self.poison.quarantine_sec,
+                      entry.crashes)
+            self._emit("request_quarantined", {
+                "model_id": self.model_id, "fingerprint": entry.fingerprint,
+                "crashes": entry.crashes, "quarantine_sec": self.poison.quarantine_sec})
+        return True
+
+    async def _monitor(self, worker: WorkerProcess) -> None:
+        """Tell a hung worker from a busy one: its heartbeat thread writes
+        every second or so whatever the decode loop does, and its progress
+        counter moves with every step. Silent past the heartbeat timeout, or
+        no progress with requests in flight past the stall timeout: its
+        requests end with 503 worker_unresponsive and it is SIGKILLed (a
+        SIGSTOPped process ignores SIGTERM); _watch then restarts it."""
+        progress, moved_at = worker.progress, time.monotonic()
+        while self.worker is worker and worker.returncode is None:
+            timeout = self.settings.worker_heartbeat_timeout_sec
+            await asyncio.sleep(min(1.0, timeout / 4))
+            if self.worker is not worker or self.state is not ModelState.READY:
+                return
+            now = time.monotonic()
+            if worker.progress != progress or not self._inflight:
+                progress, moved_at = worker.progress, now
+            silent = now - worker.last_beat
+            if silent > timeout:
+                self._declare_hung(worker, f"stopped answering its heartbeat ({silent:.1f}s)")
+                return
+            stalled = now - moved_at
+            if stalled > self.settings.worker_stall_timeout_sec:
+                self._declare_hung(worker, f"made no progress for {stalled:.0f}s with "
+                                           f"{len(self._inflight)} requests in flight")
+                return
+
+    def _declare_hung(self, worker: WorkerProcess, why: str) -> None:
+        cause = f"was unresponsive: {why}; killed"
+        log.error("model %s: worker pid %d %s", self.model_id, worker.pid, cause)
+        self._hung_cause = cause
+        self._hung_fingerprints = set(self._fingerprints.values())
+        self._fail_inflight(WorkerUnresponsive(
+            f"Worker for model '{self.model_id}' {cause} and is being restarted; retry shortly",
+            headers={"Retry-After": "2"}))
+        self._emit("worker_unresponsive", {"model_id": self.model_id, "pid": worker.pid,
+                                           "reason": why})
+        worker.signal_group(signal.SIGKILL)
 
     def _died_of_oom(self, returncode: int | None) -> bool:
         if self._oom_reported or returncode == EXIT_OUT_OF_MEMORY:
@@ -376,8 +453,10 @@ class ManagedModel:
         self._set_state(ModelState.STOPPED, "oom-unloaded")
         self._emit("model_unloaded", {"model_id": self.model_id, "reason": "oom"})
 
-    def _handle_crash(self, cause: str) -> None:
-        crashes = self.history.record()
+    def _handle_crash(self, cause: str, poison: bool = False, now: float | None = None
+                      ) -> None:
+        # A quarantined poison request's crash is not the model's: not counted.
+        crashes = self.history.recent(now) if poison else self.history.record(now)
         if crashes >= self.settings.crash_loop_max_crashes:
             self._set_state(ModelState.QUARANTINED, f"crash_loop:{crashes}")
             self._emit("model_quarantined", {"model_id": self.model_id, "reason": cause})
@@ -456,6 +535,11 @@ class ManagedModel:
         deadline = time.monotonic() + self.settings.semaphore_timeout_sec
         try:
             await self.gate.acquire(self.settings.semaphore_timeout_sec)
+        except AdmissionQueueFull:
+            raise QueueFull(
+                f"Model '{self.model_id}' is busy: {self.gate.queued} requests already wait "
+                f"for it (models.max_queued_requests); retry later",
+                headers={"Retry-After": "2"}) from None
         except AdmissionTimeout:
             raise RateLimited(
                 f"Model '{self.model_id}' is busy: no slot freed within "
@@ -475,6 +559,7 @@ class ManagedModel:
         exchange = _Exchange(asyncio.Queue())
         rid = request.request_id
         self._inflight[rid] = exchange.queue
+        self._fingerprints[rid] = fingerprint(self.model_id, request)
         self._idle.clear()
         self.last_used = time.monotonic()
         worker_id = self.worker_id
@@ -490,6 +575,7 @@ class ManagedModel:
             self.last_used = time.monotonic()
             if not self._inflight:
                 self._idle.set()
+            self._fingerprints.pop(rid, None)
             if not exchange.done and self.worker_id == worker_id and worker_id is not None:
                 with contextlib.suppress(PeerGone):
                     self._hub.send(worker_id, Abort(rid))
@@ -498,6 +584,7 @@ class ManagedModel:
         """Run one request; yields Tokens then one Finished. Raises an
         LMXError for any failure. Closing the iterator early aborts the
         generation in the worker."""
+        self._refuse_if_quarantined(request)
         # aclosing: closing this generator closes the inner one at once (its
         # exchange then sends the Abort), not whenever it is garbage-collected.
         async with self._admitted(), contextlib.aclosing(self._run(request)) as items:
@@ -521,8 +608,29 @@ class ManagedModel:
         """One embedding or rerank request: admission and readiness as for a
         generation, then the worker's single answer. Cancelling the call
         (client gone, deadline) tells the worker to drop the request."""
+        self._refuse_if_quarantined(request)
         async with self._admitted():
             return await self._call(request)
+
+    def quarantined_requests(self) -> list[dict[str, Any]]:
+        """Poison requests refused for this model now, for /admin/models."""
+        now = time.monotonic()
+        return [{"fingerprint": e.fingerprint, "crashes": e.crashes,
+                 "quarantined_at": e.quarantined_at,
+                 "expires_in_sec": round(e.remaining(now), 1)}
+                for e in self.poison.quarantined(self.model_id, now)]
+
+    def _refuse_if_quarantined(self, request: Generate | Embed | Rerank) -> None:
+        entry = self.poison.check(fingerprint(self.model_id, request))
+        if entry is None:
+            return
+        remaining = entry.remaining(time.monotonic())
+        raise RequestQuarantined(
+            f"This request was in flight at {entry.crashes} crashes of model "
+            f"'{self.model_id}''s worker within {self.poison.window_sec:g}s, so it is refused "
+            f"for another {remaining:.0f}s (quarantine {self.poison.quarantine_sec:g}s) "
+            "instead of crashing the model again; change the request, or retry later",
+            headers={"Retry-After": str(max(1, int(remaining)))})
 
     async def _call(self, request: Embed | Rerank) -> Embeddings | Scores:
         with self._exchange(request) as exchange:
@@ -576,8 +684,14 @@ class ManagedModel:
         if self._watch_task is not None:
             await self._watch_task
             self._watch_task = None
+        if self._monitor_task is not None:
+            self._monitor_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._monitor_task
+            self._monitor_task = None
         self._set_state(final)
         self._emit("model_unloaded", {"model_id": self.model_id})
 
     def force_unquarantine(self) -> None:
         self.history.clear()
+        self.poison.clear(self.model_id)

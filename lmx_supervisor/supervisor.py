@@ -26,7 +26,8 @@ from lmx_supervisor.memory_estimate import estimate_model_memory
 from lmx_supervisor.memory_guard import MemoryGuard, is_idle
 from lmx_supervisor.mlx_memory import mlx_estimate
 from lmx_supervisor.model_layout import MLX
-from lmx_supervisor.model_resolver import resolve_model
+from lmx_supervisor.model_resolver import LoadRoots, resolve_model
+from lmx_supervisor.poison import PoisonRegistry
 from lmx_supervisor.restart_policy import CrashHistory
 from lmx_supervisor.runtime_state import RuntimeStateStore
 from lmx_supervisor.states import ModelState
@@ -56,6 +57,9 @@ def settings_from(config: Config, model_id: str) -> ModelSettings:
         n_threads=m.n_threads,
         parallel_slots=m.parallel_slots,
         mlx_dequantize=m.mlx_dequantize,
+        max_queued_requests=m.max_queued_requests,
+        worker_heartbeat_timeout_sec=m.worker_heartbeat_timeout_sec,
+        worker_stall_timeout_sec=m.worker_stall_timeout_sec,
     )
 
 
@@ -66,7 +70,13 @@ class Supervisor:
         self.started_at = time.time()
         self._emit_sink = emit
         self._worker_env = worker_env
-        self._hub = RouterHub(config.workers.address, config.workers.runtime_dir)
+        self._hub = RouterHub(config.workers.address, config.workers.runtime_dir,
+                              max_message_bytes=config.workers.max_message_bytes)
+        # Poison requests outlive a model's entry (a quarantined model is
+        # replaced on its next load), so one registry for all of them.
+        self.poison = PoisonRegistry(config.models.crash_loop_window_sec,
+                                     config.models.request_quarantine_sec,
+                                     config.models.request_quarantine_max_entries)
         self._models: dict[str, ManagedModel] = {}
         self._histories: dict[str, CrashHistory] = {}
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
@@ -103,6 +113,15 @@ class Supervisor:
             except Exception as exc:  # one bad model must not stop startup
                 log.error("auto_load of %s failed: %s", ref, exc)
 
+    @property
+    def router_malformed_frames(self) -> int:
+        return self._hub.malformed_frames
+
+    def problems(self) -> list[str]:
+        """Why the supervisor cannot be trusted to route right now (a
+        background task that died), for /readyz; empty when healthy."""
+        return self._hub.problems() + self.memory.problems()
+
     # --- lookup ------------------------------------------------------------------
 
     def models(self) -> list[ManagedModel]:
@@ -128,8 +147,9 @@ class Supervisor:
                    allow_unsupported_runtime: bool = False) -> tuple[ManagedModel, bool]:
         """Load a model; returns it and whether it was already loaded."""
         # In a thread: resolving may scan the hub cache and read a GGUF header.
+        roots = LoadRoots.from_config(self.config)
         resolved = await asyncio.to_thread(
-            resolve_model, ref, self.config.models_dir, backend, served_name)
+            resolve_model, ref, self.config.models_dir, backend, served_name, roots)
         async with self._locks[resolved.model_id]:
             history = self._histories.setdefault(resolved.model_id, CrashHistory(
                 self.config.models.crash_loop_max_crashes,
@@ -163,7 +183,7 @@ class Supervisor:
             model = ManagedModel(
                 resolved.model_id, resolved.path, resolved.backend,
                 settings, self._hub, history, self.emit,
-                self._worker_env)
+                self._worker_env, self.poison)
             model.memory_estimate = estimate
             model.memory_cap_bytes = self.memory.worker_cap(estimate, settings.n_threads)
             self._models[resolved.model_id] = model
@@ -192,9 +212,13 @@ class Supervisor:
                     setattr(fresh, name, getattr(model.settings, name))
             model.settings = fresh
             model.gate.resize(fresh.max_concurrent_requests)
+            model.gate.max_queued = fresh.max_queued_requests
         for history in self._histories.values():
             history.max_crashes = config.models.crash_loop_max_crashes
             history.window_sec = config.models.crash_loop_window_sec
+        self.poison.window_sec = config.models.crash_loop_window_sec
+        self.poison.quarantine_sec = config.models.request_quarantine_sec
+        self.poison.max_entries = config.models.request_quarantine_max_entries
         lifted: list[str] = []
         if models_changed:
             for model in self._models.values():
