@@ -244,6 +244,9 @@ class ManagedModel:
             memory_cap_bytes=self.memory_cap_bytes,
             parallel_slots=self.settings.parallel_slots,
             mlx_dequantize=self.settings.mlx_dequantize,
+            # Several beats per timeout: one late beat on a loaded machine
+            # must not read as a hang.
+            heartbeat_interval_sec=min(1.0, self.settings.worker_heartbeat_timeout_sec / 5),
         )
         started = time.monotonic()
         try:

@@ -48,8 +48,9 @@ def server(tmp_path_factory: pytest.TempPathFactory, model_file: Path) -> Iterat
     (models / MINILM).symlink_to(minilm_dir())
     matryoshka_copy(minilm_dir(), models / MATRYOSHKA)
     # warmup_on_load: the canary of an encoder is one embedding.
+    # Loads by path read from the test cache: it must be an allowed path.
     config = base_config(models, auto_load=[MODEL_ID, MINILM, MATRYOSHKA],
-                         warmup_on_load=True)
+                         warmup_on_load=True, allowed_paths=[str(minilm_dir().parent)])
     srv = LMXServer(root, config, env={"LMX_FAILPOINTS": f"{SLOW}=slow_encode:1500"})
     srv.wait_ready(MINILM, timeout=120)
     srv.wait_ready(MATRYOSHKA, timeout=120)

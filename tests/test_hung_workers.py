@@ -104,8 +104,8 @@ def test_slow_step_is_not_killed(start_server: Any) -> None:
     # Each token takes longer than the heartbeat timeout: the heartbeat
     # thread still beats and the progress counter still moves.
     server: LMXServer = start_server(
-        auto_load=[MODEL_ID], env={"LMX_FAILPOINTS": "*=slow_tokens:3500"},
-        worker_heartbeat_timeout_sec=2, worker_stall_timeout_sec=10)
+        auto_load=[MODEL_ID], env={"LMX_FAILPOINTS": "*=slow_tokens:4500"},
+        worker_heartbeat_timeout_sec=HEARTBEAT_TIMEOUT, worker_stall_timeout_sec=15)
     server.wait_ready(MODEL_ID, timeout=90)
     pid = server.worker_pid(MODEL_ID)
     resp = server.http.post("/v1/chat/completions", timeout=120,

@@ -78,7 +78,9 @@ def server(tmp_path_factory: pytest.TempPathFactory, model_file: Path) -> Iterat
     models.mkdir()
     (models / model_file.name).symlink_to(model_file)
     (models / MINILM).symlink_to(minilm_dir())
-    srv = LMXServer(root, base_config(models, auto_load=[MODEL_ID, MINILM]))
+    # The cross-encoder is loaded by its path under the pytest temp dir.
+    srv = LMXServer(root, base_config(models, auto_load=[MODEL_ID, MINILM], allowed_paths=[
+        str(tmp_path_factory.getbasetemp()), str(minilm_dir().parent)]))
     srv.wait_ready(MINILM, timeout=120)
     srv.wait_ready(MODEL_ID, timeout=120)
     yield srv
