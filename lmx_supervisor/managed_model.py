@@ -157,6 +157,9 @@ class ManagedModel:
         # was in flight then (those requests have already been failed).
         self._hung_cause: str | None = None
         self._hung_fingerprints: set[str] = set()
+        # Background tasks of this model that failed (for /readyz); cleared
+        # when a new worker becomes ready.
+        self.task_failures: list[str] = []
         self._idle = asyncio.Event()
         self._idle.set()
         self._startup: asyncio.Future[Ready | Failed] | None = None
@@ -271,12 +274,15 @@ class ManagedModel:
             if self.settings.warmup_on_load:
                 await self._warm_up(worker, ready.capabilities)
             self.ready = ready
+            self.task_failures = []
             self.loaded_at = time.time()
             self.last_used = time.monotonic()  # idle (TTL, LRU) counts from ready
             self._set_state(ModelState.READY)
             self._watch_task = asyncio.create_task(self._watch(worker), name=f"watch-{worker_id}")
             self._monitor_task = asyncio.create_task(self._monitor(worker),
                                                      name=f"heartbeat-{worker_id}")
+            for task in (self._watch_task, self._monitor_task):
+                task.add_done_callback(self._note_task_failure)
             self._emit("model_loaded", {"model_id": self.model_id, "pid": worker.pid,
                                         "backend": self.backend,
                                         "load_time_sec": round(time.monotonic() - started, 3),
@@ -424,6 +430,18 @@ class ManagedModel:
                 self._declare_hung(worker, f"made no progress for {stalled:.0f}s with "
                                            f"{len(self._inflight)} requests in flight")
                 return
+
+    def _note_task_failure(self, task: asyncio.Task[None]) -> None:
+        """The crash watcher and the heartbeat monitor must not die
+        silently: a failure is logged and kept for /readyz (the model's
+        crashes or hangs would go unnoticed until its next load)."""
+        if task.cancelled() or task.exception() is None:
+            return
+        exc = task.exception()
+        log.error("model %s: %s failed", self.model_id, task.get_name(), exc_info=exc)
+        self.task_failures.append(f"model {self.model_id}: {task.get_name()} failed: "
+                                  f"{type(exc).__name__}: {exc}")
+        del self.task_failures[:-5]
 
     def _declare_hung(self, worker: WorkerProcess, why: str) -> None:
         cause = f"was unresponsive: {why}; killed"

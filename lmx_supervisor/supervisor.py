@@ -120,7 +120,8 @@ class Supervisor:
     def problems(self) -> list[str]:
         """Why the supervisor cannot be trusted to route right now (a
         background task that died), for /readyz; empty when healthy."""
-        return self._hub.problems() + self.memory.problems()
+        return (self._hub.problems() + self.memory.problems()
+                + [p for m in self._models.values() for p in m.task_failures])
 
     # --- lookup ------------------------------------------------------------------
 
