@@ -235,7 +235,7 @@ def run_chaos(args: argparse.Namespace) -> dict[str, Any]:
         pid = server.wait_ready(120)
         events = EventLog(server.url)
         clients = Clients(server.url, args.clients, args.max_tokens, args.hang_after)
-        clients.start()
+        threads = clients.start()
         time.sleep(3)  # clients streaming before the first fault
         start_usage = server.usage()
         faults: list[dict[str, Any]] = []
@@ -264,7 +264,11 @@ def run_chaos(args: argparse.Namespace) -> dict[str, Any]:
             pid, last = new_pid, time.monotonic()
         time.sleep(args.spacing)
         clients.stop.set()
-        time.sleep(args.max_tokens * 0.05 + 2)
+        stopped_at = time.monotonic()
+        # Requests still running end normally (their clients stop after
+        # them); the gateway is measured once they are done.
+        for t in threads:
+            t.join(args.hang_after + 30)
         end_usage = server.usage()
         state = server.model()
     finally:
@@ -272,7 +276,7 @@ def run_chaos(args: argparse.Namespace) -> dict[str, Any]:
     with clients.lock:
         records = list(clients.records)
     for i, fault in enumerate(faults):
-        until = faults[i + 1]["at"] if i + 1 < len(faults) else float("inf")
+        until = faults[i + 1]["at"] if i + 1 < len(faults) else stopped_at
         hit = [r for r in records if not r.ok and fault["at"] <= r.ended < until
                and r.started < fault["at"] + fault["ready_after_sec"]]
         fault["requests_hit"] = len(hit)
@@ -310,14 +314,15 @@ def run_soak(args: argparse.Namespace) -> dict[str, Any]:
     try:
         server.wait_ready(120)
         clients = Clients(server.url, args.clients, args.max_tokens, args.hang_after)
-        clients.start()
+        threads = clients.start()
         time.sleep(5)  # warm: first allocations are not growth
         started = time.monotonic()
         while time.monotonic() - started < args.duration:
             samples.append({"t": round(time.monotonic() - started, 1), **server.usage()})
             time.sleep(min(10.0, args.duration / 20))
         clients.stop.set()
-        time.sleep(args.max_tokens * 0.05 + 2)
+        for t in threads:
+            t.join(args.hang_after + 30)
         samples.append({"t": round(time.monotonic() - started, 1), **server.usage()})
         state = server.model()
     finally:

@@ -150,7 +150,8 @@ class ManagedModel:
         self.poison = poison or PoisonRegistry(settings.crash_loop_window_sec, 600, 256)
         self._changed = asyncio.Event()
         self._inflight: dict[str, asyncio.Queue[Item]] = {}
-        # Each in-flight request's fingerprint, recorded when its worker dies.
+        # The fingerprint of each request sent to the worker and not yet
+        # answered: recorded if the worker dies; what the stall check waits on.
         self._fingerprints: dict[str, str] = {}
         self._monitor_task: asyncio.Task[None] | None = None
         # Set when the heartbeat monitor kills a hung worker: why, and what
@@ -419,7 +420,7 @@ class ManagedModel:
             if self.worker is not worker or self.state is not ModelState.READY:
                 return
             now = time.monotonic()
-            if worker.progress != progress or not self._inflight:
+            if worker.progress != progress or not self._fingerprints:
                 progress, moved_at = worker.progress, now
             silent = now - worker.last_beat
             if silent > timeout:
@@ -428,7 +429,7 @@ class ManagedModel:
             stalled = now - moved_at
             if stalled > self.settings.worker_stall_timeout_sec:
                 self._declare_hung(worker, f"made no progress for {stalled:.0f}s with "
-                                           f"{len(self._inflight)} requests in flight")
+                                           f"{len(self._fingerprints)} requests in flight")
                 return
 
     def _note_task_failure(self, task: asyncio.Task[None]) -> None:
@@ -502,6 +503,11 @@ class ManagedModel:
     # --- frames -------------------------------------------------------------
 
     def _on_frame(self, frame: FromWorker) -> None:
+        if isinstance(frame, (Finished, Embeddings, Scores, Failed)) and frame.request_id:
+            # Answered: the worker owes it nothing more, so it is neither a
+            # crash suspect nor work the stall check waits on (its client
+            # may still be reading the queued frames slowly).
+            self._fingerprints.pop(frame.request_id, None)
         if isinstance(frame, (Tokens, Finished, Embeddings, Scores)):
             queue = self._inflight.get(frame.request_id)
             if queue is not None:
