@@ -653,8 +653,8 @@ class ManagedModel:
             return
         remaining = entry.remaining(time.monotonic())
         raise RequestQuarantined(
-            f"This request was in flight at {entry.crashes} crashes of model "
-            f"'{self.model_id}''s worker within {self.poison.window_sec:g}s, so it is refused "
+            f"This request was in flight at {entry.crashes} crashes of the worker of model "
+            f"'{self.model_id}' within {self.poison.window_sec:g}s, so it is refused "
             f"for another {remaining:.0f}s (quarantine {self.poison.quarantine_sec:g}s) "
             "instead of crashing the model again; change the request, or retry later",
             headers={"Retry-After": str(max(1, int(remaining)))})
