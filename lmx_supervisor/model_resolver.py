@@ -171,11 +171,11 @@ def resolve_model(
     ref: str, models_dir: Path, backend: str | None = None, served_name: str | None = None,
     roots: LoadRoots | None = None,
 ) -> ResolvedModel:
-    """`roots`: where loads are confined (None: anywhere, for callers that
-    already trust the path)."""
+    """`roots`: where loads are confined, and a client's served_name is
+    checked (None: for what LMX itself recorded, e.g. a previous run's models)."""
     if not ref.strip():
         raise BadRequest("model_id must not be empty", param="model_id")
-    if served_name is not None:
+    if served_name is not None and roots is not None:
         check_model_id(served_name, "served_name")
     path, is_path_ref = _locate(ref, models_dir, roots)
     if path.is_dir() and _detect_backend(path) == LLAMA_CPP:

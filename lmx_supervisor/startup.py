@@ -31,7 +31,8 @@ async def startup_loads(supervisor: Supervisor, verdict: StartupVerdict) -> None
         try:
             model, already = await supervisor.load(
                 record.path, backend=record.backend,
-                served_name=record.served_name or record.model_id)
+                served_name=record.served_name or record.model_id,
+                confine=False)  # a path this server loaded before, from its own state file
             if not already:
                 log.info("restored model %s from the previous run", model.model_id)
         except Exception as exc:  # one model that no longer loads must not stop the rest

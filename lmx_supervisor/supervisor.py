@@ -145,10 +145,14 @@ class Supervisor:
     # --- lifecycle ---------------------------------------------------------------
 
     async def load(self, ref: str, backend: str | None = None, served_name: str | None = None,
-                   allow_unsupported_runtime: bool = False) -> tuple[ManagedModel, bool]:
-        """Load a model; returns it and whether it was already loaded."""
+                   allow_unsupported_runtime: bool = False, confine: bool = True
+                   ) -> tuple[ManagedModel, bool]:
+        """Load a model; returns it and whether it was already loaded.
+        `confine`: refuse paths outside the models directory, the hub cache
+        and models.allowed_paths (off only for paths LMX itself recorded,
+        such as the models a previous run had loaded)."""
         # In a thread: resolving may scan the hub cache and read a GGUF header.
-        roots = LoadRoots.from_config(self.config)
+        roots = LoadRoots.from_config(self.config) if confine else None
         resolved = await asyncio.to_thread(
             resolve_model, ref, self.config.models_dir, backend, served_name, roots)
         async with self._locks[resolved.model_id]:
