@@ -134,6 +134,12 @@ class EventLog:
         threading.Thread(target=self._run, daemon=True).start()
 
     def _run(self) -> None:
+        try:
+            self._follow()
+        except httpx.HTTPError:
+            pass  # the server stopped at the end of the run
+
+    def _follow(self) -> None:
         with httpx.Client(base_url=self._url, timeout=httpx.Timeout(10, read=None)) as http, \
                 http.stream("GET", "/admin/events") as resp:
             kind = ""
