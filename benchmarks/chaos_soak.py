@@ -23,6 +23,7 @@ requests, errors, and the gateway's RSS over time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -134,10 +135,8 @@ class EventLog:
         threading.Thread(target=self._run, daemon=True).start()
 
     def _run(self) -> None:
-        try:
+        with contextlib.suppress(httpx.HTTPError):  # the server stopped at the end
             self._follow()
-        except httpx.HTTPError:
-            pass  # the server stopped at the end of the run
 
     def _follow(self) -> None:
         with httpx.Client(base_url=self._url, timeout=httpx.Timeout(10, read=None)) as http, \
