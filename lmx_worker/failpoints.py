@@ -23,6 +23,10 @@ Points:
                       prompt or any chat message contains MARKER: a poison
                       request, as a native bug in templating or decoding
                       would make one
+  step_error_on_prompt:MARKER
+                      once a prompt containing MARKER is admitted, the next
+                      decode step raises (an error no request can be blamed
+                      for: the worker fails that step's requests and resets)
   stall_on_prompt:MARKER
                       block the decode loop for good (the heartbeat thread
                       keeps beating) when a prompt contains MARKER: a worker
@@ -49,6 +53,7 @@ class Failpoints:
         self._points = points
         self._hoard: list[bytes] = []
         self._hoarded = 0
+        self._step_error_armed = False
 
     @classmethod
     def from_env(cls, model_id: str, env: dict[str, str] | None = None) -> Failpoints:
@@ -75,6 +80,9 @@ class Failpoints:
                 time.sleep(3600)
 
     def before_token(self, tokens_emitted: int) -> None:
+        if self._step_error_armed:
+            self._step_error_armed = False
+            raise RuntimeError("failpoint step_error_on_prompt")
         slow = self._points.get("slow_tokens")
         if slow:
             time.sleep(int(slow) / 1000.0)
@@ -94,6 +102,9 @@ class Failpoints:
         poison = self._points.get("segfault_on_prompt")
         if poison and _mentions(request, poison):
             ctypes.string_at(0)
+        step_error = self._points.get("step_error_on_prompt")
+        if step_error and _mentions(request, step_error):
+            self._step_error_armed = True
         stall = self._points.get("stall_on_prompt")
         if stall and _mentions(request, stall):
             while True:

@@ -197,15 +197,15 @@ class WorkerLoop:
                     self._forward(self.engine.abort(request_id))
 
     def _step(self) -> None:
-        if self.failpoints:
-            self.failpoints.before_token(max(self._emitted.values(), default=0))
         try:
+            if self.failpoints:
+                self.failpoints.before_token(max(self._emitted.values(), default=0))
             outputs = self.engine.step()
         except MemoryError:
             raise  # the worker is over its cap: serve() reports it and exits
         except Exception as exc:  # not attributable to one request: fail the step's
             log.exception("engine step failed")
-            outputs = [_internal_failure(request_id, "a batched decode step", exc)
+            outputs = [_internal_failure(request_id, "running a batched decode step", exc)
                        for request_id in self._emitted]
             # The batch's state (KV cache, sequences) is unknown now: start
             # clean in-process rather than let the next step build on it.

@@ -219,3 +219,39 @@ def test_served_name_and_load_paths_are_checked(start_server: Any, tmp_path: Any
     assert server.load(str(allowed / "ok.gguf")).status_code == 200
     assert server.load(MODEL_ID, served_name="short-name").status_code == 200
     assert server.model_state("short-name") == "ready"
+
+
+def test_failed_batched_step_fails_its_requests_and_resets_in_process(
+        start_server: Any) -> None:
+    marker = "STEPFAIL-5d"
+    server: LMXServer = start_server(
+        auto_load=[MODEL_ID], env={"LMX_FAILPOINTS": f"*=step_error_on_prompt:{marker}"})
+    server.wait_ready(MODEL_ID)
+    pid = server.worker_pid(MODEL_ID)
+    out: dict[str, Any] = {}
+
+    def long_request() -> None:
+        with httpx.Client(base_url=server.url, timeout=240) as http:
+            out["long"] = http.post("/v1/chat/completions", json={
+                "model": MODEL_ID, "max_tokens": 2000, "ignore_eos": True,
+                "messages": [{"role": "user", "content": "Tell a long story."}]})
+
+    thread = threading.Thread(target=long_request)
+    thread.start()
+    wait_until(lambda: _model(server)["in_flight"] == 1, timeout=60, what="one running")
+    trigger = server.http.post("/v1/chat/completions", timeout=240, json={
+        "model": MODEL_ID, "max_tokens": 4,
+        "messages": [{"role": "user", "content": f"x {marker}"}]})
+    thread.join(300)
+    # Nobody can tell which request broke the shared step: both fail, each
+    # told its own id; the worker process lives on.
+    for resp in (trigger, out["long"]):
+        assert resp.status_code == 500, resp.text
+        assert resp.json()["error"]["code"] == "worker_internal_error"
+        assert "a batched decode step" in resp.json()["error"]["message"]
+    ok = server.http.post("/v1/chat/completions", timeout=240, json={
+        "model": MODEL_ID, "max_tokens": 4, "temperature": 0,
+        "messages": [{"role": "user", "content": "Say hello."}]})
+    assert ok.status_code == 200, ok.text
+    row = _model(server)
+    assert row["pid"] == pid and row["restarts"] == 0 and row["state"] == "ready"
