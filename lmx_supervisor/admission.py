@@ -1,5 +1,7 @@
 """Bounded admission with a wait budget: at most `limit` requests in flight
-per model; the rest queue FIFO and give up after a timeout (→ 429).
+per model; the rest queue FIFO (at most `max_queued` of them: past it a
+request is refused at once, → 429 queue_full) and give up after a timeout
+(→ 429).
 
 Hand-rolled rather than asyncio.Semaphore + wait_for because on Python 3.11
 wait_for can time out after the acquire already succeeded and leak a slot;
@@ -18,9 +20,14 @@ class AdmissionTimeout(Exception):
     pass
 
 
+class AdmissionQueueFull(Exception):
+    pass
+
+
 class AdmissionGate:
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, max_queued: int | None = None) -> None:
         self.limit = limit
+        self.max_queued = max_queued  # None: unbounded
         self.active = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
         # Paused (a drain restart): no permit is handed out, arrivals queue
@@ -36,6 +43,8 @@ class AdmissionGate:
         if self.active < self.limit and not self.queued and not self.paused:
             self.active += 1
             return
+        if self.max_queued is not None and self.queued >= self.max_queued:
+            raise AdmissionQueueFull
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
         try:

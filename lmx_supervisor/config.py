@@ -103,6 +103,25 @@ class ModelsConfig(Section):
     restart_backoff_max_sec: PositiveFloat = 10
     unload_drain_timeout_sec: PositiveFloat = 30
     stop_grace_sec: PositiveFloat = 5
+    # Requests that may wait for a busy model's admission; past it, 429 queue_full.
+    max_queued_requests: PositiveInt = 64
+    # A worker whose heartbeat thread is silent this long is unresponsive
+    # (SIGSTOP, native code holding the GIL): its requests end with 503
+    # worker_unresponsive and it is killed and restarted (counts as a crash).
+    worker_heartbeat_timeout_sec: PositiveFloat = 10
+    # A worker alive but making no progress (no step, no frame handled) with
+    # requests in flight this long is stuck and treated the same. Generous:
+    # one prefill step of a big model can legitimately take minutes.
+    worker_stall_timeout_sec: PositiveFloat = 300
+    # Poison requests: one in flight at two crashes of the same model within
+    # crash_loop_window_sec is refused (422 request_quarantined) this long,
+    # instead of the model being quarantined. At most this many fingerprints
+    # (suspects and quarantined) are remembered.
+    request_quarantine_sec: PositiveFloat = 600
+    request_quarantine_max_entries: PositiveInt = 256
+    # Directories (besides models_directory and the hub cache) a load may
+    # read a model from; a path anywhere else is refused (403).
+    allowed_paths: list[str] = []
 
 
 class MemoryConfig(Section):
@@ -147,6 +166,9 @@ class WorkersConfig(Section):
     # runtime directory. A tcp:// address lets workers live elsewhere.
     address: str | None = None
     runtime_dir: str | None = None
+    # Largest message the supervisor's socket accepts (ZMQ_MAXMSGSIZE); a
+    # peer sending more is disconnected. Embedding batches are the big ones.
+    max_message_bytes: PositiveInt = 256 * 1024 * 1024
 
 
 class Config(Section):

@@ -11,6 +11,7 @@ import enum
 
 class ErrorKind(enum.StrEnum):
     INVALID = "invalid"  # the request itself is wrong
+    FORBIDDEN = "forbidden"  # not allowed for anyone (e.g. a path outside the allowed dirs)
     NOT_FOUND = "not_found"  # what it names does not exist
     TOO_LARGE = "too_large"  # the request is bigger than allowed
     MEDIA_TYPE = "media_type"  # the body is not in the format the route takes
@@ -159,3 +160,33 @@ class InvalidModelFile(LMXError):
 
     kind = ErrorKind.UNSUPPORTED
     code = "invalid_model_file"
+
+
+class WorkerUnresponsive(LMXError):
+    """The worker serving the request stopped answering its heartbeat (or made
+    no progress for too long); it is killed and restarted."""
+
+    kind = ErrorKind.UNAVAILABLE
+    code = "worker_unresponsive"
+
+
+class RequestQuarantined(LMXError):
+    """This exact request was in flight at two crashes of the model's worker:
+    it is refused for a while instead of being allowed to crash it again."""
+
+    kind = ErrorKind.UNSUPPORTED
+    code = "request_quarantined"
+
+
+class QueueFull(LMXError):
+    """Too many requests already wait for this model (models.max_queued_requests)."""
+
+    kind = ErrorKind.BUSY
+    code = "queue_full"
+
+
+class Forbidden(LMXError):
+    """The operation is not allowed (e.g. a load path outside the allowed dirs)."""
+
+    kind = ErrorKind.FORBIDDEN
+    code = "forbidden"

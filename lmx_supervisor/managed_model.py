@@ -36,18 +36,22 @@ from lmx_protocol import (
     Tokens,
     WorkerStats,
 )
-from lmx_supervisor.admission import AdmissionGate, AdmissionTimeout
+from lmx_supervisor.admission import AdmissionGate, AdmissionQueueFull, AdmissionTimeout
 from lmx_supervisor.errors import (
     BadRequest,
     LMXError,
     LoadFailed,
     ModelUnavailable,
+    QueueFull,
     RateLimited,
+    RequestQuarantined,
     WorkerCrashed,
     WorkerError,
+    WorkerUnresponsive,
 )
 from lmx_supervisor.exit_causes import describe_exit
 from lmx_supervisor.memory_estimate import MemoryEstimate
+from lmx_supervisor.poison import PoisonRegistry, fingerprint
 from lmx_supervisor.process_memory import WorkerMemory
 from lmx_supervisor.restart_policy import CrashHistory, backoff_delay
 from lmx_supervisor.restart_progress import RestartProgress
@@ -96,6 +100,9 @@ class ModelSettings:
     kv_cache_type: Literal["f16", "q8_0", "q4_0"] = "f16"
     # Which values came from the model's profile or the load's overrides.
     performance_sources: dict[str, str] = field(default_factory=dict)
+    max_queued_requests: int = 64
+    worker_heartbeat_timeout_sec: float = 10
+    worker_stall_timeout_sec: float = 300
 
 
 @dataclass
@@ -128,6 +135,7 @@ class ManagedModel:
         history: CrashHistory,
         emit: EventSink,
         worker_env: dict[str, str] | None = None,
+        poison: PoisonRegistry | None = None,
     ) -> None:
         self.model_id = model_id
         self.path = path
@@ -148,9 +156,22 @@ class ManagedModel:
         # Idle seconds before the TTL unloads this model, set by a client
         # (Ollama's keep_alive); negative: never. None: memory.ttl_* decide.
         self.keep_alive_sec: float | None = None
-        self.gate = AdmissionGate(settings.max_concurrent_requests)
+        self.gate = AdmissionGate(settings.max_concurrent_requests,
+                                  settings.max_queued_requests)
+        self.poison = poison or PoisonRegistry(settings.crash_loop_window_sec, 600, 256)
         self._changed = asyncio.Event()
         self._inflight: dict[str, asyncio.Queue[Item]] = {}
+        # The fingerprint of each request sent to the worker and not yet
+        # answered: recorded if the worker dies; what the stall check waits on.
+        self._fingerprints: dict[str, str] = {}
+        self._monitor_task: asyncio.Task[None] | None = None
+        # Set when the heartbeat monitor kills a hung worker: why, and what
+        # was in flight then (those requests have already been failed).
+        self._hung_cause: str | None = None
+        self._hung_fingerprints: set[str] = set()
+        # Background tasks of this model that failed (for /readyz); cleared
+        # when a new worker becomes ready.
+        self.task_failures: list[str] = []
         self._idle = asyncio.Event()
         self._idle.set()
         self._startup: asyncio.Future[Ready | Failed] | None = None
@@ -250,6 +271,9 @@ class ManagedModel:
             mlx_dequantize=self.settings.mlx_dequantize,
             n_threads_batch=self.settings.n_threads_batch, n_batch=self.settings.n_batch,
             flash_attn=self.settings.flash_attn, kv_cache_type=self.settings.kv_cache_type,
+            # Several beats per timeout: one late beat on a loaded machine
+            # must not read as a hang.
+            heartbeat_interval_sec=min(1.0, self.settings.worker_heartbeat_timeout_sec / 5),
         )
         started = time.monotonic()
         try:
@@ -274,10 +298,15 @@ class ManagedModel:
             if self.settings.warmup_on_load:
                 await self._warm_up(worker, ready.capabilities)
             self.ready = ready
+            self.task_failures = []
             self.loaded_at = time.time()
             self.last_used = time.monotonic()  # idle (TTL, LRU) counts from ready
             self._set_state(ModelState.READY)
             self._watch_task = asyncio.create_task(self._watch(worker), name=f"watch-{worker_id}")
+            self._monitor_task = asyncio.create_task(self._monitor(worker),
+                                                     name=f"heartbeat-{worker_id}")
+            for task in (self._watch_task, self._monitor_task):
+                task.add_done_callback(self._note_task_failure)
             self._emit("model_loaded", {"model_id": self.model_id, "pid": worker.pid,
                                         "backend": self.backend,
                                         "load_time_sec": round(time.monotonic() - started, 3),
@@ -361,8 +390,11 @@ class ManagedModel:
         returncode = await worker.exited
         if self.worker is not worker or self.state is not ModelState.READY:
             return  # an intended stop
-        cause = describe_exit(returncode)
-        oom = self._died_of_oom(returncode)
+        hung, self._hung_cause = self._hung_cause, None
+        suspects = set(self._fingerprints.values()) | self._hung_fingerprints
+        self._hung_fingerprints = set()
+        cause = describe_exit(returncode) if hung is None else hung
+        oom = hung is None and self._died_of_oom(returncode)
         if oom:
             cause = f"exceeded its memory cap of {self.memory_cap_bytes} bytes ({cause})"
         log.error("model %s: worker pid %d %s", self.model_id, worker.pid, cause)
@@ -380,7 +412,74 @@ class ManagedModel:
             return
         if self.crash_hook is not None and self.crash_hook(cause):
             return
-        self._handle_crash(cause)
+        now = time.monotonic()
+        self._handle_crash(cause, self._blame_requests(suspects, now), now)
+
+    def _blame_requests(self, suspects: set[str], now: float) -> bool:
+        """Record the crash against the requests in flight; True if it is a
+        poison request's (then it does not count against the model)."""
+        newly, earlier = self.poison.record_crash(self.model_id, suspects, now)
+        if not newly:
+            return False
+        self.history.forget(earlier)
+        for entry in newly:
+            log.error("model %s: request %s quarantined for %gs (in flight at %d crashes)",
+                      self.model_id, entry.fingerprint, self.poison.quarantine_sec,
+                      entry.crashes)
+            self._emit("request_quarantined", {
+                "model_id": self.model_id, "fingerprint": entry.fingerprint,
+                "crashes": entry.crashes, "quarantine_sec": self.poison.quarantine_sec})
+        return True
+
+    async def _monitor(self, worker: WorkerProcess) -> None:
+        """Tell a hung worker from a busy one: its heartbeat thread writes
+        every second or so whatever the decode loop does, and its progress
+        counter moves with every step. Silent past the heartbeat timeout, or
+        no progress with requests in flight past the stall timeout: its
+        requests end with 503 worker_unresponsive and it is SIGKILLed (a
+        SIGSTOPped process ignores SIGTERM); _watch then restarts it."""
+        progress, moved_at = worker.progress, time.monotonic()
+        while self.worker is worker and worker.returncode is None:
+            timeout = self.settings.worker_heartbeat_timeout_sec
+            await asyncio.sleep(min(1.0, timeout / 4))
+            if self.worker is not worker or self.state is not ModelState.READY:
+                return
+            now = time.monotonic()
+            if worker.progress != progress or not self._fingerprints:
+                progress, moved_at = worker.progress, now
+            silent = now - worker.last_beat
+            if silent > timeout:
+                self._declare_hung(worker, f"stopped answering its heartbeat ({silent:.1f}s)")
+                return
+            stalled = now - moved_at
+            if stalled > self.settings.worker_stall_timeout_sec:
+                self._declare_hung(worker, f"made no progress for {stalled:.0f}s with "
+                                           f"{len(self._fingerprints)} requests in flight")
+                return
+
+    def _note_task_failure(self, task: asyncio.Task[None]) -> None:
+        """The crash watcher and the heartbeat monitor must not die
+        silently: a failure is logged and kept for /readyz (the model's
+        crashes or hangs would go unnoticed until its next load)."""
+        if task.cancelled() or task.exception() is None:
+            return
+        exc = task.exception()
+        log.error("model %s: %s failed", self.model_id, task.get_name(), exc_info=exc)
+        self.task_failures.append(f"model {self.model_id}: {task.get_name()} failed: "
+                                  f"{type(exc).__name__}: {exc}")
+        del self.task_failures[:-5]
+
+    def _declare_hung(self, worker: WorkerProcess, why: str) -> None:
+        cause = f"was unresponsive: {why}; killed"
+        log.error("model %s: worker pid %d %s", self.model_id, worker.pid, cause)
+        self._hung_cause = cause
+        self._hung_fingerprints = set(self._fingerprints.values())
+        self._fail_inflight(WorkerUnresponsive(
+            f"Worker for model '{self.model_id}' {cause} and is being restarted; retry shortly",
+            retry_after_sec=2))
+        self._emit("worker_unresponsive", {"model_id": self.model_id, "pid": worker.pid,
+                                           "reason": why})
+        worker.signal_group(signal.SIGKILL)
 
     def _died_of_oom(self, returncode: int | None) -> bool:
         if self._oom_reported or returncode == EXIT_OUT_OF_MEMORY:
@@ -401,8 +500,10 @@ class ManagedModel:
         self._set_state(ModelState.STOPPED, "oom-unloaded")
         self._emit("model_unloaded", {"model_id": self.model_id, "reason": "oom"})
 
-    def _handle_crash(self, cause: str) -> None:
-        crashes = self.history.record()
+    def _handle_crash(self, cause: str, poison: bool = False, now: float | None = None
+                      ) -> None:
+        # A quarantined poison request's crash is not the model's: not counted.
+        crashes = self.history.recent(now) if poison else self.history.record(now)
         if crashes >= self.settings.crash_loop_max_crashes:
             self._set_state(ModelState.QUARANTINED, f"crash_loop:{crashes}")
             self._emit("model_quarantined", {"model_id": self.model_id, "reason": cause})
@@ -427,6 +528,11 @@ class ManagedModel:
     # --- frames -------------------------------------------------------------
 
     def _on_frame(self, frame: FromWorker) -> None:
+        if isinstance(frame, (Finished, Embeddings, Scores, Failed)) and frame.request_id:
+            # Answered: the worker owes it nothing more, so it is neither a
+            # crash suspect nor work the stall check waits on (its client
+            # may still be reading the queued frames slowly).
+            self._fingerprints.pop(frame.request_id, None)
         if isinstance(frame, (Tokens, Finished, Embeddings, Scores)):
             queue = self._inflight.get(frame.request_id)
             if queue is not None:
@@ -481,6 +587,11 @@ class ManagedModel:
         deadline = time.monotonic() + self.settings.semaphore_timeout_sec
         try:
             await self.gate.acquire(self.settings.semaphore_timeout_sec)
+        except AdmissionQueueFull:
+            raise QueueFull(
+                f"Model '{self.model_id}' is busy: {self.gate.queued} requests already wait "
+                f"for it (models.max_queued_requests); retry later",
+                retry_after_sec=2) from None
         except AdmissionTimeout:
             raise RateLimited(
                 f"Model '{self.model_id}' is busy: no slot freed within "
@@ -500,6 +611,7 @@ class ManagedModel:
         exchange = _Exchange(asyncio.Queue())
         rid = request.request_id
         self._inflight[rid] = exchange.queue
+        self._fingerprints[rid] = fingerprint(self.model_id, request)
         self._idle.clear()
         self.last_used = time.monotonic()
         worker_id = self.worker_id
@@ -515,6 +627,7 @@ class ManagedModel:
             self.last_used = time.monotonic()
             if not self._inflight:
                 self._idle.set()
+            self._fingerprints.pop(rid, None)
             # To the worker the request went to, even if a restart has put
             # another beside it since.
             if not exchange.done and worker_id is not None:
@@ -525,6 +638,7 @@ class ManagedModel:
         """Run one request; yields Tokens then one Finished. Raises an
         LMXError for any failure. Closing the iterator early aborts the
         generation in the worker."""
+        self._refuse_if_quarantined(request)
         # aclosing: closing this generator closes the inner one at once (its
         # exchange then sends the Abort), not whenever it is garbage-collected.
         async with self._admitted(), contextlib.aclosing(self._run(request)) as items:
@@ -548,8 +662,29 @@ class ManagedModel:
         """One embedding or rerank request: admission and readiness as for a
         generation, then the worker's single answer. Cancelling the call
         (client gone, deadline) tells the worker to drop the request."""
+        self._refuse_if_quarantined(request)
         async with self._admitted():
             return await self._call(request)
+
+    def quarantined_requests(self) -> list[dict[str, Any]]:
+        """Poison requests refused for this model now, for /admin/models."""
+        now = time.monotonic()
+        return [{"fingerprint": e.fingerprint, "crashes": e.crashes,
+                 "quarantined_at": e.quarantined_at,
+                 "expires_in_sec": round(e.remaining(now), 1)}
+                for e in self.poison.quarantined(self.model_id, now)]
+
+    def _refuse_if_quarantined(self, request: Generate | Embed | Rerank) -> None:
+        entry = self.poison.check(fingerprint(self.model_id, request))
+        if entry is None:
+            return
+        remaining = entry.remaining(time.monotonic())
+        raise RequestQuarantined(
+            f"This request was in flight at {entry.crashes} crashes of the worker of model "
+            f"'{self.model_id}' within {self.poison.window_sec:g}s, so it is refused "
+            f"for another {remaining:.0f}s (quarantine {self.poison.quarantine_sec:g}s) "
+            "instead of crashing the model again; change the request, or retry later",
+            retry_after_sec=max(1, int(remaining)))
 
     async def _call(self, request: Embed | Rerank) -> Embeddings | Scores:
         with self._exchange(request) as exchange:
@@ -603,8 +738,14 @@ class ManagedModel:
         if self._watch_task is not None:
             await self._watch_task
             self._watch_task = None
+        if self._monitor_task is not None:
+            self._monitor_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._monitor_task
+            self._monitor_task = None
         self._set_state(final)
         self._emit("model_unloaded", {"model_id": self.model_id})
 
     def force_unquarantine(self) -> None:
         self.history.clear()
+        self.poison.clear(self.model_id)

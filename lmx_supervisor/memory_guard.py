@@ -204,6 +204,13 @@ class MemoryGuard:
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="lmx-memory-guard")
 
+    def problems(self) -> list[str]:
+        """The guard's loop catches every tick's error; a task that ended
+        anyway is a bug /readyz must show."""
+        if self._task is not None and self._task.done():
+            return ["memory guard is not running"]
+        return []
+
     async def stop(self) -> None:
         task, self._task = self._task, None
         if task is not None:

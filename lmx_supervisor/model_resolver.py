@@ -3,9 +3,12 @@ the backend that can serve it, and the id clients will route by."""
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lmx_supervisor import hub_cache
 from lmx_supervisor.encoder_models import (
@@ -14,8 +17,22 @@ from lmx_supervisor.encoder_models import (
     gguf_encoder_kind,
     hf_encoder_kind,
 )
-from lmx_supervisor.errors import BadRequest, Conflict, ModelNotFound, UnsupportedModel
+from lmx_supervisor.errors import (
+    BadRequest,
+    Conflict,
+    Forbidden,
+    ModelNotFound,
+    UnsupportedModel,
+)
 from lmx_supervisor.model_layout import LLAMA_CPP, MLX, inspect_path
+
+if TYPE_CHECKING:
+    from lmx_supervisor.config import Config
+
+# What a model id may be: clients route by it, it names the worker's ZeroMQ
+# identity (at most 255 bytes) and shows up in logs and metrics labels.
+MAX_MODEL_ID_LENGTH = 128
+_MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+/-]*")
 
 # Accepted spellings of backend names ("gguf" is the common name for llama.cpp).
 BACKEND_ALIASES = {
@@ -45,6 +62,44 @@ AVAILABLE_BACKENDS = frozenset({LLAMA_CPP, LLAMA_CPP_ENCODER}
 
 
 @dataclass(frozen=True)
+class LoadRoots:
+    """Directories a load may read a model from: the models directory, the
+    hub cache and `models.allowed_paths`."""
+
+    roots: tuple[Path, ...]
+
+    @classmethod
+    def from_config(cls, config: Config) -> LoadRoots:
+        dirs = [config.models_dir, hub_cache.cache_dir(),
+                *(Path(p).expanduser() for p in config.models.allowed_paths)]
+        return cls(tuple(Path(os.path.abspath(d)) for d in dirs))
+
+    def allows(self, path: Path) -> bool:
+        """`path` lies under a root, as written (a symlink an operator put in
+        the models directory is theirs to place) or once resolved."""
+        seen = {Path(os.path.abspath(path)), path.resolve()}
+        resolved_roots = {r.resolve() for r in self.roots} | set(self.roots)
+        return any(p == r or r in p.parents for p in seen for r in resolved_roots)
+
+
+def check_model_id(model_id: str, param: str) -> None:
+    if len(model_id) > MAX_MODEL_ID_LENGTH:
+        raise BadRequest(f"{param} is {len(model_id)} characters; at most "
+                         f"{MAX_MODEL_ID_LENGTH} are allowed", param=param,
+                         code="invalid_model_id")
+    if not _MODEL_ID.fullmatch(model_id) or ".." in model_id.split("/"):
+        raise BadRequest(f"{param} {model_id[:64]!r} may only hold letters, digits and "
+                         "._:@+/- (starting with a letter or digit)", param=param,
+                         code="invalid_model_id")
+
+
+def _inside(path: Path, root: Path) -> bool:
+    """Lexically (no symlinks followed): `name/../../x` is outside."""
+    p, r = Path(os.path.normpath(path)), Path(os.path.normpath(root))
+    return p == r or r in p.parents
+
+
+@dataclass(frozen=True)
 class ResolvedModel:
     model_id: str
     path: Path
@@ -57,13 +112,21 @@ def _served_id(ref: str, path: Path, is_path_ref: bool) -> str:
     return ref.removesuffix(".gguf")
 
 
-def _locate(ref: str, models_dir: Path) -> tuple[Path, bool]:
+def _locate(ref: str, models_dir: Path, roots: LoadRoots | None) -> tuple[Path, bool]:
     raw = Path(ref).expanduser()
     if raw.is_absolute() or ref.startswith(("./", "../", "~")):
+        if roots is not None and not roots.allows(raw):
+            raise Forbidden(
+                f"Model path '{ref}' is outside the directories models may be loaded from "
+                "(models.models_directory, the hub cache, models.allowed_paths)",
+                param="model_id", code="model_path_not_allowed")
         if raw.exists():
             return raw.resolve(), True
         raise ModelNotFound(f"Model path '{ref}' does not exist", param="model_id")
     for candidate in (models_dir / ref, models_dir / f"{ref}.gguf"):
+        if not _inside(candidate, models_dir):
+            raise Forbidden(f"Model name '{ref}' leads outside the models directory",
+                            param="model_id", code="model_path_not_allowed")
         if candidate.exists():
             return candidate.resolve(), False
     # A hub repo id (org/name, or org/name/file.gguf) downloaded into the hub cache.
@@ -105,11 +168,16 @@ def _detect_encoder(path: Path, detected: str | None) -> str | None:
 
 
 def resolve_model(
-    ref: str, models_dir: Path, backend: str | None = None, served_name: str | None = None
+    ref: str, models_dir: Path, backend: str | None = None, served_name: str | None = None,
+    roots: LoadRoots | None = None,
 ) -> ResolvedModel:
+    """`roots`: where loads are confined, and a client's served_name is
+    checked (None: for what LMX itself recorded, e.g. a previous run's models)."""
     if not ref.strip():
         raise BadRequest("model_id must not be empty", param="model_id")
-    path, is_path_ref = _locate(ref, models_dir)
+    if served_name is not None and roots is not None:
+        check_model_id(served_name, "served_name")
+    path, is_path_ref = _locate(ref, models_dir, roots)
     if path.is_dir() and _detect_backend(path) == LLAMA_CPP:
         path = sorted(path.glob("*.gguf"))[0]
     wanted = None
@@ -136,4 +204,9 @@ def resolve_model(
         raise UnsupportedModel(f"backend '{backend}' cannot serve '{ref}' ({detected} model)")
     if chosen not in AVAILABLE_BACKENDS:
         raise UnsupportedModel(f"backend '{chosen}' is not available in this build")
-    return ResolvedModel(served_name or _served_id(ref, path, is_path_ref), path, chosen)
+    model_id = served_name or _served_id(ref, path, is_path_ref)
+    if len(model_id) > MAX_MODEL_ID_LENGTH:  # a file's own name: only its length matters
+        raise BadRequest(f"the model's name is {len(model_id)} characters; at most "
+                         f"{MAX_MODEL_ID_LENGTH} are allowed: give a shorter served_name",
+                         param="served_name", code="invalid_model_id")
+    return ResolvedModel(model_id, path, chosen)

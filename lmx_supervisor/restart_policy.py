@@ -28,6 +28,11 @@ class CrashHistory:
     def over_limit(self, now: float | None = None) -> bool:
         return self.recent(now) >= self.max_crashes
 
+    def forget(self, times: set[float]) -> None:
+        """Drop these crashes from the count (a poison request's, once it is
+        quarantined: the model was not at fault)."""
+        self._times = deque(t for t in self._times if t not in times)
+
     def clear(self) -> None:
         self._times.clear()
 

@@ -33,7 +33,7 @@ from lmx_supervisor.memory_estimate import MemoryEstimate, estimate_model_memory
 from lmx_supervisor.memory_guard import MemoryGuard, is_idle
 from lmx_supervisor.mlx_memory import mlx_estimate
 from lmx_supervisor.model_layout import MLX
-from lmx_supervisor.model_resolver import resolve_model
+from lmx_supervisor.model_resolver import LoadRoots, resolve_model
 from lmx_supervisor.performance import (
     KV_BYTES_PER_VALUE,
     PERFORMANCE_KEYS,
@@ -41,6 +41,7 @@ from lmx_supervisor.performance import (
     check_backend,
     effective_settings,
 )
+from lmx_supervisor.poison import PoisonRegistry
 from lmx_supervisor.restart import Restart, RestartPlan
 from lmx_supervisor.restart_policy import CrashHistory
 from lmx_supervisor.restart_progress import RestartMode
@@ -78,6 +79,9 @@ def settings_from(config: Config, model_id: str) -> ModelSettings:
         parallel_slots=m.parallel_slots,
         mlx_dequantize=m.mlx_dequantize,
         kv_cache_type=m.kv_cache_type,
+        max_queued_requests=m.max_queued_requests,
+        worker_heartbeat_timeout_sec=m.worker_heartbeat_timeout_sec,
+        worker_stall_timeout_sec=m.worker_stall_timeout_sec,
     )
 
 
@@ -88,7 +92,13 @@ class Supervisor:
         self.started_at = time.time()
         self._emit_sink = emit
         self._worker_env = worker_env
-        self._hub = RouterHub(config.workers.address, config.workers.runtime_dir)
+        self._hub = RouterHub(config.workers.address, config.workers.runtime_dir,
+                              max_message_bytes=config.workers.max_message_bytes)
+        # Poison requests outlive a model's entry (a quarantined model is
+        # replaced on its next load), so one registry for all of them.
+        self.poison = PoisonRegistry(config.models.crash_loop_window_sec,
+                                     config.models.request_quarantine_sec,
+                                     config.models.request_quarantine_max_entries)
         self._models: dict[str, ManagedModel] = {}
         self._histories: dict[str, CrashHistory] = {}
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
@@ -127,6 +137,16 @@ class Supervisor:
             except Exception as exc:  # one bad model must not stop startup
                 log.error("auto_load of %s failed: %s", ref, exc)
 
+    @property
+    def router_malformed_frames(self) -> int:
+        return self._hub.malformed_frames
+
+    def problems(self) -> list[str]:
+        """Why the supervisor cannot be trusted to route right now (a
+        background task that died), for /readyz; empty when healthy."""
+        return (self._hub.problems() + self.memory.problems()
+                + [p for m in self._models.values() for p in m.task_failures])
+
     # --- lookup ------------------------------------------------------------------
 
     def models(self) -> list[ManagedModel]:
@@ -150,15 +170,19 @@ class Supervisor:
 
     async def load(self, ref: str, backend: str | None = None, served_name: str | None = None,
                    allow_unsupported_runtime: bool = False,
-                   overrides: Overrides | None = None) -> tuple[ManagedModel, bool]:
+                   overrides: Overrides | None = None, confine: bool = True
+                   ) -> tuple[ManagedModel, bool]:
         """Load a model; returns it and whether it was already loaded.
         `overrides` (validated spawn-time settings, `spawn_settings.parse_overrides`)
         win over the model's performance profile and the config, now and
-        after restarts."""
+        after restarts. `confine`: refuse paths outside the models directory,
+        the hub cache and models.allowed_paths (off only for paths LMX itself
+        recorded, such as the models a previous run had loaded)."""
         overrides = overrides or {}
         # In a thread: resolving may scan the hub cache and read a GGUF header.
+        roots = LoadRoots.from_config(self.config) if confine else None
         resolved = await asyncio.to_thread(
-            resolve_model, ref, self.config.models_dir, backend, served_name)
+            resolve_model, ref, self.config.models_dir, backend, served_name, roots)
         async with self._locks[resolved.model_id]:
             history = self._histories.setdefault(resolved.model_id, CrashHistory(
                 self.config.models.crash_loop_max_crashes,
@@ -195,7 +219,7 @@ class Supervisor:
             model = ManagedModel(
                 resolved.model_id, resolved.path, resolved.backend,
                 settings, self._hub, history, self.emit,
-                self._worker_env)
+                self._worker_env, self.poison)
             model.memory_estimate = estimate
             model.memory_cap_bytes = self.memory.worker_cap(estimate, settings.n_threads)
             model.spawn_overrides = dict(overrides)
@@ -247,9 +271,13 @@ class Supervisor:
                 setattr(fresh, name, getattr(model.settings, name))
             model.settings = fresh
             model.gate.resize(fresh.max_concurrent_requests)
+            model.gate.max_queued = fresh.max_queued_requests
         for history in self._histories.values():
             history.max_crashes = config.models.crash_loop_max_crashes
             history.window_sec = config.models.crash_loop_window_sec
+        self.poison.window_sec = config.models.crash_loop_window_sec
+        self.poison.quarantine_sec = config.models.request_quarantine_sec
+        self.poison.max_entries = config.models.request_quarantine_max_entries
         lifted: list[str] = []
         if models_changed:
             for model in self._models.values():

@@ -8,8 +8,6 @@ a peer that is gone into an error we can report instead of a silent drop.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import os
 import shutil
@@ -23,6 +21,8 @@ import zmq.asyncio
 
 from lmx_protocol import FromWorker, decode_from_worker, encode
 from lmx_protocol.messages import Frame
+from lmx_supervisor.background import SupervisedTask
+from lmx_supervisor.runtime_dirs import claim_runtime_dir, remove_stale_runtime_dirs
 
 log = logging.getLogger("lmx.transport")
 
@@ -36,29 +36,42 @@ class PeerGone(Exception):
 
 
 class RouterHub:
-    def __init__(self, address: str | None = None, runtime_dir: str | None = None) -> None:
+    def __init__(self, address: str | None = None, runtime_dir: str | None = None,
+                 max_message_bytes: int = 256 * 1024 * 1024) -> None:
         self._owned_dir: Path | None = None
         if address is None:
-            base = Path(runtime_dir).expanduser() if runtime_dir else None
-            if base is not None:
-                base.mkdir(parents=True, exist_ok=True)
+            base = Path(runtime_dir).expanduser() if runtime_dir else Path(tempfile.gettempdir())
+            base.mkdir(parents=True, exist_ok=True)
+            # What a SIGKILLed gateway left behind (its socket dir).
+            remove_stale_runtime_dirs(base)
             # mkdtemp creates the directory 0700: only this user may connect.
             self._owned_dir = Path(tempfile.mkdtemp(prefix="lmx-", dir=base))
+            claim_runtime_dir(self._owned_dir)
             address = f"ipc://{self._owned_dir / 'supervisor.sock'}"
         self._ctx = zmq.asyncio.Context()
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self._sock.setsockopt(zmq.LINGER, 0)
+        # A peer sending more than this is disconnected before its bytes
+        # are buffered: no frame may exhaust the gateway's memory.
+        self._sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
         self._sock.bind(address)
         # The same socket without the asyncio wrapper, for reads that must not wait.
         self._nowait: zmq.Socket[bytes] = zmq.Socket.shadow(self._sock.underlying)
         # tcp://*:0 binds a random port; report what was really bound.
         self.address: str = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._handlers: dict[bytes, FrameHandler] = {}
-        self._task: asyncio.Task[None] | None = None
+        self._task = SupervisedTask("frame router", self._receive_loop)
+        # Messages that were not [identity, frame] or did not decode; the
+        # gateway exports it (lmx_router_malformed_frames_total).
+        self.malformed_frames = 0
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._receive_loop(), name="lmx-router")
+        self._task.start()
+
+    def problems(self) -> list[str]:
+        problem = self._task.problem()
+        return [problem] if problem else []
 
     def register(self, worker_id: str, handler: FrameHandler) -> None:
         self._handlers[worker_id.encode()] = handler
@@ -85,6 +98,12 @@ class RouterHub:
                 self._dispatch(frames)
 
     def _dispatch(self, frames: list[bytes]) -> None:
+        # Anything may arrive on the socket (a foreign DEALER, a buggy peer):
+        # a message that is not [identity, frame] is logged and dropped,
+        # never allowed to end the loop every request depends on.
+        if len(frames) != 2:
+            self._malformed(frames[0] if frames else b"", f"{len(frames)} parts, expected 2")
+            return
         identity, payload = frames
         handler = self._handlers.get(identity)
         if handler is None:
@@ -92,19 +111,20 @@ class RouterHub:
             return
         try:
             frame = decode_from_worker(payload)
-        except msgspec.DecodeError as exc:
-            log.error("undecodable frame from %r: %s", identity, exc)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            self._malformed(identity, f"undecodable: {exc}")
             return
         try:
             handler(frame)
         except Exception:  # one handler's bug must not stop all routing
             log.exception("frame handler for %r failed", identity)
 
+    def _malformed(self, identity: bytes, why: str) -> None:
+        self.malformed_frames += 1
+        log.error("malformed message from peer %r dropped: %s", identity[:64], why)
+
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._task.stop()
         self._sock.close(linger=0)
         self._ctx.term()
         if self._owned_dir is not None:

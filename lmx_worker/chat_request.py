@@ -31,8 +31,21 @@ def request_tools(request: Generate) -> list[dict[str, Any]] | None:
     """The tools offered to the model (OpenAI's shape), or None."""
     if not request.tools:
         return None
-    tools: list[dict[str, Any]] = json.loads(request.tools)
+    try:
+        tools = json.loads(request.tools)
+    except ValueError as exc:
+        raise RequestError("invalid_request", f"tools is not valid JSON: {exc}",
+                           "tools") from exc
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise RequestError("invalid_request", "tools must be an array of objects", "tools")
     return tools or None
+
+
+def _client_fault(exc: Exception) -> str:
+    """Why the client's input broke templating, for its 400 (the exception
+    type says more than a bare message such as `'str' object has no
+    attribute 'get'`)."""
+    return f"{type(exc).__name__}: {exc}"
 
 
 def chat_prompt(template: ChatTemplate, request: Generate) -> str:
@@ -40,10 +53,24 @@ def chat_prompt(template: ChatTemplate, request: Generate) -> str:
     assert request.messages is not None
     messages = [{k: v for k, v in msgspec.structs.asdict(m).items() if v is not None}
                 for m in request.messages]
-    messages, extra = prepare_chat(
-        messages, template.tool_support, request_tools(request), request.tool_choice,
-        request.tool_name or None, request.parallel_tool_calls)
-    return template.render(messages, request.add_generation_prompt, **extra)
+    tools = request_tools(request)
+    # Whatever a message's shape does to the tool formatting or the Jinja
+    # template (a tool call whose `function` is a string, a template's
+    # raise_exception on roles), it is this request's fault alone: a 400
+    # naming `messages`, never an exception that reaches the worker loop.
+    try:
+        messages, extra = prepare_chat(
+            messages, template.tool_support, tools, request.tool_choice,
+            request.tool_name or None, request.parallel_tool_calls)
+        return template.render(messages, request.add_generation_prompt, **extra)
+    except RequestError:
+        raise
+    except MemoryError:
+        raise
+    except Exception as exc:
+        raise RequestError("invalid_request",
+                           f"cannot format the chat messages: {_client_fault(exc)}",
+                           "messages") from exc
 
 
 def request_grammar(request: Generate, support: ToolSupport | None,
@@ -88,4 +115,12 @@ def request_constraint(request: Generate, template: ChatTemplate | None,
     except ConstraintError as exc:
         raise RequestError("invalid_request",
                            f"cannot enforce the requested output format: {exc}",
+                           "tools" if request.tools else "response_format") from exc
+    except (RequestError, MemoryError):
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        # A tool without function.name, a schema of the wrong type: the
+        # grammar cannot be built from what the client sent.
+        raise RequestError("invalid_request",
+                           f"cannot enforce the requested output format: {_client_fault(exc)}",
                            "tools" if request.tools else "response_format") from exc

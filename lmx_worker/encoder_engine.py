@@ -82,6 +82,9 @@ class NoGeneration:
         stats.active_requests = 0
         stats.queued_requests = 0
 
+    def reset(self) -> None:
+        """Nothing to forget: an encoder keeps no state between batches."""
+
 
 def check_token_ids(ids: list[int], index: int, vocab_size: int, max_tokens: int) -> None:
     where = f"input[{index}]"

@@ -55,14 +55,29 @@ def serve_encoder_frames(engine: Engine, frames: list[EncoderFrame], stats: Work
                 outputs.append(engine.rerank(frame))
     except MemoryError:
         raise  # over the worker's cap: serve() reports it and exits
-    except Exception as exc:  # a backend bug fails these requests, not the worker
+    except Exception:  # a backend bug fails these requests, not the worker
         log.exception("encoder batch failed")
         answered = {o.request_id for o in outputs}
-        outputs.extend(Failed(ErrorCode.INTERNAL, f"encoder failed: {exc}",
-                              request_id=f.request_id)
-                       for f in frames if f.request_id not in answered)
+        # Which request broke the shared pass is unknown: each unanswered one
+        # runs alone, so only the one at fault fails.
+        outputs.extend(_serve_alone(engine, f) for f in frames if f.request_id not in answered)
     for out in outputs:
         if not isinstance(out, Failed):
             stats.requests_finished += 1
             stats.prompt_tokens += out.prompt_tokens
         send(out)
+
+
+def _serve_alone(engine: EncoderEngine, frame: EncoderFrame) -> Embeddings | Scores | Failed:
+    try:
+        if isinstance(frame, Embed):
+            (answer,) = engine.embed([frame])
+            return answer
+        return engine.rerank(frame)
+    except MemoryError:
+        raise
+    except Exception as exc:
+        log.exception("encoder request %s failed", frame.request_id)
+        return Failed(ErrorCode.INTERNAL,
+                      f"internal error in request {frame.request_id} while encoding: "
+                      f"{type(exc).__name__}: {exc}", request_id=frame.request_id)

@@ -47,3 +47,8 @@ class Engine(Protocol):
 
     def fill_stats(self, stats: WorkerStats) -> None:
         """Write backend-owned counters (active/queued) into `stats`."""
+
+    def reset(self) -> None:
+        """Forget every request, running or queued, and any batch state a
+        failed step may have left half-updated (the loop has already failed
+        those requests): the next request starts from a clean engine."""

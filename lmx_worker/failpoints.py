@@ -24,6 +24,19 @@ Points:
                       it stops at ALLOC_CEILING and merely holds that much.
   slow_encode:MS      sleep MS milliseconds before every embedding/rerank
                       batch (so concurrent requests pile up into one batch)
+  segfault_on_prompt:MARKER
+                      dereference NULL (a real SIGSEGV) when a generation's
+                      prompt or any chat message contains MARKER: a poison
+                      request, as a native bug in templating or decoding
+                      would make one
+  step_error_on_prompt:MARKER
+                      once a prompt containing MARKER is admitted, the next
+                      decode step raises (an error no request can be blamed
+                      for: the worker fails that step's requests and resets)
+  stall_on_prompt:MARKER
+                      block the decode loop for good (the heartbeat thread
+                      keeps beating) when a prompt contains MARKER: a worker
+                      alive but stuck
 """
 
 from __future__ import annotations
@@ -36,6 +49,7 @@ from collections.abc import Mapping
 
 import msgspec
 
+from lmx_protocol import Generate
 from lmx_worker.spec import WorkerSpec
 
 ENV_VAR = "LMX_FAILPOINTS"
@@ -70,6 +84,7 @@ class Failpoints:
         self._points = points
         self._hoard: list[bytes] = []
         self._hoarded = 0
+        self._step_error_armed = False
 
     @classmethod
     def for_spec(cls, spec: WorkerSpec) -> Failpoints:
@@ -109,6 +124,9 @@ class Failpoints:
                 time.sleep(3600)
 
     def before_token(self, tokens_emitted: int) -> None:
+        if self._step_error_armed:
+            self._step_error_armed = False
+            raise RuntimeError("failpoint step_error_on_prompt")
         slow = self._points.get("slow_tokens")
         if slow:
             time.sleep(int(slow) / 1000.0)
@@ -124,6 +142,18 @@ class Failpoints:
         if slow:
             time.sleep(int(slow) / 1000.0)
 
+    def on_generate(self, request: Generate) -> None:
+        poison = self._points.get("segfault_on_prompt")
+        if poison and _mentions(request, poison):
+            ctypes.string_at(0)
+        step_error = self._points.get("step_error_on_prompt")
+        if step_error and _mentions(request, step_error):
+            self._step_error_armed = True
+        stall = self._points.get("stall_on_prompt")
+        if stall and _mentions(request, stall):
+            while True:
+                time.sleep(3600)
+
     @property
     def fails_generate(self) -> bool:
         return "fail_generate" in self._points
@@ -138,3 +168,9 @@ class Failpoints:
         block = b"\x5a" * size
         self._hoard.append(block)
         self._hoarded += size
+
+
+def _mentions(request: Generate, marker: str) -> bool:
+    if request.prompt is not None and marker in request.prompt:
+        return True
+    return any(m.content is not None and marker in m.content for m in request.messages or [])

@@ -261,6 +261,11 @@ class LlamaCppEngine:
     def has_work(self) -> bool:
         return bool(self._pending or self._counted) or any(s.job for s in self._slots)
 
+    def reset(self) -> None:
+        self._pending.clear()
+        self._counted = []
+        self._fail_all("reset")  # the frames are dropped: the loop failed them
+
     def fill_stats(self, stats: WorkerStats) -> None:
         stats.active_requests = sum(1 for s in self._slots if s.job)
         stats.queued_requests = len(self._pending)
@@ -356,26 +361,41 @@ class LlamaCppEngine:
         for slot, index in sample_at:
             job = slot.job
             assert job is not None
-            wants_logprobs = job.request.params.logprobs
-            raw = None
-            if job.constraint is not None or job.bias is not None:
-                # The sampler chain reads the context's logits row, so
-                # biasing and masking that row in place steers what it picks.
-                row = self._logits_row(index)
-                raw = row.copy() if wants_logprobs else None  # logprobs: the model's view
-                if job.bias is not None:
-                    job.bias.apply(row)
-            if job.constraint is not None:
-                job.constraint.mask_logits(row)
-                if job.constraint.error:
-                    out.append(self._fail(slot, job, job.constraint.error))
-                    continue
-            token = job.sampler.sample(self.ctx, index)
-            logprob = None
-            if wants_logprobs:
-                logprob = self._logprob(raw if raw is not None else self._logits_row(index),
-                                        token, job)
-            out.extend(self._on_token(slot, job, token, logprob))
+            try:
+                out.extend(self._sample(slot, job, index))
+            except MemoryError:
+                raise
+            except Exception as exc:  # this sequence's sampler or grammar: it alone fails
+                slot.job = None
+                out.append(Failed(ErrorCode.INTERNAL,
+                                  f"internal error in request {job.request.request_id} while "
+                                  f"sampling: {type(exc).__name__}: {exc}",
+                                  request_id=job.request.request_id))
+        return out
+
+    def _sample(self, slot: _Slot, job: _Job, index: int) -> list[StepOutput]:
+        """Pick `job`'s next token from batch row `index`."""
+        out: list[StepOutput] = []
+        wants_logprobs = job.request.params.logprobs
+        raw = None
+        if job.constraint is not None or job.bias is not None:
+            # The sampler chain reads the context's logits row, so
+            # biasing and masking that row in place steers what it picks.
+            row = self._logits_row(index)
+            raw = row.copy() if wants_logprobs else None  # logprobs: the model's view
+            if job.bias is not None:
+                job.bias.apply(row)
+        if job.constraint is not None:
+            job.constraint.mask_logits(row)
+            if job.constraint.error:
+                out.append(self._fail(slot, job, job.constraint.error))
+                return out
+        token = job.sampler.sample(self.ctx, index)
+        logprob = None
+        if wants_logprobs:
+            logprob = self._logprob(raw if raw is not None else self._logits_row(index),
+                                    token, job)
+        out.extend(self._on_token(slot, job, token, logprob))
         return out
 
     def _logits_row(self, index: int) -> np.ndarray:

@@ -7,10 +7,13 @@ without blocking, so an Abort is seen within one token.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import gc
 import logging
 import os
 import resource
+import signal
 import sys
 import threading
 import traceback
@@ -39,6 +42,7 @@ from lmx_worker.encoder_loop import EncoderFrame, serve_encoder_frames
 from lmx_worker.engine import Engine, RequestError, StepOutput
 from lmx_worker.exit_codes import EXIT_LOAD_FAILED, EXIT_OUT_OF_MEMORY
 from lmx_worker.failpoints import Failpoints
+from lmx_worker.heartbeat import Progress, start_heartbeat
 from lmx_worker.loader import load_engine
 from lmx_worker.spec import WorkerSpec
 
@@ -66,9 +70,31 @@ def watch_parent(death_fd: int) -> None:
     threading.Thread(target=wait_for_eof, name="death-pipe", daemon=True).start()
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """Linux backstop to the death pipe: the kernel SIGKILLs this process
+    when its parent dies, even if the pipe's reader thread is blocked (say,
+    behind native code holding the GIL) and so never sees the EOF."""
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+        log.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
+        return
+    if os.getppid() != parent or parent == 1:
+        os._exit(0)  # the parent died before the signal was armed
+
+
 class WorkerLoop:
-    def __init__(self, spec: WorkerSpec, sock: zmq.Socket[bytes], engine: Engine) -> None:
+    def __init__(self, spec: WorkerSpec, sock: zmq.Socket[bytes], engine: Engine,
+                 progress: Progress | None = None) -> None:
         self.spec = spec
+        # Bumped after every step and every frame: the heartbeat reports it,
+        # so the supervisor can tell a busy worker from a stuck one.
+        self.progress = progress or Progress()
         self.sock = sock
         self.engine = engine
         self.stats = WorkerStats()
@@ -100,13 +126,25 @@ class WorkerLoop:
                 frames, self._encoder_frames = self._encoder_frames, []
                 serve_encoder_frames(self.engine, frames, self.stats, self.send,
                                      self.failpoints)
+                if frames:
+                    self.progress.tick()
                 return
+            self.progress.tick()
             try:
                 frame = decode_from_supervisor(raw)
             except msgspec.DecodeError as exc:
                 self.send(Failed(ErrorCode.PROTOCOL, f"undecodable frame: {exc}"))
                 continue
-            self._handle(frame)
+            try:
+                self._handle(frame)
+            except MemoryError:
+                raise  # over the cap: serve() reports it and exits
+            except Exception as exc:  # one frame's trouble is that request's alone
+                rid = getattr(frame, "request_id", None)
+                log.exception("handling a %s frame for %s failed", type(frame).__name__, rid)
+                if isinstance(rid, str):
+                    self._emitted.pop(rid, None)
+                    self.send(_internal_failure(rid, "handling the request", exc))
 
     def _handle(self, frame: Generate | Abort | Ping | Shutdown | EncoderFrame) -> None:
         if isinstance(frame, EncoderFrame):
@@ -121,15 +159,23 @@ class WorkerLoop:
                 self.send(Failed(ErrorCode.INTERNAL, "worker is shutting down",
                                  request_id=frame.request_id))
                 return
-            if self.failpoints.fails_generate:
-                self.send(Failed(ErrorCode.INTERNAL, "failpoint fail_generate",
-                                 request_id=frame.request_id))
-                return
+            if self.failpoints:
+                if self.failpoints.fails_generate:
+                    self.send(Failed(ErrorCode.INTERNAL, "failpoint fail_generate",
+                                     request_id=frame.request_id))
+                    return
+                self.failpoints.on_generate(frame)
             try:
                 self.engine.add(frame)
             except RequestError as exc:
                 self.send(Failed(ErrorCode(exc.code), exc.message, request_id=frame.request_id,
                                  param=exc.param))
+                return
+            except MemoryError:
+                raise
+            except Exception as exc:  # templating, tokenizing, constraining: this request only
+                log.exception("admitting request %s failed", frame.request_id)
+                self.send(_internal_failure(frame.request_id, "admitting the request", exc))
                 return
             self.stats.requests_started += 1
             self._emitted[frame.request_id] = 0
@@ -150,19 +196,20 @@ class WorkerLoop:
                     self._forward(self.engine.abort(request_id))
 
     def _step(self) -> None:
-        if self.failpoints:
-            self.failpoints.before_token(max(self._emitted.values(), default=0))
         try:
+            if self.failpoints:
+                self.failpoints.before_token(max(self._emitted.values(), default=0))
             outputs = self.engine.step()
         except MemoryError:
             raise  # the worker is over its cap: serve() reports it and exits
-        except Exception as exc:  # a backend bug must not kill other requests silently
+        except Exception as exc:  # not attributable to one request: fail the step's
             log.exception("engine step failed")
-            outputs = []
-            for request_id in list(self._emitted):
-                outputs.extend(self.engine.abort(request_id))
-                outputs.append(Failed(ErrorCode.INTERNAL, f"engine step failed: {exc}",
-                                      request_id=request_id))
+            outputs = [_internal_failure(request_id, "running a batched decode step", exc)
+                       for request_id in self._emitted]
+            # The batch's state (KV cache, sequences) is unknown now: start
+            # clean in-process rather than let the next step build on it.
+            self.engine.reset()
+        self.progress.tick()
         self._forward(outputs)
 
     def _forward(self, outputs: list[StepOutput]) -> None:
@@ -184,6 +231,12 @@ class WorkerLoop:
         self.engine.fill_stats(self.stats)
         self.stats.rss_bytes = self._process.memory_info().rss
         return msgspec.structs.replace(self.stats)
+
+
+def _internal_failure(request_id: str, during: str, exc: Exception) -> Failed:
+    return Failed(ErrorCode.INTERNAL,
+                  f"internal error in request {request_id} while {during}: "
+                  f"{type(exc).__name__}: {exc}", request_id=request_id)
 
 
 def apply_memory_cap(cap_bytes: int | None) -> None:
@@ -224,6 +277,10 @@ def tool_format(engine: Engine) -> str:
 def serve(spec: WorkerSpec) -> int:
     if spec.death_fd is not None:
         watch_parent(spec.death_fd)
+        die_with_parent()
+    progress = Progress()
+    if spec.heartbeat_fd is not None:
+        start_heartbeat(spec.heartbeat_fd, spec.heartbeat_interval_sec, progress)
     apply_memory_cap(spec.memory_cap_bytes)
     ballast = [bytearray(BALLAST_BYTES)]
     ctx = zmq.Context()
@@ -258,7 +315,7 @@ def serve(spec: WorkerSpec) -> int:
         tool_format=tool_format(engine),
     )))
     try:
-        WorkerLoop(spec, sock, engine).run()
+        WorkerLoop(spec, sock, engine, progress).run()
     except MemoryError:
         status = report_out_of_memory(sock, ballast, spec.memory_cap_bytes)
         sock.close(linger=2000)  # let the frame leave before the process does

@@ -358,6 +358,11 @@ class MlxEngine:
     def has_work(self) -> bool:
         return bool(self._pending or self._active or self._counted)
 
+    def reset(self) -> None:
+        self._pending.clear()
+        self._counted = []
+        self._fail_all("reset")  # the frames are dropped: the loop failed them
+
     def fill_stats(self, stats: WorkerStats) -> None:
         stats.active_requests = len(self._active)
         stats.queued_requests = len(self._pending)
@@ -444,7 +449,16 @@ class MlxEngine:
             job = self._active.get(r.uid)
             if job is None:
                 continue
-            frames, done = self._on_token(job, int(r.token), r.logprobs)
+            try:
+                frames, done = self._on_token(job, int(r.token), r.logprobs)
+            except MemoryError:
+                raise
+            except Exception as exc:  # this sequence's text or logprobs: it alone fails
+                log.exception("MLX request %s failed", job.request.request_id)
+                frames, done = [Failed(ErrorCode.INTERNAL,
+                                       f"internal error in request {job.request.request_id} "
+                                       f"while sampling: {type(exc).__name__}: {exc}",
+                                       request_id=job.request.request_id)], True
             out.extend(frames)
             if done:
                 ended.append(r.uid)

@@ -32,6 +32,10 @@ class WorkerSpec(msgspec.Struct, forbid_unknown_fields=True):
     n_batch: int | None = None
     flash_attn: bool | None = None
     kv_cache_type: Literal["f16", "q8_0", "q4_0"] = "f16"
+    # Write end of the heartbeat pipe (see lmx_worker.heartbeat), and how
+    # often the worker writes to it. None: no heartbeat (a worker run by hand).
+    heartbeat_fd: int | None = None
+    heartbeat_interval_sec: float = 1.0
 
 
 def encode_spec(spec: WorkerSpec) -> str:

@@ -42,11 +42,13 @@ def matryoshka_copy(src: Path, dst: Path) -> Path:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, model_file: Path) -> Iterator[LMXServer]:
     # warmup_on_load: the canary of an encoder is one embedding.
+    # Loads by path read from the test cache: it must be an allowed path.
     with running_server(tmp_path_factory, "embed", links=[model_file, (MINILM, minilm_dir())],
                         prepare=lambda home: matryoshka_copy(minilm_dir(),
                                                              home / "models" / MATRYOSHKA),
                         models={"auto_load": [MODEL_ID, MINILM, MATRYOSHKA],
-                                "warmup_on_load": True},
+                                "warmup_on_load": True,
+                                "allowed_paths": [str(minilm_dir().parent)]},
                         env={"LMX_FAILPOINTS": f"{SLOW}=slow_encode:1500"},
                         wait_for=[MINILM, MATRYOSHKA, MODEL_ID], timeout=120) as srv:
         yield srv

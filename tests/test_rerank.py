@@ -73,9 +73,11 @@ def cross_encoder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, model_file: Path) -> Iterator[LMXServer]:
+    # The cross-encoder is loaded by its path under the pytest temp dir.
     with running_server(tmp_path_factory, "rerank", links=[model_file, (MINILM, minilm_dir())],
-                        models={"auto_load": [MODEL_ID, MINILM]}, wait_for=[MINILM, MODEL_ID],
-                        timeout=120) as srv:
+                        models={"auto_load": [MODEL_ID, MINILM], "allowed_paths": [
+                            str(tmp_path_factory.getbasetemp()), str(minilm_dir().parent)]},
+                        wait_for=[MINILM, MODEL_ID], timeout=120) as srv:
         yield srv
 
 

@@ -38,6 +38,7 @@ async def describe_model(model: ManagedModel, with_stats: bool = True) -> dict[s
         "pid": model.pid,
         "restarts": model.restarts,
         "recent_crashes": model.history.recent(),
+        "quarantined_requests": model.quarantined_requests(),
         "in_flight": model.in_flight,
         "queued": model.gate.queued,
         "max_concurrent_requests": model.gate.limit,

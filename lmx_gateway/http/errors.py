@@ -19,6 +19,7 @@ log = logging.getLogger("lmx.gateway")
 
 STATUS_OF_KIND = {
     ErrorKind.INVALID: 400,
+    ErrorKind.FORBIDDEN: 403,
     ErrorKind.NOT_FOUND: 404,
     ErrorKind.CONFLICT: 409,
     ErrorKind.TOO_LARGE: 413,
@@ -34,6 +35,7 @@ STATUS_OF_KIND = {
 # OpenAI's `error.type` for each kind (its SDKs pick exception classes by status).
 _OPENAI_TYPE_OF_KIND = {
     ErrorKind.INVALID: "invalid_request_error",
+    ErrorKind.FORBIDDEN: "permission_error",
     ErrorKind.NOT_FOUND: "invalid_request_error",
     ErrorKind.CONFLICT: "invalid_request_error",
     ErrorKind.TOO_LARGE: "invalid_request_error",

@@ -66,6 +66,9 @@ def live_metrics(state: GatewayState) -> Iterator[Metric]:
                  state.events.subscribers)
     yield CounterMetricFamily("lmx_events_dropped", "Admin events dropped for slow subscribers",
                               value=state.events.dropped_total)
+    yield CounterMetricFamily("lmx_router_malformed_frames",
+                              "Messages on the worker socket dropped as malformed",
+                              value=state.supervisor.router_malformed_frames)
     model_state = GaugeMetricFamily("lmx_model_state", "1 for each model's current state",
                                     labels=["model", "state"])
     in_flight = GaugeMetricFamily("lmx_model_in_flight_requests", "Requests running per model",

@@ -16,11 +16,16 @@ async def healthz(_request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
-    ready = len(gateway_state(request).supervisor.ready_models())
-    if ready:
+    supervisor = gateway_state(request).supervisor
+    ready = len(supervisor.ready_models())
+    # A background loop that died (or just restarted) makes routing suspect.
+    problems = supervisor.problems()
+    if ready and not problems:
         return JSONResponse({"status": "ready", "version": __version__, "models_loaded": ready})
-    return JSONResponse({"status": "not_ready", "version": __version__, "models_loaded": 0},
-                        status_code=503)
+    body = {"status": "not_ready", "version": __version__, "models_loaded": ready}
+    if problems:
+        body["reason"] = "; ".join(problems)
+    return JSONResponse(body, status_code=503)
 
 
 ROUTES = [
