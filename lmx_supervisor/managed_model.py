@@ -88,6 +88,7 @@ class ModelSettings:
     n_threads: int | None = None
     parallel_slots: int = 1
     mlx_dequantize: Literal["auto"] | bool = "auto"
+    max_inter_token_ms: float = 250.0
 
 
 @dataclass
@@ -227,6 +228,7 @@ class ManagedModel:
             memory_cap_bytes=self.memory_cap_bytes,
             parallel_slots=self.settings.parallel_slots,
             mlx_dequantize=self.settings.mlx_dequantize,
+            max_inter_token_ms=self.settings.max_inter_token_ms,
         )
         started = time.monotonic()
         try:

@@ -36,7 +36,8 @@ log = logging.getLogger("lmx.supervisor")
 
 # ModelSettings baked into a worker when it is spawned: a config reload leaves
 # them alone for running models (a restart after a crash must not change them).
-SPAWN_TIME_SETTINGS = ("context_length", "n_threads", "parallel_slots", "mlx_dequantize")
+SPAWN_TIME_SETTINGS = ("context_length", "n_threads", "parallel_slots", "mlx_dequantize",
+                       "max_inter_token_ms")
 
 
 def settings_from(config: Config, model_id: str) -> ModelSettings:
@@ -56,6 +57,7 @@ def settings_from(config: Config, model_id: str) -> ModelSettings:
         n_threads=m.n_threads,
         parallel_slots=m.parallel_slots,
         mlx_dequantize=m.mlx_dequantize,
+        max_inter_token_ms=m.max_inter_token_ms,
     )
 
 

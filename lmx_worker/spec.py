@@ -25,6 +25,10 @@ class WorkerSpec(msgspec.Struct, forbid_unknown_fields=True):
     parallel_slots: int = 1
     # MLX: dequantize weights ("auto": on a CPU yes, on a GPU no; see mlx_weights).
     mlx_dequantize: Literal["auto"] | bool = "auto"
+    # Step time the running streams may see while a new prompt is read: the
+    # worker sizes each step's prompt chunk to it (lmx_worker.step_budget).
+    # 0: no budget (prompts are read in full batches beside the streams).
+    max_inter_token_ms: float = 250.0
 
 
 def encode_spec(spec: WorkerSpec) -> str:
