@@ -170,14 +170,19 @@ class PromptBudget:
         return allowed
 
     def _equal_share(self, cap: int, load_for: Callable[[int], StepLoad]) -> int:
-        """The prompt tokens that cost about what the step's decoding costs.
-        The prompt always gets at least that much of a step: when decoding
-        alone (or a loaded host) eats the target, the streams slow to half
-        speed instead of the prompt starving at a token a step."""
-        decode_only = self.cost.predict(load_for(0))
+        """The prompt tokens that cost about what the step's decoding costs,
+        and at least as many as it decodes. The prompt always gets that much
+        of a step: when decoding alone (or a loaded host) eats the target,
+        the streams slow to about half speed instead of the prompt starving
+        at a token a step. The token floor holds when the fit cannot yet
+        (or, on a host too noisy to fit, cannot at all) tell decode cost
+        from prompt cost."""
+        decode = load_for(0)
+        floor = min(cap, max(1, decode.decode_tokens))
+        decode_only = self.cost.predict(decode)
         if decode_only is None or not self.cost.knows_decoding:
-            return 1
-        low, high = 1, cap
+            return floor
+        low, high = floor, cap
         while high - low > 1:
             mid = (low + high) // 2
             if (self.cost.predict(load_for(mid)) or 0.0) <= 2 * decode_only:

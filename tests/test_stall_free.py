@@ -6,6 +6,7 @@ its MLX conversion); the budget arithmetic itself on synthetic step costs."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import statistics
 import time
@@ -17,7 +18,7 @@ import httpx
 import pytest
 
 from lmx_worker.step_budget import PromptBudget, StepLoad
-from tests.conftest import MLX_MODEL_ID, MODEL_ID, LMXServer, base_config
+from tests.conftest import MLX_MODEL_ID, MODEL_ID, LMXServer, base_config, wait_until
 from tests.test_batching import SUBJECTS, Rows, assert_same_or_near_tie
 
 pytestmark = pytest.mark.timeout(900)
@@ -43,7 +44,7 @@ def test_budget_learns_the_largest_chunk_within_the_target() -> None:
     # A lone prompt read first: full chunks, and the cost of prompt tokens.
     for start in range(0, 1024, 512):
         load = StepLoad(0, 512, 512.0 * (start + 512))
-        assert budget.allow(False, 512, lambda _n: load) == 512
+        assert budget.allow(False, 512, lambda n: StepLoad(0, n, 0.0)) == 512
         budget.observe(load, synthetic_seconds(load))
     for _ in range(10):  # then 4 streams decode
         load = StepLoad(4, 0, 4.0 * 100)
@@ -185,7 +186,7 @@ def gaps_while_read(outcome: Outcome) -> tuple[float, float]:
     during, before = [], []
     for stream in outcome.streams:
         times = stream.arrivals
-        for earlier, later in zip(times, times[1:], strict=False):
+        for earlier, later in itertools.pairwise(times):
             if later <= outcome.sent:
                 before.append(later - earlier)
             elif earlier < outcome.first:
@@ -203,9 +204,12 @@ def common(a: Rows, b: Rows) -> tuple[Rows, Rows]:
 def serve(root: Path, models: Path, model_id: str, budget_ms: float) -> LMXServer:
     home = root / f"home-{budget_ms:g}"
     home.mkdir()
+    # One thread: llama.cpp's (and OpenBLAS's) threads spin on barriers, and
+    # on a shared, oversubscribed CI machine two of them make every step
+    # many times slower at random; one thread keeps step times steady.
     server = LMXServer(home, base_config(
         models, auto_load=[model_id], parallel_slots=STREAMS + 1, context_length=2560,
-        max_concurrent_requests=STREAMS + 1, max_inter_token_ms=budget_ms))
+        max_concurrent_requests=STREAMS + 1, max_inter_token_ms=budget_ms, n_threads=1))
     server.wait_ready(model_id, timeout=180)
     return server
 
@@ -218,8 +222,9 @@ def run_both(root: Path, models: Path, model_id: str) -> tuple[Outcome, Outcome,
         server = serve(root, models, model_id, budget_ms)
         try:
             results.append(scenario(server, model_id))
-            if budget_ms:
-                stats = server.admin_models()[model_id]["worker_stats"]
+            if budget_ms:  # the worker answers stats between steps: poll, bounded
+                stats = wait_until(lambda s=server: s.admin_models()[model_id]["worker_stats"],
+                                   60, interval=0.5, what="worker stats")
         finally:
             server.stop()
     return results[0], results[1], stats
