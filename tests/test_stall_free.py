@@ -24,10 +24,20 @@ from tests.test_batching import SUBJECTS, Rows, assert_same_or_near_tie
 pytestmark = pytest.mark.timeout(900)
 
 TARGET_MS = 250.0
-STREAMS = 4
-# "1, 2, ..., 420," is ~2,000 tokens; the model goes on with "421, 422".
-COUNT_TO = 420
-LONG_PROMPT = ", ".join(str(i) for i in range(1, COUNT_TO + 1)) + ","
+
+
+@dataclass(frozen=True)
+class Case:
+    streams: int  # decoding when the long prompt arrives
+    count_to: int  # the long prompt is "1, 2, ..., count_to,"; the model goes on counting
+
+    @property
+    def prompt(self) -> str:
+        return ", ".join(str(i) for i in range(1, self.count_to + 1)) + ","
+
+
+LLAMA_CASE = Case(4, 420)  # a ~2,000-token prompt
+MLX_CASE = Case(2, 200)  # ~900 tokens: MLX on a CPU reads prompts slower
 
 
 # --- the budget on a synthetic host ----------------------------------------
@@ -128,10 +138,11 @@ async def run_stream(client: httpx.AsyncClient, model: str, subject: str, into: 
                 into.arrivals.append(time.monotonic())
 
 
-async def run_long(client: httpx.AsyncClient, model: str) -> tuple[Rows, str, float]:
+async def run_long(client: httpx.AsyncClient, model: str, prompt: str
+                   ) -> tuple[Rows, str, float]:
     """The long completion: its tokens (as chat-style rows), text, and when
     the first one arrived."""
-    body = {"model": model, "prompt": LONG_PROMPT, "temperature": 0, "max_tokens": 12,
+    body = {"model": model, "prompt": prompt, "temperature": 0, "max_tokens": 12,
             "stream": True, "logprobs": 5}
     rows: Rows = []
     text, first = "", 0.0
@@ -153,11 +164,11 @@ async def run_long(client: httpx.AsyncClient, model: str) -> tuple[Rows, str, fl
     return rows, text, first
 
 
-def scenario(server: LMXServer, model: str) -> Outcome:
-    """STREAMS greedy streams decode; once each has a few tokens, the long
-    prompt arrives; when it is answered the streams are cut."""
+def scenario(server: LMXServer, model: str, case: Case) -> Outcome:
+    """Greedy streams decode; once each has a few tokens, the long prompt
+    arrives; when it is answered the streams are cut."""
     async def run() -> Outcome:
-        streams = [Stream() for _ in range(STREAMS)]
+        streams = [Stream() for _ in range(case.streams)]
         async with httpx.AsyncClient(base_url=server.url, timeout=600) as client:
             tasks = [asyncio.create_task(run_stream(client, model, SUBJECTS[i], s))
                      for i, s in enumerate(streams)]
@@ -170,7 +181,7 @@ def scenario(server: LMXServer, model: str) -> Outcome:
                         raise AssertionError("a stream ended before the long prompt came")
                 await asyncio.sleep(0.05)
             sent = time.monotonic()
-            long_rows, long_text, first = await run_long(client, model)
+            long_rows, long_text, first = await run_long(client, model, case.prompt)
             for task in tasks:
                 assert not task.done(), "a stream ended while the long prompt was read"
                 task.cancel()
@@ -201,27 +212,29 @@ def common(a: Rows, b: Rows) -> tuple[Rows, Rows]:
     return a[:n], b[:n]
 
 
-def serve(root: Path, models: Path, model_id: str, budget_ms: float) -> LMXServer:
+def serve(root: Path, models: Path, model_id: str, budget_ms: float, streams: int
+          ) -> LMXServer:
     home = root / f"home-{budget_ms:g}"
     home.mkdir()
     # One thread: llama.cpp's (and OpenBLAS's) threads spin on barriers, and
     # on a shared, oversubscribed CI machine two of them make every step
     # many times slower at random; one thread keeps step times steady.
     server = LMXServer(home, base_config(
-        models, auto_load=[model_id], parallel_slots=STREAMS + 1, context_length=2560,
-        max_concurrent_requests=STREAMS + 1, max_inter_token_ms=budget_ms, n_threads=1))
+        models, auto_load=[model_id], parallel_slots=streams + 1, context_length=2560,
+        max_concurrent_requests=streams + 1, max_inter_token_ms=budget_ms, n_threads=1))
     server.wait_ready(model_id, timeout=180)
     return server
 
 
-def run_both(root: Path, models: Path, model_id: str) -> tuple[Outcome, Outcome, dict[str, Any]]:
+def run_both(root: Path, models: Path, model_id: str, case: Case
+             ) -> tuple[Outcome, Outcome, dict[str, Any]]:
     """The scenario with the budget on, then off; and the budgeted worker's
     stats after it."""
     results = []
     for budget_ms in (TARGET_MS, 0.0):
-        server = serve(root, models, model_id, budget_ms)
+        server = serve(root, models, model_id, budget_ms, case.streams)
         try:
-            results.append(scenario(server, model_id))
+            results.append(scenario(server, model_id, case))
             if budget_ms:  # the worker answers stats between steps: poll, bounded
                 stats = wait_until(lambda s=server: s.admin_models()[model_id]["worker_stats"],
                                    60, interval=0.5, what="worker stats")
@@ -238,9 +251,10 @@ def assert_same_greedy_tokens(budgeted: Outcome, unbudgeted: Outcome) -> None:
 
 def test_llama_cpp_long_prompt_does_not_stall_running_streams(
         tmp_path: Path, models_dir: Path) -> None:
-    budgeted, unbudgeted, stats = run_both(tmp_path, models_dir, MODEL_ID)
+    budgeted, unbudgeted, stats = run_both(tmp_path, models_dir, MODEL_ID, LLAMA_CASE)
     # The long request is answered right: the count goes on.
-    assert budgeted.long_text.lstrip().startswith(f"{COUNT_TO + 1}, {COUNT_TO + 2}")
+    count = LLAMA_CASE.count_to
+    assert budgeted.long_text.lstrip().startswith(f"{count + 1}, {count + 2}")
     largest, typical = gaps_while_read(budgeted)
     # 4x the target, or 8x the host's own decode gap when it is so loaded
     # that decoding alone takes most of the target (the budget then gives
@@ -259,7 +273,7 @@ def test_mlx_budget_does_not_change_greedy_tokens(
     models = tmp_path / "models"
     models.mkdir()
     (models / MLX_MODEL_ID).symlink_to(mlx_model_dir, target_is_directory=True)
-    budgeted, unbudgeted, stats = run_both(tmp_path, models, MLX_MODEL_ID)
-    assert budgeted.long_text.lstrip().startswith(f"{COUNT_TO + 1}")
+    budgeted, unbudgeted, stats = run_both(tmp_path, models, MLX_MODEL_ID, MLX_CASE)
+    assert budgeted.long_text.lstrip().startswith(f"{MLX_CASE.count_to + 1}")
     assert_same_greedy_tokens(budgeted, unbudgeted)
     assert stats["prompt_budget_tokens"] > 0 and stats["step_time_ms"] > 0
