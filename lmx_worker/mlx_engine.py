@@ -9,9 +9,9 @@ A request joins at the next step and leaves when it finishes or is aborted
 decode, the generator reads one prompt at a time (arrival order) and its
 per-step chunk is set from the stall-free budget (lmx_worker.step_budget);
 with nothing decoding, prompts are read PREFILL_STEP tokens at a time, several
-together. The generator
-pipelines one step ahead (token t+1 is computed while t is handed out), so
-the KV cache of a sequence always holds every token it has returned.
+together. The generator pipelines one step ahead (token t+1 is computed
+while t is handed out), so the KV cache of a sequence always holds every
+token it has returned.
 
 Prefix cache: when a request ends normally, its KV cache (prompt and reply)
 goes into mlx-lm's LRUPromptCache, a token trie; a later request starts from
