@@ -85,7 +85,7 @@ class Server:
                  budget_ms: float) -> None:
         models_dir = home / "models"
         models_dir.mkdir(parents=True)
-        (models_dir / model_id).symlink_to(model.resolve())
+        (models_dir / model.name).symlink_to(model.resolve())
         self.model_id = model_id
         slots = max(args.levels) + 1
         config = {
@@ -275,7 +275,7 @@ def run(args: argparse.Namespace) -> list[CaseResult]:
         salt = 0
         for backend in args.backends:
             model = gguf if backend == "llama" else mlx_model(args, gguf, tmp)
-            model_id = model.name
+            model_id = model.name.removesuffix(".gguf")
             with servers(tmp, model, model_id, args) as pair:
                 for n in args.levels:
                     for p in args.prompts:
