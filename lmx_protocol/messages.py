@@ -239,6 +239,11 @@ class WorkerStats(msgspec.Struct, omit_defaults=True, gc=False):
     rss_bytes: int = 0
     prompt_tokens_cached: int = 0  # prompt tokens served from the prefix cache
     encoder_batches: int = 0  # forward passes that served Embed frames
+    # Prompt tokens the latest step could read (stall-free budget while
+    # sequences decode; the full chunk when none do), and the moving average
+    # of measured step time.
+    prompt_budget_tokens: int = 0
+    step_time_ms: float = 0.0
 
 
 class Pong(Frame, tag="pong"):

@@ -97,6 +97,11 @@ class ModelsConfig(Section):
     # flash attention on, which llama.cpp needs for it), q4_0 quarters it.
     # Per model: a performance profile or a load's performance_overrides.
     kv_cache_type: Literal["f16", "q8_0", "q4_0"] = "f16"
+    # Stall-free batching: the longest step (so the largest inter-token gap)
+    # running streams should see while a new prompt is read beside them;
+    # each worker sizes the prompt chunk per step from its measured step
+    # cost. 0 disables the budget (prompts go in full 512-token chunks).
+    max_inter_token_ms: Annotated[float, msgspec.Meta(ge=0)] = 250
     crash_loop_max_crashes: PositiveInt = 3
     crash_loop_window_sec: PositiveFloat = 60
     restart_backoff_initial_sec: PositiveFloat = 0.25

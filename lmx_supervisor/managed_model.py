@@ -103,6 +103,7 @@ class ModelSettings:
     max_queued_requests: int = 64
     worker_heartbeat_timeout_sec: float = 10
     worker_stall_timeout_sec: float = 300
+    max_inter_token_ms: float = 250.0
 
 
 @dataclass
@@ -274,6 +275,7 @@ class ManagedModel:
             # Several beats per timeout: one late beat on a loaded machine
             # must not read as a hang.
             heartbeat_interval_sec=min(1.0, self.settings.worker_heartbeat_timeout_sec / 5),
+            max_inter_token_ms=self.settings.max_inter_token_ms,
         )
         started = time.monotonic()
         try:

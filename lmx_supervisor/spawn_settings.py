@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 # ModelSettings fields fixed when a worker is spawned: a config reload leaves
 # them alone for running models (a restart after a crash must not change them).
 SPAWN_TIME_SETTINGS = ("context_length", "n_threads", "parallel_slots", "mlx_dequantize",
-                       "n_threads_batch", "n_batch", "flash_attn", "kv_cache_type")
+                       "n_threads_batch", "n_batch", "flash_attn", "kv_cache_type",
+                       "max_inter_token_ms")
 
 Overrides = dict[str, Any]
 # Validated here; the other performance keys by performance.PerformanceSettings.
@@ -62,10 +63,16 @@ def parse_overrides(raw: Any, where: str) -> Overrides:
                              code="invalid_value")
         if key == "mlx_dequantize":
             parsed[key] = _dequantize(value, param)
+        elif key == "max_inter_token_ms":
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                raise BadRequest(f"{param} must be a number of milliseconds >= 0 (0: no "
+                                 f"budget), not {value!r}", param=param, code="invalid_value")
+            parsed[key] = float(value)
         elif key in _SIMPLE_COUNTS:
             parsed[key] = _positive_int(value, param, allow_none=key == "n_threads")
     # The performance keys' ranges and types: one schema with profiles.
-    tuned = {k: v for k, v in raw.items() if k not in ("mlx_dequantize", *_SIMPLE_COUNTS)}
+    tuned = {k: v for k, v in raw.items()
+             if k not in ("mlx_dequantize", "max_inter_token_ms", *_SIMPLE_COUNTS)}
     parsed.update(parse_settings(tuned, where).as_dict())
     return parsed
 

@@ -82,6 +82,7 @@ def settings_from(config: Config, model_id: str) -> ModelSettings:
         max_queued_requests=m.max_queued_requests,
         worker_heartbeat_timeout_sec=m.worker_heartbeat_timeout_sec,
         worker_stall_timeout_sec=m.worker_stall_timeout_sec,
+        max_inter_token_ms=m.max_inter_token_ms,
     )
 
 

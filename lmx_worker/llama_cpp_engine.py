@@ -5,6 +5,9 @@ parallel slots do: each request owns a KV sequence (a slot), and every
 `step()` builds one batch holding the next token of every decoding sequence
 plus a chunk of any prompt still being read, runs one `llama_decode`, and
 samples one token per sequence with that request's own sampler chain.
+While sequences are decoding, the prompt tokens a step may read are bounded
+by a budget (lmx_worker.step_budget) so the running streams keep their
+pace; prompts are read in the order their requests arrived.
 
 A slot keeps the tokens of its last request in the KV cache after it ends; a
 new request goes to the free slot sharing the longest prefix with its prompt
@@ -16,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import os
 import random
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -45,6 +49,7 @@ from lmx_worker.constraints import (
 from lmx_worker.engine import RequestError, StepOutput
 from lmx_worker.logit_bias import LogitBias
 from lmx_worker.spec import WorkerSpec
+from lmx_worker.step_budget import PromptBudget, StepLoad
 from lmx_worker.text_stream import TextStream
 
 _PIECE_BUFFER = 256
@@ -74,6 +79,7 @@ class _Job:
     bias: LogitBias | None = None  # the request's logit_bias
     special_text: bool = False  # show control tokens (tool-call markers) as text
     to_prefill: list[int] = field(default_factory=list)
+    arrival: int = 0  # admission order: prompts are read first come, first served
     generated: list[int] = field(default_factory=list)
     # Sampled (and grammar-forced) tokens not yet in the KV cache.
     next_tokens: list[int] = field(default_factory=list)
@@ -157,6 +163,8 @@ class LlamaCppEngine:
         self._pending: deque[_Job] = deque()
         self._counted: list[StepOutput] = []  # count_only answers, sent at the next step
         self.cached_prompt_tokens = 0
+        self._budget = PromptBudget(spec.max_inter_token_ms)
+        self._arrivals = 0
 
     def _load_template(self) -> ChatTemplate | None:
         template = self.model.metadata().get("tokenizer.chat_template")
@@ -270,6 +278,8 @@ class LlamaCppEngine:
         stats.active_requests = sum(1 for s in self._slots if s.job)
         stats.queued_requests = len(self._pending)
         stats.prompt_tokens_cached = self.cached_prompt_tokens
+        stats.prompt_budget_tokens = self._budget.tokens
+        stats.step_time_ms = round(1000 * self._budget.step_sec, 2)
 
     # --- scheduling -----------------------------------------------------------
 
@@ -289,6 +299,8 @@ class LlamaCppEngine:
             llama_cpp.llama_memory_seq_rm(self.ctx.memory, slot.seq_id, keep, -1)
             slot.cached = slot.cached[:keep]
             job.to_prefill = job.prompt[keep:]
+            self._arrivals += 1
+            job.arrival = self._arrivals
             self.cached_prompt_tokens += keep
             slot.job = job
 
@@ -310,10 +322,43 @@ class LlamaCppEngine:
         slot.cached = list(donor.cached)
         return best
 
-    def _fill_batch(self) -> list[tuple[_Slot, int]]:
-        """Decoding sequences first (one token each), then prompt chunks in
-        the remaining room. Returns (slot, batch index) for each sequence
-        whose logits this batch produces."""
+    def _reading(self) -> list[_Slot]:
+        """Slots with prompt tokens left to read, first-arrived first."""
+        slots = [s for s in self._slots if s.job is not None and s.job.to_prefill]
+        return sorted(slots, key=lambda s: s.job.arrival if s.job else 0)
+
+    @staticmethod
+    def _load(decoding: list[_Slot], reading: list[_Slot], prompt_tokens: int) -> StepLoad:
+        """What a step computes when it decodes `decoding` and reads
+        `prompt_tokens` of the prompts in `reading` (in that order). With one
+        KV stream per sequence, llama.cpp views every stream in a batch at
+        the deepest one's length, so decode tokens attend over that many
+        cells; a prompt chunk attends over its own context."""
+        decode_tokens = 0
+        deepest = 0
+        for slot in decoding:
+            assert slot.job is not None
+            decode_tokens += len(slot.job.next_tokens)
+            deepest = max(deepest, len(slot.cached) + len(slot.job.next_tokens))
+        attention = 0.0
+        left = prompt_tokens
+        for slot in reading:
+            assert slot.job is not None
+            take = min(left, len(slot.job.to_prefill))
+            if take <= 0:
+                break
+            end = len(slot.cached) + take
+            attention += take * end
+            deepest = max(deepest, end)
+            left -= take
+        return StepLoad(decode_tokens, prompt_tokens - left, attention + decode_tokens * deepest)
+
+    def _fill_batch(self, decoding: list[_Slot], reading: list[_Slot],
+                    prompt_tokens: int) -> list[tuple[_Slot, int]]:
+        """Decoding sequences first (their next tokens), then up to
+        `prompt_tokens` of the prompts in `reading`, in order. Returns
+        (slot, batch index) for each sequence whose logits this batch
+        produces."""
         batch = self._batch
         n = 0
         sample_at: list[tuple[_Slot, int]] = []
@@ -330,34 +375,51 @@ class LlamaCppEngine:
                 sample_at.append((slot, n))
             n += 1
 
-        for slot in self._slots:
+        for slot in decoding:
             job = slot.job
-            if job is not None and job.next_tokens:
-                for i, token in enumerate(job.next_tokens):
-                    put(slot, token, i == len(job.next_tokens) - 1)
-                job.next_tokens = []
-        for slot in self._slots:
+            assert job is not None
+            for i, token in enumerate(job.next_tokens):
+                put(slot, token, i == len(job.next_tokens) - 1)
+            job.next_tokens = []
+        room = min(prompt_tokens, self.n_batch - n)
+        for slot in reading:
             job = slot.job
-            if job is None or not job.to_prefill:
-                continue
-            take = min(len(job.to_prefill), self.n_batch - n)
+            assert job is not None
+            take = min(len(job.to_prefill), room)
             if take <= 0:
                 break
             chunk, job.to_prefill = job.to_prefill[:take], job.to_prefill[take:]
             for i, token in enumerate(chunk):
                 put(slot, token, not job.to_prefill and i == take - 1)
+            room -= take
         batch.n_tokens = n
         return sample_at
 
     def step(self) -> list[StepOutput]:
         out, self._counted = self._counted, []
         self._admit()
-        sample_at = self._fill_batch()
+        decoding = [s for s in self._slots if s.job is not None and s.job.next_tokens]
+        reading = self._reading()
+        prompt_tokens = 0
+        if reading:
+            decode_tokens = self._load(decoding, [], 0).decode_tokens
+            prompt_tokens = self._budget.allow(
+                bool(decoding), self.n_batch - decode_tokens,
+                lambda n: self._load(decoding, reading, n))
+        load = self._load(decoding, reading, prompt_tokens)
+        sample_at = self._fill_batch(decoding, reading, prompt_tokens)
         if self._batch.n_tokens == 0:
             return out
+        started = time.perf_counter()
         status = llama_cpp.llama_decode(self.ctx.ctx, self._batch)
         if status != 0:
             return out + self._fail_all(f"llama_decode failed with status {status}")
+        out.extend(self._sample_all(sample_at))
+        self._budget.observe(load, time.perf_counter() - started)
+        return out
+
+    def _sample_all(self, sample_at: list[tuple[_Slot, int]]) -> list[StepOutput]:
+        out: list[StepOutput] = []
         for slot, index in sample_at:
             job = slot.job
             assert job is not None

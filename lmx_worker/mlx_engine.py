@@ -5,9 +5,13 @@ one decode step for all generating sequences (each with its own KV cache row
 in a left-padded BatchKVCache, its own sampler and logits processors), plus
 a chunk of prompt processing for requests that joined since the last step.
 A request joins at the next step and leaves when it finishes or is aborted
-(`BatchGenerator.remove`), without disturbing the others. The generator
-pipelines one step ahead (token t+1 is computed while t is handed out), so
-the KV cache of a sequence always holds every token it has returned.
+(`BatchGenerator.remove`), without disturbing the others. While sequences
+decode, the generator reads one prompt at a time (arrival order) and its
+per-step chunk is set from the stall-free budget (lmx_worker.step_budget);
+with nothing decoding, prompts are read PREFILL_STEP tokens at a time, several
+together. The generator pipelines one step ahead (token t+1 is computed
+while t is handed out), so the KV cache of a sequence always holds every
+token it has returned.
 
 Prefix cache: when a request ends normally, its KV cache (prompt and reply)
 goes into mlx-lm's LRUPromptCache, a token trie; a later request starts from
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from importlib.metadata import version
@@ -67,14 +72,16 @@ from lmx_worker.logit_bias import bias_row, check_logit_bias
 from lmx_worker.mlx_cpu_layout import optimize_for_cpu
 from lmx_worker.mlx_weights import apply_plan, plan_weights
 from lmx_worker.spec import WorkerSpec
+from lmx_worker.step_budget import PromptBudget, StepLoad
 from lmx_worker.system_blas import batch_blas_threads, set_blas_threads
 from lmx_worker.text_stream import TextStream
 from lmx_worker.token_bytes import token_byte_table
 
 log = logging.getLogger("lmx.worker.mlx")
 
-# Prompt tokens read per step: a long prompt must not stall the decoding
-# sequences (or delay an abort) for more than a fraction of a second on CPU.
+# Prompt tokens read per sequence and step with nothing decoding (an abort
+# still lands within a fraction of a second on CPU); while sequences decode,
+# the stall-free budget decides.
 PREFILL_STEP = 256
 PENALTY_LAST_N = 64  # as the llama.cpp backend
 MIN_PREFIX_COPY = 32  # prompt tokens a copy of a running sequence's KV must save
@@ -99,6 +106,11 @@ class _Job:
     # yet handed out, kept only when logprobs are asked for and processors
     # would otherwise change what the generator reports.
     raw_rows: deque[mx.array] = field(default_factory=deque)
+    # Prompt tokens the generator still has to read before the last one,
+    # which it feeds as the first decode step (from its progress reports).
+    to_read: int = 0
+    reading: bool = False  # in the generator's prompt batch
+    decoding: bool = False  # in its generation batch
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -193,6 +205,7 @@ class MlxEngine:
         self._active: dict[int, _Job] = {}
         self._counted: list[StepOutput] = []  # count_only answers, sent at the next step
         self.cached_prompt_tokens = 0
+        self._budget = PromptBudget(spec.max_inter_token_ms)
 
     # --- loading helpers ------------------------------------------------------
 
@@ -367,6 +380,8 @@ class MlxEngine:
         stats.active_requests = len(self._active)
         stats.queued_requests = len(self._pending)
         stats.prompt_tokens_cached = self.cached_prompt_tokens
+        stats.prompt_budget_tokens = self._budget.tokens
+        stats.step_time_ms = round(1000 * self._budget.step_sec, 2)
 
     # --- scheduling -----------------------------------------------------------
 
@@ -425,6 +440,7 @@ class MlxEngine:
                 stop_sequences=[StopSequences()],
             )
             self.cached_prompt_tokens += cached
+            job.to_read = len(job.prompt) - cached - 1
             job.uid = uid
             self._active[uid] = job
 
@@ -436,13 +452,17 @@ class MlxEngine:
         if not self._active:
             return []
         self._tune_blas(len(self._active))
+        load = self._plan_prompt_reading()
+        started = time.perf_counter()
         try:
-            _, responses = self._gen.next()
+            progress, responses = self._gen.next()
         except MemoryError:
             raise
         except Exception as exc:  # the batch state is unknown now
             log.exception("MLX batch step failed")
             return self._fail_all(f"MLX step failed: {exc}")
+        self._budget.observe(load, time.perf_counter() - started)
+        self._track_reading(progress)
         out: list[StepOutput] = []
         ended: list[int] = []
         for r in responses:
@@ -465,6 +485,60 @@ class MlxEngine:
         if ended:
             self._retire(ended)
         return out
+
+    def _plan_prompt_reading(self) -> StepLoad:
+        """Set how the generator reads prompts in the coming step and return
+        what that step will compute. With nothing decoding: PREFILL_STEP
+        tokens of up to `slots` prompts together. Otherwise one prompt at a
+        time, in arrival order, its chunk sized by the budget."""
+        jobs = list(self._active.values())
+        decoding = [j for j in jobs if j.decoding]
+        in_batch = [j for j in jobs if j.reading]
+        waiting = [j for j in jobs if not j.reading and not j.decoding]  # arrival order
+        gen = self._gen
+        if not decoding or not self._budget.enabled:
+            gen.prefill_batch_size = self.slots
+            gen.prefill_step_size = PREFILL_STEP
+            readers = (in_batch + waiting)[:self.slots]
+            self._budget.tokens = PREFILL_STEP
+            return self._load(decoding, readers, PREFILL_STEP)
+        gen.prefill_batch_size = 1
+        readers = in_batch or waiting[:1]
+        per_reader = [j.to_read for j in readers if j.to_read > 0]
+        if not per_reader:
+            return self._load(decoding, [], 0)
+        most = min(PREFILL_STEP, max(per_reader)) * len(per_reader)
+        total = self._budget.allow(True, most,
+                                   lambda n: self._load(decoding, readers, n // len(per_reader)))
+        gen.prefill_step_size = max(1, total // len(per_reader))
+        return self._load(decoding, readers, gen.prefill_step_size)
+
+    @staticmethod
+    def _load(decoding: list[_Job], readers: list[_Job], chunk: int) -> StepLoad:
+        """A step that decodes `decoding` and reads up to `chunk` tokens of
+        each of `readers`. The generator pads: decode attention runs over the
+        longest sequence for every row, a prompt chunk over the deepest
+        reader's context plus the chunk, at the widest reader's chunk."""
+        longest = max((len(j.prompt) + len(j.generated) for j in decoding), default=0)
+        chunks = [min(chunk, j.to_read) for j in readers if j.to_read > 0]
+        widest = max(chunks, default=0)
+        prompt_tokens = widest * len(chunks)
+        deepest = max((len(j.prompt) - 1 - j.to_read for j in readers), default=0)
+        attention = len(decoding) * longest + prompt_tokens * (deepest + widest)
+        return StepLoad(len(decoding), prompt_tokens, float(attention))
+
+    def _track_reading(self, progress: list[Any]) -> None:
+        """Follow the generator's prompt progress reports: (read, total) per
+        prompt, and end_of_prompt once a sequence moves to decoding."""
+        for report in progress:
+            job = self._active.get(report.uid)
+            if job is None:
+                continue
+            if report.end_of_prompt:
+                job.reading, job.decoding, job.to_read = False, True, 0
+            else:
+                done, total = report.progress
+                job.reading, job.to_read = True, max(0, total - 1 - done)
 
     def _tune_blas(self, batch: int) -> None:
         """OpenBLAS threads to suit the batch (see batch_blas_threads); only

@@ -36,6 +36,10 @@ class WorkerSpec(msgspec.Struct, forbid_unknown_fields=True):
     # often the worker writes to it. None: no heartbeat (a worker run by hand).
     heartbeat_fd: int | None = None
     heartbeat_interval_sec: float = 1.0
+    # Step time the running streams may see while a new prompt is read: the
+    # worker sizes each step's prompt chunk to it (lmx_worker.step_budget).
+    # 0: no budget (prompts are read in full batches beside the streams).
+    max_inter_token_ms: float = 250.0
 
 
 def encode_spec(spec: WorkerSpec) -> str:

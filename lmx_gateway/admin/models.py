@@ -63,6 +63,8 @@ async def describe_model(model: ManagedModel, with_stats: bool = True) -> dict[s
             "rss_bytes": stats.rss_bytes,
             "prompt_tokens_cached": stats.prompt_tokens_cached,
             "encoder_batches": stats.encoder_batches,
+            "prompt_budget_tokens": stats.prompt_budget_tokens,
+            "step_time_ms": stats.step_time_ms,
         } if stats else None,
     }
 
