@@ -23,6 +23,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute
 
 from lmx_gateway import __version__
+from lmx_gateway.access.guards import OLLAMA_PATH_PREFIX
 from lmx_gateway.access.scopes import JSON, PUBLIC, RouteScope, ScopedRoute
 from lmx_gateway.http.anthropic_errors import is_messages_path
 
@@ -55,6 +56,10 @@ _ERROR_SCHEMAS: dict[str, Any] = {
             "properties": {"message": {"type": "string"}, "type": {"type": "string"},
                            "code": {"type": ["string", "null"]},
                            "param": {"type": ["string", "null"]}}}},
+    },
+    "OllamaError": {
+        "type": "object", "required": ["error"],
+        "properties": {"error": {"type": "string"}},
     },
     "AnthropicError": {
         "type": "object", "required": ["type", "error"],
@@ -103,8 +108,7 @@ def _operation(route: ScopedRoute, body_refs: dict[type, dict[str, Any]]) -> dic
         op["requestBody"] = {"required": True,
                              "content": {JSON: {"schema": body_refs[route.body]}}}
         statuses.update(_WITH_BODY)
-    error_ref = {"$ref": REF.format(name="AnthropicError" if is_messages_path(route.path)
-                                    else "Error")}
+    error_ref = {"$ref": REF.format(name=_error_schema_name(route.path))}
     responses: dict[str, Any] = {
         str(status): {"description": "OK" if status == 200 else "Accepted",
                       "content": _success_content(route)} for status in route.ok}
@@ -113,6 +117,15 @@ def _operation(route: ScopedRoute, body_refs: dict[type, dict[str, Any]]) -> dic
                                   "content": {JSON: {"schema": error_ref}}}
     op["responses"] = responses
     return op
+
+
+def _error_schema_name(path: str) -> str:
+    """Each route family's own error shape (its clients parse that one)."""
+    if is_messages_path(path):
+        return "AnthropicError"
+    if path.startswith(OLLAMA_PATH_PREFIX):
+        return "OllamaError"
+    return "Error"
 
 
 def _slug(path: str) -> str:

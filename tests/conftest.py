@@ -45,7 +45,7 @@ def wait_until(predicate: Any, timeout: float, interval: float = 0.05, what: str
 
 
 # What `lmx serve` prints once its socket is bound.
-LISTENING = re.compile(rb"^LMX listening on http://[^\s]+:(\d+)$", re.M)
+LISTENING = re.compile(rb"^LMX listening on https?://[^\s]+:(\d+)$", re.M)
 
 
 class LMXServer:

@@ -18,6 +18,7 @@ from openai.types import completion_create_params as completion_params
 from openai.types.chat import completion_create_params as chat_params
 
 from tests.conftest import MLX_MODEL_ID, MODEL_ID, LMXServer, wait_until
+from tests.event_reader import EventReader
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -203,10 +204,8 @@ def test_echo_and_suffix(shared_server: LMXServer) -> None:
 
 
 def test_user_and_metadata_reach_the_request_log(shared_server: LMXServer) -> None:
-    from tests.test_observability import Watcher
-
     client = shared_server.openai()
-    watcher = Watcher(shared_server)
+    watcher = EventReader(shared_server.url)
     client.chat.completions.create(model=MODEL_ID, messages=QUESTION, max_tokens=2,  # type: ignore[arg-type]
                                    user="alice-7", metadata={"app": "notes-9"},
                                    service_tier="auto", store=False,
