@@ -34,13 +34,8 @@ from lmx_gateway.openai.schemas import (
     ChatCompletionRequest,
     ChatMessageIn,
     ModelName,
-    NonNegativeInt,
-    Penalty,
-    PositiveInt,
-    Probability,
+    SamplingDefaults,
     SamplingFields,
-    Stop,
-    Temperature,
 )
 from lmx_supervisor.bundled_model import lmx_home
 
@@ -49,27 +44,16 @@ log = logging.getLogger("lmx.presets")
 PRESET_PREFIX = "preset:"
 PresetName = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[^\s:/]+$")]
 
-# The request fields a preset may give defaults for (same names and limits as
-# the OpenAI request body, so a preset can never smuggle in an invalid value).
-SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop",
-                 "presence_penalty", "frequency_penalty", "repetition_penalty")
+# The request fields a preset may give defaults for (declared once, with the
+# request's own limits, in openai/schemas.py).
+SAMPLING_KEYS = SamplingDefaults.__struct_fields__
 
 
-class PresetFile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+class PresetFile(SamplingDefaults, forbid_unknown_fields=True, kw_only=True):
     model: ModelName
     name: PresetName | None = None
     description: str | None = None
     system_prompt: str | None = None
-    max_tokens: PositiveInt | None = None
-    temperature: Temperature | None = None
-    top_p: Annotated[float, Meta(gt=0, le=1)] | None = None
-    top_k: NonNegativeInt | None = None
-    min_p: Probability | None = None
-    seed: int | None = None
-    stop: Stop = None
-    presence_penalty: Penalty | None = None
-    frequency_penalty: Penalty | None = None
-    repetition_penalty: Annotated[float, Meta(gt=0)] | None = None
 
 
 @dataclass(frozen=True)

@@ -76,10 +76,10 @@ class StreamOptions(msgspec.Struct, kw_only=True):
     include_usage: bool = False
 
 
-class SamplingFields(msgspec.Struct, kw_only=True):
-    model: ModelName
-    stream: bool = False
-    stream_options: StreamOptions | None = None
+class SamplingDefaults(msgspec.Struct, kw_only=True):
+    """The sampling fields a preset may give defaults for: one declaration,
+    so a preset can never hold a value a request could not."""
+
     max_tokens: PositiveInt | None = None
     temperature: Temperature | None = None
     top_p: Annotated[float, Meta(gt=0, le=1)] | None = None
@@ -90,6 +90,12 @@ class SamplingFields(msgspec.Struct, kw_only=True):
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     repetition_penalty: Annotated[float, Meta(gt=0)] | None = None
+
+
+class SamplingFields(SamplingDefaults, kw_only=True):
+    model: ModelName
+    stream: bool = False
+    stream_options: StreamOptions | None = None
     repeat_penalty: Annotated[float, Meta(gt=0)] | None = None  # llama.cpp spelling
     n: PositiveInt = 1
     ignore_eos: bool = False
