@@ -56,8 +56,8 @@ from lmx_supervisor.process_memory import WorkerMemory
 from lmx_supervisor.restart_policy import CrashHistory, backoff_delay
 from lmx_supervisor.restart_progress import RestartProgress
 from lmx_supervisor.states import ModelState, check_transition
-from lmx_supervisor.transport import PeerGone, RouterHub
-from lmx_supervisor.worker_process import WorkerProcess
+from lmx_supervisor.transport import PeerGone
+from lmx_supervisor.worker_handle import Placement, WorkerHandle
 from lmx_worker.exit_codes import EXIT_OUT_OF_MEMORY
 from lmx_worker.spec import WorkerSpec
 
@@ -132,7 +132,7 @@ class ManagedModel:
         path: Path,
         backend: str,
         settings: ModelSettings,
-        hub: RouterHub,
+        placement: Placement,
         history: CrashHistory,
         emit: EventSink,
         worker_env: dict[str, str] | None = None,
@@ -143,12 +143,14 @@ class ManagedModel:
         self.backend = backend
         self.settings = settings
         self.history = history
-        self._hub = hub
+        # Where this model's workers start (this host or a node agent's);
+        # the supervisor may change it before a load (placement, re-placement).
+        self.placement = placement
         self._emit = emit
         self._worker_env = worker_env
         self.state = ModelState.STOPPED
         self.reason: str | None = None
-        self.worker: WorkerProcess | None = None
+        self.worker: WorkerHandle | None = None
         self.worker_id: str | None = None
         self.ready: Ready | None = None
         self.restarts = 0
@@ -262,10 +264,10 @@ class ManagedModel:
         loop = asyncio.get_running_loop()
         startup: asyncio.Future[Ready | Failed] = loop.create_future()
         self._startup = startup
-        self._hub.register(worker_id, self._on_frame)
+        self.placement.hub.register(worker_id, self._on_frame)
         spec = WorkerSpec(
             worker_id=worker_id, model_id=self.model_id, model_path=str(self.path),
-            backend=self.backend, address=self._hub.address,
+            backend=self.backend, address=self.placement.hub.address,
             context_length=self.settings.context_length, n_threads=self.settings.n_threads,
             memory_cap_bytes=self.memory_cap_bytes,
             parallel_slots=self.settings.parallel_slots,
@@ -279,7 +281,7 @@ class ManagedModel:
         )
         started = time.monotonic()
         try:
-            worker = await WorkerProcess.spawn(spec, env=self._worker_env)
+            worker = await self.placement.spawn(spec, self._worker_env)
         except OSError as exc:
             raise LoadFailed(f"cannot start a worker: {exc}") from exc
         self.worker = worker
@@ -337,7 +339,7 @@ class ManagedModel:
             f"Loader for '{self.model_id}' crashed: worker {describe_exit(worker.returncode)}"
             f"{detail}", code="model_loader_crashed")
 
-    async def _warm_up(self, worker: WorkerProcess, capabilities: list[str]) -> None:
+    async def _warm_up(self, worker: WorkerHandle, capabilities: list[str]) -> None:
         """The canary: one token from the freshly loaded worker before any
         client is routed to it. A model that loads but cannot generate is
         refused here (409 model_canary_failed) and its worker stopped."""
@@ -383,12 +385,12 @@ class ManagedModel:
         if worker is not None:
             await worker.terminate(self.settings.stop_grace_sec)
         if self.worker_id is not None:
-            self._hub.unregister(self.worker_id)
+            self.placement.hub.unregister(self.worker_id)
         self._startup = None
 
     # --- crashes and restarts ---------------------------------------------
 
-    async def _watch(self, worker: WorkerProcess) -> None:
+    async def _watch(self, worker: WorkerHandle) -> None:
         returncode = await worker.exited
         if self.worker is not worker or self.state is not ModelState.READY:
             return  # an intended stop
@@ -433,7 +435,7 @@ class ManagedModel:
                 "crashes": entry.crashes, "quarantine_sec": self.poison.quarantine_sec})
         return True
 
-    async def _monitor(self, worker: WorkerProcess) -> None:
+    async def _monitor(self, worker: WorkerHandle) -> None:
         """Tell a hung worker from a busy one: its heartbeat thread writes
         every second or so whatever the decode loop does, and its progress
         counter moves with every step. Silent past the heartbeat timeout, or
@@ -471,7 +473,7 @@ class ManagedModel:
                                   f"{type(exc).__name__}: {exc}")
         del self.task_failures[:-5]
 
-    def _declare_hung(self, worker: WorkerProcess, why: str) -> None:
+    def _declare_hung(self, worker: WorkerHandle, why: str) -> None:
         cause = f"was unresponsive: {why}; killed"
         log.error("model %s: worker pid %d %s", self.model_id, worker.pid, cause)
         self._hung_cause = cause
@@ -620,7 +622,7 @@ class ManagedModel:
         try:
             assert worker_id is not None
             try:
-                self._hub.send(worker_id, request)
+                self.placement.hub.send(worker_id, request)
             except PeerGone as exc:
                 raise WorkerCrashed(str(exc)) from None
             yield exchange
@@ -634,7 +636,7 @@ class ManagedModel:
             # another beside it since.
             if not exchange.done and worker_id is not None:
                 with contextlib.suppress(PeerGone):
-                    self._hub.send(worker_id, Abort(rid))
+                    self.placement.hub.send(worker_id, Abort(rid))
 
     async def generate(self, request: Generate) -> AsyncGenerator[Tokens | Finished, None]:
         """Run one request; yields Tokens then one Finished. Raises an
@@ -703,7 +705,7 @@ class ManagedModel:
         fut: asyncio.Future[WorkerStats] = asyncio.get_running_loop().create_future()
         self._pings[nonce] = fut
         try:
-            self._hub.send(self.worker_id, Ping(nonce))
+            self.placement.hub.send(self.worker_id, Ping(nonce))
             return await asyncio.wait_for(fut, timeout)
         except (PeerGone, TimeoutError):
             return None
@@ -732,7 +734,7 @@ class ManagedModel:
                                              code="model_unloaded"))
         if self.worker is not None and self.worker_id is not None:
             with contextlib.suppress(PeerGone):
-                self._hub.send(self.worker_id, Shutdown(drain=False))
+                self.placement.hub.send(self.worker_id, Shutdown(drain=False))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self.worker.exited),
                                        self.settings.stop_grace_sec)

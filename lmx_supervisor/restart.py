@@ -39,7 +39,7 @@ from lmx_supervisor.restart_progress import RestartMode, RestartProgress
 from lmx_supervisor.spawn_settings import Overrides, spawn_values, with_overrides
 from lmx_supervisor.states import ModelState
 from lmx_supervisor.transport import PeerGone
-from lmx_supervisor.worker_process import WorkerProcess
+from lmx_supervisor.worker_handle import WorkerHandle
 
 log = logging.getLogger("lmx.supervisor")
 
@@ -54,7 +54,7 @@ POLL_SEC = 0.05
 class _Retiring:
     """The worker a restart replaced, and the requests still running on it."""
 
-    worker: WorkerProcess | None
+    worker: WorkerHandle | None
     worker_id: str | None
     watch: asyncio.Task[None] | None
     request_ids: set[str]
@@ -176,7 +176,7 @@ class Restart:
         settings = dataclasses.replace(with_overrides(model.settings, target),
                                        warmup_on_load=True)
         shadow = ManagedModel(model.model_id, model.path, model.backend, settings,
-                              model._hub, model.history, self._quiet_emit, model._worker_env)
+                              model.placement, model.history, self._quiet_emit, model._worker_env)
         shadow.memory_estimate = estimate
         shadow.memory_cap_bytes = cap
         self._shadow = shadow
@@ -195,7 +195,7 @@ class Restart:
         self._shadow = None
         retiring = _Retiring(model.worker, model.worker_id, model._watch_task,
                              set(model._inflight))
-        model._hub.register(new_id, model._on_frame)
+        model.placement.hub.register(new_id, model._on_frame)
         model.worker, model.worker_id, model.ready = new_worker, new_id, shadow.ready
         # The spawn-time values the replacement really runs with (the old ones
         # when a drain restart restored them), over the model's other settings.
@@ -270,12 +270,12 @@ class Restart:
         if worker is not None:
             if worker_id is not None:
                 with contextlib.suppress(PeerGone):
-                    self.model._hub.send(worker_id, Shutdown(drain=False))
+                    self.model.placement.hub.send(worker_id, Shutdown(drain=False))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(worker.exited), grace)
             await worker.terminate(grace)
         if worker_id is not None:
-            self.model._hub.unregister(worker_id)
+            self.model.placement.hub.unregister(worker_id)
         if retiring.watch is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await retiring.watch

@@ -55,6 +55,7 @@ from lmx_supervisor.spawn_settings import (
 )
 from lmx_supervisor.states import ModelState
 from lmx_supervisor.transport import RouterHub
+from lmx_supervisor.worker_handle import LocalPlacement
 
 log = logging.getLogger("lmx.supervisor")
 
@@ -95,6 +96,7 @@ class Supervisor:
         self._worker_env = worker_env
         self._hub = RouterHub(config.workers.address, config.workers.runtime_dir,
                               max_message_bytes=config.workers.max_message_bytes)
+        self._local = LocalPlacement(self._hub)
         # Poison requests outlive a model's entry (a quarantined model is
         # replaced on its next load), so one registry for all of them.
         self.poison = PoisonRegistry(config.models.crash_loop_window_sec,
@@ -219,7 +221,7 @@ class Supervisor:
             # admission must count it.
             model = ManagedModel(
                 resolved.model_id, resolved.path, resolved.backend,
-                settings, self._hub, history, self.emit,
+                settings, self._local, history, self.emit,
                 self._worker_env, self.poison)
             model.memory_estimate = estimate
             model.memory_cap_bytes = self.memory.worker_cap(estimate, settings.n_threads)
@@ -487,7 +489,7 @@ class Supervisor:
         14): never routed to, not in the runtime state or the compatibility
         ledger, not restarted into quarantine history; its owner stops it."""
         history = CrashHistory(settings.crash_loop_max_crashes, settings.crash_loop_window_sec)
-        return ManagedModel(model_id, path, backend, settings, self._hub, history, emit,
+        return ManagedModel(model_id, path, backend, settings, self._local, history, emit,
                             self._worker_env)
 
     async def shutdown(self, drain_timeout: float = 5.0) -> None:

@@ -95,6 +95,10 @@ class WorkerProcess:
     def returncode(self) -> int | None:
         return self.proc.returncode
 
+    @property
+    def node(self) -> str:
+        return "local"
+
     def signal_group(self, sig: signal.Signals) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, sig)

@@ -1,0 +1,87 @@
+"""What the supervisor holds for one running worker, wherever it runs.
+
+A `ManagedModel` never needs to know whether its worker is a child process of
+this gateway (`WorkerProcess`) or a process a node agent started on another
+host, or a group of ranks of one sharded model: it needs the worker's exit,
+its heartbeat (last beat, progress counter), a way to signal it and a way to
+stop it. A `Placement` says where the next worker of a model starts: which
+ROUTER socket its DEALER connects to (the ipc socket for local workers, the
+CURVE-secured tcp socket for remote ones) and how to start it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Mapping
+from typing import Protocol
+
+from lmx_supervisor.transport import RouterHub
+from lmx_supervisor.worker_process import WorkerProcess
+from lmx_worker.spec import WorkerSpec
+
+LOCAL_NODE = "local"
+
+
+class WorkerHandle(Protocol):
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def node(self) -> str:
+        """The host the worker runs on ("local": this gateway's)."""
+        ...
+
+    @property
+    def last_beat(self) -> float:
+        """time.monotonic() of the latest heartbeat received."""
+        ...
+
+    @property
+    def progress(self) -> int:
+        """The worker's progress counter in that heartbeat."""
+        ...
+
+    @property
+    def exited(self) -> asyncio.Task[int]:
+        """Done with the exit status (negative: killed by that signal)."""
+        ...
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    def signal_group(self, sig: signal.Signals) -> None: ...
+
+    async def terminate(self, grace_sec: float) -> int: ...
+
+
+class Placement(Protocol):
+    @property
+    def node(self) -> str: ...
+
+    @property
+    def hub(self) -> RouterHub:
+        """The ROUTER socket this placement's workers connect to."""
+        ...
+
+    async def spawn(self, spec: WorkerSpec, env: Mapping[str, str] | None) -> WorkerHandle:
+        """Start a worker; raises OSError when it cannot be started."""
+        ...
+
+
+class LocalPlacement:
+    """A child process of this gateway, over the ipc socket."""
+
+    def __init__(self, hub: RouterHub) -> None:
+        self._hub = hub
+
+    @property
+    def node(self) -> str:
+        return LOCAL_NODE
+
+    @property
+    def hub(self) -> RouterHub:
+        return self._hub
+
+    async def spawn(self, spec: WorkerSpec, env: Mapping[str, str] | None) -> WorkerHandle:
+        return await WorkerProcess.spawn(spec, env=env)
