@@ -14,7 +14,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spec", required=True, help="WorkerSpec as JSON")
     args = parser.parse_args(argv)
     configure_logging()
-    return serve(decode_spec(args.spec))
+    spec = decode_spec(args.spec)
+    if spec.shard is not None and spec.shard.rank > 0:
+        from lmx_worker.sharding.follower import serve_follower
+
+        return serve_follower(spec)
+    return serve(spec)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,10 @@ def load_engine(spec: WorkerSpec) -> Engine:
         from lmx_worker.system_blas import use_system_blas
 
         use_system_blas(spec.n_threads)  # before MLX loads: see system_blas
+        if spec.shard is not None:  # rank 0 of a sharded group (the others follow it)
+            from lmx_worker.sharding.leader import ShardLeaderEngine
+
+            return ShardLeaderEngine(spec)
         from lmx_worker.mlx_engine import MlxEngine
 
         return MlxEngine(spec)

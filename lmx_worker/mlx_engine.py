@@ -70,7 +70,7 @@ from lmx_worker.constraints import (
 from lmx_worker.engine import RequestError, StepOutput
 from lmx_worker.logit_bias import bias_row, check_logit_bias
 from lmx_worker.mlx_cpu_layout import optimize_for_cpu
-from lmx_worker.mlx_weights import apply_plan, plan_weights
+from lmx_worker.mlx_weights import WeightsPlan, apply_plan, plan_weights
 from lmx_worker.spec import WorkerSpec
 from lmx_worker.step_budget import PromptBudget, StepLoad
 from lmx_worker.system_blas import batch_blas_threads, set_blas_threads
@@ -169,9 +169,14 @@ class MlxEngine:
         path = Path(spec.model_path)
         model, tokenizer, config = cast(tuple[Any, Any, dict[str, Any]],
                                         mlx_load(str(path), lazy=True, return_config=True))
-        self.plan = plan_weights(model, spec.mlx_dequantize)
+        # A rank of a sharded group keeps its share of every layer; the
+        # weight plan and CPU layout then apply to that share as to a model.
+        sharding = self._shard(model)
+        self.plan = self._plan_weights(model, spec)
         apply_plan(model, self.plan)
         layout = optimize_for_cpu(model) if self.plan.float32 else "stock layout"
+        if sharding:
+            layout = f"{layout}; {sharding}"
         log.info("weights: %s; %s", self.plan.describe(), layout)
         self.model = model
         self.tokenizer = tokenizer
@@ -208,6 +213,14 @@ class MlxEngine:
         self._budget = PromptBudget(spec.max_inter_token_ms)
 
     # --- loading helpers ------------------------------------------------------
+
+    def _shard(self, model: Any) -> str:
+        """Split the model between a group's ranks (lmx_worker.sharding);
+        says what this worker holds ("": all of it)."""
+        return ""
+
+    def _plan_weights(self, model: Any, spec: WorkerSpec) -> WeightsPlan:
+        return plan_weights(model, spec.mlx_dequantize)
 
     def _new_generator(self) -> Any:  # mlx-lm is untyped
         return BatchGenerator(self.model, completion_batch_size=self.slots,

@@ -8,6 +8,16 @@ from typing import Literal
 import msgspec
 
 
+class ShardSpec(msgspec.Struct, forbid_unknown_fields=True):
+    """This worker's place in a tensor-parallel group of one MLX model
+    (lmx_worker.sharding): its rank and every rank's ring address
+    ("ip:port", MLX's ring backend), rank order. Rank 0 talks to the
+    supervisor; the others talk only to the group."""
+
+    rank: int
+    ring_hosts: list[str]
+
+
 class WorkerSpec(msgspec.Struct, forbid_unknown_fields=True):
     worker_id: str
     model_id: str
@@ -40,6 +50,8 @@ class WorkerSpec(msgspec.Struct, forbid_unknown_fields=True):
     # worker sizes each step's prompt chunk to it (lmx_worker.step_budget).
     # 0: no budget (prompts are read in full batches beside the streams).
     max_inter_token_ms: float = 250.0
+    # Set for one rank of a sharded MLX model; None: the whole model here.
+    shard: ShardSpec | None = None
 
 
 def encode_spec(spec: WorkerSpec) -> str:
