@@ -64,6 +64,12 @@ class Placement(Protocol):
         """The ROUTER socket this placement's workers connect to."""
         ...
 
+    @property
+    def ring_host(self) -> str:
+        """The IP address MLX's ring backend binds on for this host (a
+        sharded model's ranks reach each other there)."""
+        ...
+
     async def spawn(self, spec: WorkerSpec, env: Mapping[str, str] | None) -> WorkerHandle:
         """Start a worker; raises OSError when it cannot be started."""
         ...
@@ -82,6 +88,10 @@ class LocalPlacement:
     @property
     def hub(self) -> RouterHub:
         return self._hub
+
+    @property
+    def ring_host(self) -> str:
+        return "127.0.0.1"
 
     async def spawn(self, spec: WorkerSpec, env: Mapping[str, str] | None) -> WorkerHandle:
         return await WorkerProcess.spawn(spec, env=env)
