@@ -174,6 +174,11 @@ class WorkersConfig(Section):
     # Largest message the supervisor's socket accepts (ZMQ_MAXMSGSIZE); a
     # peer sending more is disconnected. Embedding batches are the big ones.
     max_message_bytes: PositiveInt = 256 * 1024 * 1024
+    # Ports a rank of a sharded MLX model on a node binds MLX's ring backend
+    # on (one per start, picked at random from this range; ranks on this host
+    # take a port the OS says is free).
+    ring_port_min: Port = 47100
+    ring_port_max: Port = 47199
 
 
 class Config(Section):

@@ -46,6 +46,7 @@ from lmx_supervisor.restart import Restart, RestartPlan
 from lmx_supervisor.restart_policy import CrashHistory
 from lmx_supervisor.restart_progress import RestartMode
 from lmx_supervisor.runtime_state import RuntimeStateStore
+from lmx_supervisor.shard_group import ShardedPlacement, shard_nodes
 from lmx_supervisor.spawn_settings import (
     SPAWN_TIME_SETTINGS,
     Overrides,
@@ -55,7 +56,7 @@ from lmx_supervisor.spawn_settings import (
 )
 from lmx_supervisor.states import ModelState
 from lmx_supervisor.transport import RouterHub
-from lmx_supervisor.worker_handle import LocalPlacement
+from lmx_supervisor.worker_handle import LOCAL_NODE, LocalPlacement, Placement
 
 log = logging.getLogger("lmx.supervisor")
 
@@ -173,14 +174,15 @@ class Supervisor:
 
     async def load(self, ref: str, backend: str | None = None, served_name: str | None = None,
                    allow_unsupported_runtime: bool = False,
-                   overrides: Overrides | None = None, confine: bool = True
-                   ) -> tuple[ManagedModel, bool]:
+                   overrides: Overrides | None = None, confine: bool = True,
+                   shards: list[str] | None = None) -> tuple[ManagedModel, bool]:
         """Load a model; returns it and whether it was already loaded.
         `overrides` (validated spawn-time settings, `spawn_settings.parse_overrides`)
         win over the model's performance profile and the config, now and
         after restarts. `confine`: refuse paths outside the models directory,
         the hub cache and models.allowed_paths (off only for paths LMX itself
-        recorded, such as the models a previous run had loaded)."""
+        recorded, such as the models a previous run had loaded). `shards`:
+        the hosts (placement names) of a tensor-parallel MLX model's ranks."""
         overrides = overrides or {}
         # In a thread: resolving may scan the hub cache and read a GGUF header.
         roots = LoadRoots.from_config(self.config) if confine else None
@@ -190,8 +192,15 @@ class Supervisor:
             history = self._histories.setdefault(resolved.model_id, CrashHistory(
                 self.config.models.crash_loop_max_crashes,
                 self.config.models.crash_loop_window_sec))
+            placement = self._placement_for(resolved.backend, shards)
             current = self._models.get(resolved.model_id)
             if current is not None and current.state is not ModelState.QUARANTINED:
+                if shard_nodes(current.placement) != shard_nodes(placement):
+                    raise Conflict(
+                        f"Model '{resolved.model_id}' is already loaded on "
+                        f"{shard_nodes(current.placement) or current.placement.node}; unload it "
+                        "first to place it otherwise", code="model_loaded_with_other_shards",
+                        param="shards")
                 if current.path != resolved.path:
                     raise Conflict(
                         f"Model id '{resolved.model_id}' is already serving {current.path}",
@@ -221,7 +230,7 @@ class Supervisor:
             # admission must count it.
             model = ManagedModel(
                 resolved.model_id, resolved.path, resolved.backend,
-                settings, self._local, history, self.emit,
+                settings, placement, history, self.emit,
                 self._worker_env, self.poison)
             model.memory_estimate = estimate
             model.memory_cap_bytes = self.memory.worker_cap(estimate, settings.n_threads)
@@ -234,6 +243,27 @@ class Supervisor:
                     self._models.pop(resolved.model_id, None)
                 raise
             return model, False
+
+    def placement_named(self, name: str) -> Placement | None:
+        """The host a worker can be placed on by that name ("local": here)."""
+        return self._local if name == LOCAL_NODE else None
+
+    def _placement_for(self, backend: str, shards: list[str] | None) -> Placement:
+        if shards is None:
+            return self._local
+        if backend != MLX:
+            raise BadRequest(f"only MLX models can be sharded (this one is {backend})",
+                             param="shards")
+        if len(shards) < 2:
+            raise BadRequest("a sharded model needs at least two shards", param="shards")
+        placements = []
+        for name in shards:
+            placement = self.placement_named(name)
+            if placement is None:
+                raise BadRequest(f"unknown shard host '{name}'", param="shards")
+            placements.append(placement)
+        workers = self.config.workers
+        return ShardedPlacement(placements, (workers.ring_port_min, workers.ring_port_max))
 
     def _configured_settings(self, model_id: str, backend: str, overrides: Overrides
                              ) -> ModelSettings:

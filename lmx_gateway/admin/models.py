@@ -19,10 +19,12 @@ from lmx_gateway.http.body import read_json
 from lmx_gateway.http.sse import EventStreamResponse, sse_event
 from lmx_gateway.observability.observers import gib
 from lmx_gateway.state import gateway_state
-from lmx_supervisor.errors import LMXError
+from lmx_supervisor.errors import BadRequest, LMXError
 from lmx_supervisor.managed_model import ManagedModel
 from lmx_supervisor.performance import performance_view
+from lmx_supervisor.shard_group import describe_shards
 from lmx_supervisor.spawn_settings import parse_overrides, spawn_values
+from lmx_supervisor.supervisor import Supervisor
 
 
 async def describe_model(model: ManagedModel, with_stats: bool = True) -> dict[str, Any]:
@@ -36,6 +38,7 @@ async def describe_model(model: ManagedModel, with_stats: bool = True) -> dict[s
         "state": str(model.state),
         "readiness": {"state": str(model.state), "reason": model.reason},
         "pid": model.pid,
+        "shards": describe_shards(model.placement, model.worker),  # None: not sharded
         "restarts": model.restarts,
         "recent_crashes": model.history.recent(),
         "quarantined_requests": model.quarantined_requests(),
@@ -69,6 +72,19 @@ async def describe_model(model: ManagedModel, with_stats: bool = True) -> dict[s
     }
 
 
+def check_shards(supervisor: Supervisor, shards: list[str] | None) -> None:
+    """At the edge: at least two ranks, each on a host this gateway knows
+    (whether the model is MLX is known once it is resolved)."""
+    if shards is None:
+        return
+    if len(shards) < 2:
+        raise BadRequest("shards needs at least two hosts (one per rank)", param="shards")
+    unknown = [name for name in shards if supervisor.placement_named(name) is None]
+    if unknown:
+        raise BadRequest(f"unknown host(s) in shards: {', '.join(unknown)} (known: local "
+                         "and joined nodes)", param="shards")
+
+
 async def list_loaded(request: Request) -> Response:
     state = gateway_state(request)
     loaded = [await describe_model(m) for m in state.supervisor.models()]
@@ -79,11 +95,13 @@ async def load_model(request: Request) -> Response:
     state = gateway_state(request)
     req = await read_json(request, LoadRequest, state.config.server.max_request_body_bytes)
     overrides = parse_overrides(req.performance_overrides, "performance_overrides")
+    check_shards(state.supervisor, req.shards)
     started = time.monotonic()
     try:
         model, already = await state.supervisor.load(
             req.model_id, backend=req.backend, served_name=req.served_name,
-            allow_unsupported_runtime=req.allow_unsupported_runtime, overrides=overrides)
+            allow_unsupported_runtime=req.allow_unsupported_runtime, overrides=overrides,
+            shards=req.shards)
     except LMXError as exc:
         if not (req.auto_download and needs_download(exc, req.model_id)):
             raise

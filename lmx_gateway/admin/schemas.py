@@ -17,6 +17,9 @@ class LoadRequest(msgspec.Struct, kw_only=True):
     allow_unsupported_runtime: bool = False
     auto_download: bool = False
     performance_overrides: dict[str, Any] | None = None
+    # An MLX model tensor-parallel across these hosts ("local", node names),
+    # one rank each, rank 0 first (see lmx_supervisor.shard_group).
+    shards: list[Annotated[str, Meta(min_length=1)]] | None = None
 
 
 class UnloadRequest(msgspec.Struct, kw_only=True):
