@@ -10,6 +10,7 @@ from typing import Any
 from lmx_supervisor.compatibility import CompatibilityRegistry
 from lmx_supervisor.managed_model import ManagedModel
 from lmx_supervisor.runtime_state import LoadedModelRecord, RuntimeStateStore
+from lmx_supervisor.shard_group import shard_nodes
 from lmx_supervisor.states import ModelState
 
 # A model in these states is one the operator wants loaded: a restart of the
@@ -23,7 +24,8 @@ MEMBERSHIP_EVENTS = frozenset({"model_loaded", "model_unloaded", "model_quaranti
 def loaded_records(models: list[ManagedModel]) -> list[LoadedModelRecord]:
     return [LoadedModelRecord(model_id=m.model_id, path=str(m.path), backend=m.backend,
                               served_name=m.model_id,
-                              settings=dict(m.spawn_overrides) or None)
+                              settings=dict(m.spawn_overrides) or None,
+                              shards=shard_nodes(m.placement))
             for m in models if m.state in WANTED]
 
 

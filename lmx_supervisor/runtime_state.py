@@ -45,6 +45,8 @@ class LoadedModelRecord(msgspec.Struct, kw_only=True):
     # Spawn-time settings chosen for this model (load performance_overrides,
     # restart settings), applied again when it is restored.
     settings: dict[str, Any] | None = None
+    # The hosts of a sharded MLX model's ranks (None: one worker).
+    shards: list[str] | None = None
 
 
 class RuntimeState(msgspec.Struct, kw_only=True):

@@ -34,7 +34,8 @@ async def startup_loads(supervisor: Supervisor, verdict: StartupVerdict) -> None
                 record.path, backend=record.backend,
                 served_name=record.served_name or record.model_id,
                 overrides=parse_overrides(record.settings, "settings"),
-                confine=False)  # a path this server loaded before, from its own state file
+                confine=False,  # a path this server loaded before, from its own state file
+                shards=record.shards)
             if not already:
                 log.info("restored model %s from the previous run", model.model_id)
         except Exception as exc:  # one model that no longer loads must not stop the rest
