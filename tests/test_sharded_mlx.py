@@ -8,8 +8,11 @@ a dead rank takes the whole group down and the group comes back."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -20,11 +23,12 @@ import pytest
 
 from tests.conftest import MLX_MODEL_ID, LMXServer, running_server, wait_until
 from tests.test_batching import SUBJECTS, Rows, assert_same_or_near_tie
-from tests.test_mlx_backend import async_client, greedy_rows
+from tests.test_mlx_backend import CITY, LONG_TEXT, async_client, greedy_rows
 
 pytestmark = pytest.mark.timeout(300)
 
 SHARDED = "smol-sharded"
+HEARTBEAT_TIMEOUT = 5.0
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +36,8 @@ def server(tmp_path_factory: pytest.TempPathFactory, mlx_model_dir: Path) -> Any
     with running_server(tmp_path_factory, "sharded", links=[(MLX_MODEL_ID, mlx_model_dir)],
                         models={"auto_load": [MLX_MODEL_ID], "parallel_slots": 4,
                                 "context_length": 1024, "max_concurrent_requests": 8,
-                                "restart_backoff_initial_sec": 0.1},
+                                "restart_backoff_initial_sec": 0.1,
+                                "worker_heartbeat_timeout_sec": HEARTBEAT_TIMEOUT},
                         wait_for=[MLX_MODEL_ID], timeout=180) as srv:
         resp = srv.http.post("/admin/models/load", json={
             "model_id": MLX_MODEL_ID, "served_name": SHARDED, "shards": ["local", "local"]},
@@ -110,6 +115,69 @@ def test_concurrent_requests_batch_together(server: LMXServer) -> None:
         assert_same_or_near_tie(a, b)
 
 
+def test_abort_mid_batch_keeps_the_ranks_in_step(server: LMXServer) -> None:
+    """A client leaving mid-stream removes its sequence on every rank (rank
+    0's order says so): the batch mates finish with the same tokens."""
+    async def run() -> tuple[list[Rows], list[Rows]]:
+        async with async_client(server) as client, \
+                httpx.AsyncClient(base_url=server.url, timeout=120) as http:
+            alone = [await greedy_rows(client, story(SHARDED, s, 16)) for s in SUBJECTS[:2]]
+
+            async def abandoned() -> None:
+                body = {**story(SHARDED, "volcano", 400), "stream": True, "ignore_eos": True}
+                async with http.stream("POST", "/v1/chat/completions", json=body) as resp:
+                    seen = 0
+                    async for line in resp.aiter_lines():
+                        seen += '"content"' in line
+                        if seen >= 3:
+                            return  # leaving the block closes the connection
+
+            results = await asyncio.gather(
+                abandoned(), *(greedy_rows(client, story(SHARDED, s, 16)) for s in SUBJECTS[:2]))
+            return alone, [r for r in results if isinstance(r, list)]
+
+    before = server.admin_models()[SHARDED]["worker_stats"]["requests_aborted"]
+    alone, batched = asyncio.run(run())
+    for a, b in zip(alone, batched, strict=True):
+        assert len(b) == 16
+        assert_same_or_near_tie(a, b)
+    wait_until(lambda: server.admin_models()[SHARDED]["worker_stats"]["requests_aborted"]
+               > before, 15, what="the abort reaching the worker")
+    # And the group still serves (a rank out of step would hang here).
+    assert len(asyncio.run(_one(server))) == 4
+
+
+async def _one(server: LMXServer) -> Rows:
+    async with async_client(server) as client:
+        return await greedy_rows(client, story(SHARDED, "cat", 4))
+
+
+def test_grammar_choices_and_prefix_cache_on_every_rank(server: LMXServer) -> None:
+    """Constrained decoding (each rank masks with the same grammar), n
+    choices (a running sequence's KV copied on every rank) and a follow-up
+    turn served from the prefix cache."""
+    client = server.openai(timeout=120)
+    fmt: Any = {"type": "json_schema", "json_schema": {"name": "city", "schema": CITY}}
+    resp = client.chat.completions.create(
+        model=SHARDED, response_format=fmt, max_tokens=64, temperature=0.9, seed=3, n=2,
+        messages=[{"role": "user", "content": "Name a big city."}])
+    assert len(resp.choices) == 2
+    for choice in resp.choices:
+        value = json.loads(choice.message.content or "")
+        assert isinstance(value["city"], str) and isinstance(value["population"], int)
+    history: list[Any] = [{"role": "user", "content": f"{LONG_TEXT} Which note mentions a violin?"}]
+    first = client.chat.completions.create(model=SHARDED, max_tokens=8, temperature=0,
+                                           messages=history)
+    cached_before = server.admin_models()[SHARDED]["worker_stats"]["prompt_tokens_cached"]
+    history += [{"role": "assistant", "content": first.choices[0].message.content or ""},
+                {"role": "user", "content": "And which one mentions a kettle?"}]
+    second = client.chat.completions.create(model=SHARDED, max_tokens=8, temperature=0,
+                                            messages=history)
+    assert second.choices[0].message.content
+    cached = server.admin_models()[SHARDED]["worker_stats"]["prompt_tokens_cached"]
+    assert first.usage is not None and cached - cached_before >= first.usage.prompt_tokens
+
+
 def test_bad_shards_are_refused_naming_the_field(server: LMXServer) -> None:
     for body in ({"shards": ["local"]}, {"shards": ["local", "nowhere"]}):
         resp = server.http.post("/admin/models/load",
@@ -157,3 +225,44 @@ def test_killing_a_follower_rank_restarts_the_whole_group(server: LMXServer) -> 
     assert ok.choices[0].message.content
     # The other model never noticed.
     assert server.model_state(MLX_MODEL_ID) == "ready"
+
+
+def test_a_stopped_follower_is_declared_unresponsive_and_the_group_replaced(
+        server: LMXServer) -> None:
+    """SIGSTOP on rank 1: rank 0 waits in a collective that never returns,
+    but rank 1's heartbeats stop, so the group is killed and restarted
+    within the heartbeat bound instead of hanging."""
+    server.wait_ready(SHARDED, timeout=120)
+    before = shards(server)
+    restarts = server.admin_models()[SHARDED]["restarts"]
+    follower = before[1]["pid"]
+    out: dict[str, Any] = {}
+    body = {"model": SHARDED, "max_tokens": 400, "ignore_eos": True,
+            "messages": [{"role": "user", "content": "Tell me a long story."}]}
+
+    def post() -> None:
+        with httpx.Client(base_url=server.url, timeout=120) as http:
+            resp = http.post("/v1/chat/completions", json=body)
+            out["status"], out["body"], out["at"] = resp.status_code, resp.json(), \
+                time.monotonic()
+
+    thread = threading.Thread(target=post)
+    thread.start()
+    wait_until(lambda: server.admin_models()[SHARDED]["in_flight"] == 1, 30,
+               what="the request running")
+    stopped_at = time.monotonic()
+    os.kill(follower, signal.SIGSTOP)
+    try:
+        thread.join(HEARTBEAT_TIMEOUT + 40)
+        assert "status" in out, "request still hanging"
+        assert out["status"] == 503, out
+        assert out["body"]["error"]["code"] == "worker_unresponsive"
+        assert out["at"] - stopped_at < HEARTBEAT_TIMEOUT + 10
+        server.wait_ready(SHARDED, timeout=120)
+        after = shards(server)
+        assert {r["pid"] for r in after}.isdisjoint({r["pid"] for r in before})
+        assert server.admin_models()[SHARDED]["restarts"] == restarts + 1
+        wait_until(lambda: not psutil.pid_exists(follower), 10, what="the stopped rank gone")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(follower, signal.SIGCONT)

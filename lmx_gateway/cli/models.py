@@ -102,6 +102,8 @@ def _load_body(args: argparse.Namespace) -> dict[str, Any]:
         body["allow_unsupported_runtime"] = True
     if args.download:
         body["auto_download"] = True
+    if args.shards:
+        body["shards"] = [name.strip() for name in args.shards.split(",")]
     return body
 
 
@@ -255,6 +257,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="load even if quarantined (allow_unsupported_runtime)")
     p.add_argument("--download", action="store_true",
                    help="download it first if it is not on disk (auto_download)")
+    p.add_argument("--shards", metavar="HOSTS",
+                   help="MLX only: run it tensor-parallel, one rank per host, comma-separated "
+                        "(e.g. local,studio; 'local' is this host)")
     p = leaf("unload", models_unload, "unload a model (in-flight requests drain first)")
     p.add_argument("model")
     cli_restart.register_models(msub)
