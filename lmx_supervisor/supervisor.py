@@ -55,7 +55,7 @@ from lmx_supervisor.spawn_settings import (
 )
 from lmx_supervisor.states import ModelState
 from lmx_supervisor.transport import RouterHub
-from lmx_supervisor.worker_handle import LocalPlacement
+from lmx_supervisor.worker_handle import LocalPlacement, ring_host_of
 
 log = logging.getLogger("lmx.supervisor")
 
@@ -96,7 +96,7 @@ class Supervisor:
         self._worker_env = worker_env
         self._hub = RouterHub(config.workers.address, config.workers.runtime_dir,
                               max_message_bytes=config.workers.max_message_bytes)
-        self._local = LocalPlacement(self._hub)
+        self._local = LocalPlacement(self._hub, ring_host_of(config.workers.listen))
         # Poison requests outlive a model's entry (a quarantined model is
         # replaced on its next load), so one registry for all of them.
         self.poison = PoisonRegistry(config.models.crash_loop_window_sec,
