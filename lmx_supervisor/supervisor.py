@@ -34,6 +34,8 @@ from lmx_supervisor.memory_guard import MemoryGuard, is_idle
 from lmx_supervisor.mlx_memory import mlx_estimate
 from lmx_supervisor.model_layout import MLX
 from lmx_supervisor.model_resolver import LoadRoots, resolve_model
+from lmx_supervisor.nodes.placing import Placer
+from lmx_supervisor.nodes.service import NodeService
 from lmx_supervisor.performance import (
     KV_BYTES_PER_VALUE,
     PERFORMANCE_KEYS,
@@ -55,7 +57,7 @@ from lmx_supervisor.spawn_settings import (
 )
 from lmx_supervisor.states import ModelState
 from lmx_supervisor.transport import RouterHub
-from lmx_supervisor.worker_handle import LocalPlacement, ring_host_of
+from lmx_supervisor.worker_handle import LOCAL_NODE, LocalPlacement, ring_host_of
 
 log = logging.getLogger("lmx.supervisor")
 
@@ -114,6 +116,10 @@ class Supervisor:
         self.runtime_state = RuntimeStateStore(home / runtime_state.FILE_NAME)
         self.compatibility = CompatibilityRegistry(home / compatibility.FILE_NAME)
         self.lifecycle = LifecycleRecorder(self.compatibility, self.runtime_state, self.models)
+        # Other hosts (lmx_supervisor.nodes): off unless workers.listen is set.
+        self.nodes = NodeService(config, self.emit)
+        self.placer = Placer(self.nodes, self._local, self.memory, self.models,
+                             lambda: self.config.nodes.replace_on_loss)
 
     def emit(self, event: str, data: dict[str, Any]) -> None:
         if event == "model_unloaded" and data.get("reason") == "oom":
@@ -131,6 +137,7 @@ class Supervisor:
 
     async def start(self) -> None:
         self._hub.start()
+        await self.nodes.start()
         self.memory.start()
 
     async def auto_load(self) -> None:
@@ -147,7 +154,7 @@ class Supervisor:
     def problems(self) -> list[str]:
         """Why the supervisor cannot be trusted to route right now (a
         background task that died), for /readyz; empty when healthy."""
-        return (self._hub.problems() + self.memory.problems()
+        return (self._hub.problems() + self.memory.problems() + self.nodes.problems()
                 + [p for m in self._models.values() for p in m.task_failures])
 
     # --- lookup ------------------------------------------------------------------
@@ -173,15 +180,18 @@ class Supervisor:
 
     async def load(self, ref: str, backend: str | None = None, served_name: str | None = None,
                    allow_unsupported_runtime: bool = False,
-                   overrides: Overrides | None = None, confine: bool = True
-                   ) -> tuple[ManagedModel, bool]:
+                   overrides: Overrides | None = None, confine: bool = True,
+                   node: str | None = None) -> tuple[ManagedModel, bool]:
         """Load a model; returns it and whether it was already loaded.
         `overrides` (validated spawn-time settings, `spawn_settings.parse_overrides`)
         win over the model's performance profile and the config, now and
         after restarts. `confine`: refuse paths outside the models directory,
         the hub cache and models.allowed_paths (off only for paths LMX itself
-        recorded, such as the models a previous run had loaded)."""
+        recorded, such as the models a previous run had loaded). `node`: the
+        host to run it on ("local" or a joined node's name); None: local
+        if it fits, else a node with room."""
         overrides = overrides or {}
+        chosen = self.placer.named(node) if node is not None else None
         # In a thread: resolving may scan the hub cache and read a GGUF header.
         roots = LoadRoots.from_config(self.config) if confine else None
         resolved = await asyncio.to_thread(
@@ -216,15 +226,18 @@ class Supervisor:
             settings = await asyncio.to_thread(self._configured_settings, resolved.model_id,
                                                resolved.backend, overrides)
             estimate = await self._estimate(resolved.path, resolved.backend, settings)
-            await self.memory.admit(resolved.model_id, estimate)  # 507, or evicts idle LRU
+            placement = chosen or self.placer.choose(resolved.model_id, estimate) or self._local
+            if placement.node == LOCAL_NODE:
+                await self.memory.admit(resolved.model_id, estimate)  # 507, or evicts idle LRU
             # No await from here until the model is registered: a concurrent
             # admission must count it.
             model = ManagedModel(
                 resolved.model_id, resolved.path, resolved.backend,
-                settings, self._local, history, self.emit,
+                settings, placement, history, self.emit,
                 self._worker_env, self.poison)
             model.memory_estimate = estimate
-            model.memory_cap_bytes = self.memory.worker_cap(estimate, settings.n_threads)
+            if placement.node == LOCAL_NODE:
+                model.memory_cap_bytes = self.memory.worker_cap(estimate, settings.n_threads)
             model.spawn_overrides = dict(overrides)
             self._models[resolved.model_id] = model
             try:
@@ -502,5 +515,8 @@ class Supervisor:
         await asyncio.gather(*(m.stop(drain_timeout, terminal=True) for m in models),
                              return_exceptions=True)
         self._models.clear()
+        await self.placer.close()
+        with contextlib.suppress(Exception):
+            await self.nodes.close()
         with contextlib.suppress(Exception):
             await self._hub.close()

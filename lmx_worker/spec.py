@@ -40,6 +40,10 @@ class WorkerSpec(msgspec.Struct, forbid_unknown_fields=True):
     # worker sizes each step's prompt chunk to it (lmx_worker.step_budget).
     # 0: no budget (prompts are read in full batches beside the streams).
     max_inter_token_ms: float = 250.0
+    # A worker on a node (tcp address): the supervisor's CURVE public key
+    # (Z85) and the 0600 file holding the node's key pair the DEALER uses.
+    curve_server_key: str | None = None
+    curve_key_file: str | None = None
 
 
 def encode_spec(spec: WorkerSpec) -> str:

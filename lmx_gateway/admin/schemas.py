@@ -17,6 +17,10 @@ class LoadRequest(msgspec.Struct, kw_only=True):
     allow_unsupported_runtime: bool = False
     auto_download: bool = False
     performance_overrides: dict[str, Any] | None = None
+    # Where the worker runs: "local" or a joined node's name (GET
+    # /admin/nodes); None: this host if the model fits, else a node with room.
+    node: Annotated[str, Meta(min_length=1, max_length=64,
+                              pattern=r"^[A-Za-z0-9._-]+$")] | None = None
 
 
 class UnloadRequest(msgspec.Struct, kw_only=True):
