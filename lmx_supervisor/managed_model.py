@@ -574,6 +574,10 @@ class ManagedModel:
 
     async def _wait_ready(self, deadline: float) -> None:
         while self.state is not ModelState.READY:
+            if self.state is ModelState.UNAVAILABLE:
+                raise NodeUnreachable(
+                    f"Model '{self.model_id}' is unavailable: node '{self.placement.node}' "
+                    "it runs on is unreachable", retry_after_sec=5)
             if self.state not in (ModelState.STARTING, ModelState.BACKOFF):
                 raise ModelUnavailable(
                     f"Model '{self.model_id}' is {self.state}"
