@@ -119,7 +119,8 @@ class Supervisor:
         # Other hosts (lmx_supervisor.nodes): off unless workers.listen is set.
         self.nodes = NodeService(config, self.emit)
         self.placer = Placer(self.nodes, self._local, self.memory, self.models,
-                             lambda: self.config.nodes.replace_on_loss)
+                             lambda: self.config.nodes.replace_on_loss,
+                             lambda model_id: self._locks[model_id])
 
     def emit(self, event: str, data: dict[str, Any]) -> None:
         if event == "model_unloaded" and data.get("reason") == "oom":

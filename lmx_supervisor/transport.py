@@ -29,6 +29,9 @@ log = logging.getLogger("lmx.transport")
 FrameHandler = Callable[[FromWorker], None]
 # Raw frames of peers that are not workers (node agents, by identity prefix).
 PeerHandler = Callable[[bytes, bytes], None]
+# On a CURVE socket: may the peer whose key (its ZAP User-Id, Z85) this is
+# send as this identity?
+IdentityCheck = Callable[[bytes, str], bool]
 # Frames read in one go before yielding to the event loop again (fairness to HTTP).
 _DRAIN_LIMIT = 256
 
@@ -76,7 +79,11 @@ class RouterHub:
         self.address: str = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._handlers: dict[bytes, FrameHandler] = {}
         self._peer_handlers: dict[bytes, PeerHandler] = {}
-        self._task = SupervisedTask("frame router", self._receive_loop)
+        # Set on a CURVE socket (lmx_supervisor.nodes): every message is
+        # checked against the key its sender authenticated with.
+        self.identity_check: IdentityCheck | None = None
+        loop = self._receive_loop if curve_server_keys is None else self._receive_checked_loop
+        self._task = SupervisedTask("frame router", loop)
         # Messages that were not [identity, frame] or did not decode; the
         # gateway exports it (lmx_router_malformed_frames_total).
         self.malformed_frames = 0
@@ -122,6 +129,20 @@ class RouterHub:
                 except zmq.Again:
                     break
                 self._dispatch(frames)
+
+    async def _receive_checked_loop(self) -> None:
+        """As _receive_loop, with each message's sender key (read from the
+        frame metadata, hence copy=False) checked against its identity: an
+        authorized node must not speak as another node or its workers."""
+        while True:
+            frames = await self._sock.recv_multipart(copy=False)
+            user_id = str(frames[0].get("User-Id")) if frames else ""
+            data = [frame.bytes for frame in frames]
+            check = self.identity_check
+            if check is not None and data and not check(data[0], user_id):
+                self._malformed(data[0], f"sent with key {user_id}, not its own")
+                continue
+            self._dispatch(data)
 
     def _dispatch(self, frames: list[bytes]) -> None:
         # Anything may arrive on the socket (a foreign DEALER, a buggy peer):

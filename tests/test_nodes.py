@@ -18,6 +18,7 @@ import httpx
 import openai
 import pytest
 import zmq
+import zmq.auth
 
 from lmx_protocol import encode
 from lmx_protocol.node_messages import NODE_PROTOCOL_VERSION, HostInfo, NodeHello
@@ -173,8 +174,7 @@ def test_unknown_key_cannot_join_or_talk(cluster: Cluster, tmp_path: Path) -> No
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IDENTITY, b"node:spy")
         sock.curve_publickey, sock.curve_secretkey = public, secret
-        sock.curve_serverkey = cluster.server_key.read_text().split('public-key = "')[1][:40] \
-            .encode()
+        sock.curve_serverkey = zmq.auth.load_certificate(cluster.server_key)[0]
         sock.connect(cluster.join)
         hello = NodeHello("spy", NODE_PROTOCOL_VERSION, HostInfo(1, 1, 1, "cpu", 1))
         sock.send(encode(hello))
@@ -182,6 +182,33 @@ def test_unknown_key_cannot_join_or_talk(cluster: Cluster, tmp_path: Path) -> No
     finally:
         ctx.destroy(linger=0)
     assert "spy" not in cluster.nodes()
+
+
+def test_a_node_cannot_speak_as_another(cluster: Cluster) -> None:
+    # "ghost" joins with n1's key and leaves; its name stays bound to that key.
+    ghost = cluster.start_agent("n1", name="ghost")
+    cluster.wait_node("ghost", "connected")
+    ghost.stop()
+    cores = cluster.nodes()["ghost"]["cpu_cores"]
+    # n2's key is authorized, but not for the name "ghost".
+    public, secret = zmq.auth.load_certificate(cluster.keys / "n2.key_secret")
+    assert secret is not None
+    ctx = zmq.Context()
+    try:
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IDENTITY, b"node:ghost")
+        sock.curve_publickey, sock.curve_secretkey = public, secret
+        sock.curve_serverkey = zmq.auth.load_certificate(cluster.server_key)[0]
+        sock.connect(cluster.join)
+        sock.send(encode(NodeHello("ghost", NODE_PROTOCOL_VERSION,
+                                   HostInfo(1, 1, 999, "fake", 1))))
+        wait_until(lambda: "not its own" in cluster.server.log(), 30, interval=0.1,
+                   what="the impostor's frame dropped")
+        assert sock.poll(500) == 0
+    finally:
+        ctx.destroy(linger=0)
+    assert cluster.nodes()["ghost"]["cpu_cores"] == cores != 999
 
 
 def test_model_on_node_serves_a_streamed_chat(cluster: Cluster) -> None:

@@ -24,13 +24,16 @@ log = logging.getLogger("lmx.nodes")
 
 class Placer:
     def __init__(self, service: NodeService, local: Placement, memory: MemoryGuard,
-                 models: Callable[[], list[ManagedModel]], replace_on_loss: Callable[[], bool]
-                 ) -> None:
+                 models: Callable[[], list[ManagedModel]], replace_on_loss: Callable[[], bool],
+                 lock: Callable[[str], asyncio.Lock]) -> None:
         self.service = service
         self.local = local
         self._memory = memory
         self._models = models
         self._replace_on_loss = replace_on_loss
+        # The supervisor's per-model lifecycle lock: a relaunch never
+        # interleaves with an unload or a restart of the same model.
+        self._lock = lock
         self._tasks: set[asyncio.Task[None]] = set()
         service.on_lost = self._node_lost
         service.on_joined = self._node_joined
@@ -87,13 +90,25 @@ class Placer:
                 continue
             log.info("model %s: re-placed from lost node %s on %s", model.model_id, node,
                      placement.node)
-            await model.relaunch(placement)
+            await self._relaunch(model, placement)
 
     def _node_joined(self, node: str) -> None:
         back = [m for m in self._models()
                 if m.state is ModelState.UNAVAILABLE and m.placement.node == node]
         for model in back:
-            self._spawn_task(model.relaunch(RemotePlacement(self.service, node)))
+            self._spawn_task(self._relaunch(model, RemotePlacement(self.service, node)))
+
+    async def _relaunch(self, model: ManagedModel, placement: Placement) -> None:
+        async with self._lock(model.model_id):
+            if model not in self._models():  # unloaded meanwhile
+                return
+            # This host's memory cap for a worker here; a node's own
+            # memory is not this host's to budget.
+            estimate = model.memory_estimate
+            model.memory_cap_bytes = (
+                self._memory.worker_cap(estimate, model.settings.n_threads)
+                if placement.node == LOCAL_NODE and estimate is not None else None)
+            await model.relaunch(placement)
 
     def _spawn_task(self, coro: object) -> None:
         assert asyncio.iscoroutine(coro)

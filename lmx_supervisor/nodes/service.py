@@ -69,6 +69,8 @@ class Node:
     state: NodeState
     joined_at: float  # time.time() of the latest join
     last_heartbeat: float  # time.monotonic()
+    # The CURVE public key (Z85) it joined with: the name is bound to it.
+    key: str = ""
 
     def report(self, now: float) -> dict[str, Any]:
         return {"name": self.name, "state": str(self.state), "address": self.address,
@@ -91,6 +93,8 @@ class NodeService:
         self._auth: AsyncioAuthenticator | None = None
         self._monitor = SupervisedTask("node heartbeat monitor", self._watch)
         self.public_key: str | None = None
+        # Who sent the message being handled (its key), for Hello.
+        self._sender_key = ""
         # Set by the supervisor: a node was declared lost (called before its
         # workers are marked gone, so models see the loss, not a crash), and
         # a node (re)joined.
@@ -126,6 +130,7 @@ class NodeService:
         self._hub = RouterHub(listen, max_message_bytes=self.config.workers.max_message_bytes,
                               context=self._ctx, curve_server_keys=keys)
         self._hub.register_peers(NODE_IDENTITY_PREFIX, self._on_node_frame)
+        self._hub.identity_check = self._sender_owns
         self._hub.start()
         self._monitor.start()
         log.info("nodes may join at %s (server key %s)", self._hub.address, self.public_key)
@@ -165,6 +170,19 @@ class NodeService:
     def _send(self, identity: bytes, frame: Frame) -> None:
         if self._hub is not None:
             self._hub.send_raw(identity, encode(frame))
+
+    def _sender_owns(self, identity: bytes, key: str) -> bool:
+        """A node speaks only as itself (the name is bound to the key it
+        first joined with), a worker only with its own node's key."""
+        self._sender_key = key
+        if identity.startswith(NODE_IDENTITY_PREFIX):
+            node = self.nodes.get(identity[len(NODE_IDENTITY_PREFIX):].decode(errors="replace"))
+            return node is None or node.key == key
+        worker = self.workers.get(identity.decode(errors="replace"))
+        if worker is None:
+            return False
+        owner = self.nodes.get(worker.node)
+        return owner is not None and owner.key == key
 
     def _on_node_frame(self, identity: bytes, payload: bytes) -> None:
         name = identity[len(NODE_IDENTITY_PREFIX):].decode(errors="replace")
@@ -214,7 +232,7 @@ class NodeService:
             # the workers the old one ran died with it.
             self._workers_gone(name, "its node agent restarted")
         node = Node(name, identity, hello.host, hello.advertise or "", NodeState.CONNECTED,
-                    time.time(), time.monotonic())
+                    time.time(), time.monotonic(), self._sender_key)
         self.nodes[name] = node
         self._welcome(node)
         log.info("node %s joined (%s, %d cores, %.1f GB RAM)", name, hello.host.accelerator,
