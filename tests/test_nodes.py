@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import openai
+import psutil
 import pytest
 import zmq
 import zmq.auth
@@ -137,6 +138,17 @@ def _error_of(lines: list[str]) -> dict[str, Any]:
     assert lines[-1] == "data: [DONE]", lines[-3:]
     error: dict[str, Any] = httpx.Response(200, content=lines[-2][len("data: "):]).json()["error"]
     return error
+
+
+def _workers_of(model_id: str) -> list[psutil.Process]:
+    """Worker processes of `model_id` on any namespace's host (one pid space)."""
+    marker = f'"model_id":"{model_id}"'
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = proc.info["cmdline"] or []
+        if "lmx_worker" in cmdline and any(marker in part for part in cmdline):
+            found.append(proc)
+    return found
 
 
 def _model_row(cluster: Cluster, model_id: str) -> dict[str, Any]:
@@ -291,6 +303,9 @@ def test_link_down_makes_models_unavailable_until_the_node_returns(cluster: Clus
                what="on-n2 back on n2")
     assert _model_row(cluster, "on-n2")["node"] == "n2"
     assert "unavailable_models" not in cluster.server.http.get("/readyz").json()
+    # The agent, cut off, stopped the old worker: one worker serves on-n2.
+    wait_until(lambda: len(_workers_of("on-n2")) == 1, 30, interval=0.2,
+               what="a single worker of on-n2")
 
 
 def test_agent_sigkill_detected_and_model_replaced(cluster: Cluster) -> None:
