@@ -7,6 +7,7 @@ import argparse
 import sys
 
 from lmx_gateway.cli.commands import register as register_client_commands
+from lmx_gateway.cli.nodes import register as register_node_commands
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -30,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_serve.set_defaults(func=_serve)
     # Client commands (status, models, chat, bench, events, config, presets).
     register_client_commands(sub)
+    # Other hosts: `lmx nodes` (client), `lmx node --join` and `lmx keys new`.
+    register_node_commands(sub)
     return parser
 
 

@@ -179,6 +179,23 @@ class WorkersConfig(Section):
     # take a port the OS says is free).
     ring_port_min: Port = 47100
     ring_port_max: Port = 47199
+    # tcp:// endpoint (e.g. tcp://0.0.0.0:5710) where node agents and their
+    # workers connect, CURVE-encrypted; None: no tcp endpoint, no nodes.
+    listen: str | None = None
+
+
+class NodesConfig(Section):
+    # A node silent this long (no heartbeat) is unreachable: its models'
+    # requests end with 503 node_unreachable and the models are unavailable.
+    heartbeat_timeout_sec: PositiveFloat = 5.0
+    # Re-place a lost node's models on another host with room.
+    replace_on_loss: bool = False
+    # Public keys allowed to connect (Z85 text, 40 chars), and/or a directory
+    # of public key files (`lmx keys new` writes NAME.key); None: only the list.
+    authorized_keys: list[str] = []
+    authorized_keys_dir: str | None = None
+    # The supervisor's own key pair; None: <LMX home>/keys/server.key_secret.
+    server_key_file: str | None = None
 
 
 class Config(Section):
@@ -189,6 +206,7 @@ class Config(Section):
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
     routing: RoutingConfig = msgspec.field(default_factory=RoutingConfig)
     workers: WorkersConfig = msgspec.field(default_factory=WorkersConfig)
+    nodes: NodesConfig = msgspec.field(default_factory=NodesConfig)
 
     @property
     def models_dir(self) -> Path:

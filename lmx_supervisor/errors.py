@@ -19,6 +19,7 @@ class ErrorKind(enum.StrEnum):
     UNSUPPORTED = "unsupported"  # a model this runtime cannot serve
     BUSY = "busy"  # try again later: a bound was reached
     UNAVAILABLE = "unavailable"  # the model cannot serve now
+    NODE_UNREACHABLE = "node_unreachable"  # the host the model runs on stopped answering
     TIMEOUT = "timeout"  # a deadline passed
     NO_RESOURCES = "no_resources"  # not enough memory or disk
     UPSTREAM = "upstream"  # a service LMX depends on failed (the model hub)
@@ -77,6 +78,14 @@ class ModelUnavailable(LMXError):
 
     kind = ErrorKind.UNAVAILABLE
     code = "model_unavailable"
+
+
+class NodeUnreachable(LMXError):
+    """The node the model's worker runs on missed its heartbeats (agent
+    killed, host down, network cut): the request ends at once."""
+
+    kind = ErrorKind.NODE_UNREACHABLE
+    code = "node_unreachable"
 
 
 class WorkerCrashed(LMXError):

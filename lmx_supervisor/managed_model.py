@@ -42,6 +42,7 @@ from lmx_supervisor.errors import (
     LMXError,
     LoadFailed,
     ModelUnavailable,
+    NodeUnreachable,
     QueueFull,
     RateLimited,
     RequestQuarantined,
@@ -56,7 +57,7 @@ from lmx_supervisor.process_memory import WorkerMemory
 from lmx_supervisor.restart_policy import CrashHistory, backoff_delay
 from lmx_supervisor.restart_progress import RestartProgress
 from lmx_supervisor.states import ModelState, check_transition
-from lmx_supervisor.transport import PeerGone
+from lmx_supervisor.transport import PeerGone, RouterHub
 from lmx_supervisor.worker_handle import Placement, WorkerHandle
 from lmx_worker.exit_codes import EXIT_OUT_OF_MEMORY
 from lmx_worker.spec import WorkerSpec
@@ -146,6 +147,7 @@ class ManagedModel:
         # Where this model's workers start (this host or a node agent's);
         # the supervisor may change it before a load (placement, re-placement).
         self.placement = placement
+        self.worker_hub: RouterHub = placement.hub
         self._emit = emit
         self._worker_env = worker_env
         self.state = ModelState.STOPPED
@@ -264,7 +266,10 @@ class ManagedModel:
         loop = asyncio.get_running_loop()
         startup: asyncio.Future[Ready | Failed] = loop.create_future()
         self._startup = startup
-        self.placement.hub.register(worker_id, self._on_frame)
+        # Frames go to (and the id is later unregistered from) the hub this
+        # worker connected to, even after the placement has changed.
+        self.worker_hub = self.placement.hub
+        self.worker_hub.register(worker_id, self._on_frame)
         spec = WorkerSpec(
             worker_id=worker_id, model_id=self.model_id, model_path=str(self.path),
             backend=self.backend, address=self.placement.hub.address,
@@ -385,7 +390,7 @@ class ManagedModel:
         if worker is not None:
             await worker.terminate(self.settings.stop_grace_sec)
         if self.worker_id is not None:
-            self.placement.hub.unregister(self.worker_id)
+            self.worker_hub.unregister(self.worker_id)
         self._startup = None
 
     # --- crashes and restarts ---------------------------------------------
@@ -569,6 +574,10 @@ class ManagedModel:
 
     async def _wait_ready(self, deadline: float) -> None:
         while self.state is not ModelState.READY:
+            if self.state is ModelState.UNAVAILABLE:
+                raise NodeUnreachable(
+                    f"Model '{self.model_id}' is unavailable: node '{self.placement.node}' "
+                    "it runs on is unreachable", retry_after_sec=5)
             if self.state not in (ModelState.STARTING, ModelState.BACKOFF):
                 raise ModelUnavailable(
                     f"Model '{self.model_id}' is {self.state}"
@@ -622,7 +631,7 @@ class ManagedModel:
         try:
             assert worker_id is not None
             try:
-                self.placement.hub.send(worker_id, request)
+                self.worker_hub.send(worker_id, request)
             except PeerGone as exc:
                 raise WorkerCrashed(str(exc)) from None
             yield exchange
@@ -636,7 +645,7 @@ class ManagedModel:
             # another beside it since.
             if not exchange.done and worker_id is not None:
                 with contextlib.suppress(PeerGone):
-                    self.placement.hub.send(worker_id, Abort(rid))
+                    self.worker_hub.send(worker_id, Abort(rid))
 
     async def generate(self, request: Generate) -> AsyncGenerator[Tokens | Finished, None]:
         """Run one request; yields Tokens then one Finished. Raises an
@@ -705,7 +714,7 @@ class ManagedModel:
         fut: asyncio.Future[WorkerStats] = asyncio.get_running_loop().create_future()
         self._pings[nonce] = fut
         try:
-            self.placement.hub.send(self.worker_id, Ping(nonce))
+            self.worker_hub.send(self.worker_id, Ping(nonce))
             return await asyncio.wait_for(fut, timeout)
         except (PeerGone, TimeoutError):
             return None
@@ -734,7 +743,7 @@ class ManagedModel:
                                              code="model_unloaded"))
         if self.worker is not None and self.worker_id is not None:
             with contextlib.suppress(PeerGone):
-                self.placement.hub.send(self.worker_id, Shutdown(drain=False))
+                self.worker_hub.send(self.worker_id, Shutdown(drain=False))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self.worker.exited),
                                        self.settings.stop_grace_sec)
@@ -749,6 +758,49 @@ class ManagedModel:
             self._monitor_task = None
         self._set_state(final)
         self._emit("model_unloaded", {"model_id": self.model_id})
+
+    # --- nodes ------------------------------------------------------------------
+
+    def node_lost(self, node: str) -> bool:
+        """The node this model's worker runs on stopped answering: its
+        requests end now with 503 node_unreachable (no waiting for a
+        heartbeat timeout of the worker's own) and the model is unavailable
+        until it is started again (`relaunch`). False: nothing to do (the
+        model was not serving or waiting to restart there)."""
+        if self.placement.node != node or self.state not in (ModelState.READY,
+                                                             ModelState.BACKOFF):
+            return False
+        if self._restart_task is not None:
+            self._restart_task.cancel()
+            self._restart_task = None
+        self._set_state(ModelState.UNAVAILABLE, f"node_unreachable:{node}")
+        self._fail_inflight(NodeUnreachable(
+            f"Node '{node}' running model '{self.model_id}' stopped answering its heartbeat; "
+            "the request was ended", retry_after_sec=5))
+        self._emit("model_unavailable", {"model_id": self.model_id, "node": node})
+        if self._monitor_task is not None:
+            self._monitor_task.cancel()
+            self._monitor_task = None
+        return True
+
+    async def release_lost_worker(self) -> None:
+        """After `node_lost`: forget the worker (its node has been told to
+        stop it, if it ever hears)."""
+        if self.state is ModelState.UNAVAILABLE:
+            await self._discard_worker()
+
+    async def relaunch(self, placement: Placement) -> None:
+        """Start an unavailable model again on `placement` (its node came
+        back, or another host has room). A failure counts as a crash."""
+        if self.state is not ModelState.UNAVAILABLE:
+            return
+        self.placement = placement
+        try:
+            await self._launch()
+        except LoadFailed as exc:
+            log.error("model %s: relaunch on %s failed: %s", self.model_id, placement.node,
+                      exc.message)
+            self._handle_crash(exc.message)
 
     def force_unquarantine(self) -> None:
         self.history.clear()

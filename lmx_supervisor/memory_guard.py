@@ -33,6 +33,7 @@ from lmx_supervisor.managed_model import ManagedModel
 from lmx_supervisor.memory_estimate import MemoryEstimate
 from lmx_supervisor.process_memory import system_memory, worker_memory
 from lmx_supervisor.states import ModelState
+from lmx_supervisor.worker_handle import LOCAL_NODE
 
 log = logging.getLogger("lmx.memory")
 
@@ -139,12 +140,17 @@ class MemoryGuard:
 
     # --- admission ----------------------------------------------------------
 
+    def _local_models(self) -> list[ManagedModel]:
+        """Models whose workers run on this host: a node's model neither
+        uses this host's memory nor has a pid this host can read."""
+        return [m for m in self._host.models() if m.placement.node == LOCAL_NODE]
+
     def shortfall(self, model_id: str, needed: int, beside: bool = False) -> Shortfall | None:
         """Whether `needed` more bytes fit for `model_id`: replacing the
         model's own memory, or with `beside` (a second copy during a rolling
         restart) on top of it."""
         cfg = self.config
-        others = [m for m in self._host.models() if beside or m.model_id != model_id]
+        others = [m for m in self._local_models() if beside or m.model_id != model_id]
         extra = sum(self.reserved.values())
         sysmem = system_memory()
         idle = [m for m in others if is_idle(m)]
@@ -168,7 +174,7 @@ class MemoryGuard:
         return Shortfall(needed, used, limit, reclaimable, basis)
 
     def lru_idle(self, model_id: str, skip: set[str]) -> ManagedModel | None:
-        idle = [m for m in self._host.models()
+        idle = [m for m in self._local_models()
                 if m.model_id != model_id and m.model_id not in skip and is_idle(m)]
         return min(idle, key=lambda m: m.last_used, default=None)
 
@@ -230,7 +236,7 @@ class MemoryGuard:
 
     async def tick(self) -> None:
         cfg = self.config
-        for model in self._host.models():
+        for model in self._local_models():
             model.memory_sample = worker_memory(model.pid)
         sysmem = system_memory()
         high = sysmem.percent >= cfg.max_memory_percent
@@ -240,7 +246,7 @@ class MemoryGuard:
                 "threshold_percent": cfg.max_memory_percent})
         self._high = high
         now = time.monotonic()
-        for model in self._host.models():
+        for model in self._local_models():
             ttl = idle_ttl(model, cfg)
             if ttl is not None and is_idle(model) and now - model.last_used > ttl:
                 await self._host.evict(model.model_id, f"ttl: idle for more than {ttl:g}s")
@@ -252,7 +258,7 @@ class MemoryGuard:
         sysmem = system_memory()
         models: dict[str, Any] = {}
         held = 0
-        for m in self._host.models():
+        for m in self._local_models():
             wm = worker_memory(m.pid)
             estimate = m.memory_estimate
             if m.state in HOLDING:

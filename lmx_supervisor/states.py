@@ -15,6 +15,9 @@ class ModelState(enum.StrEnum):
     BACKOFF = "backoff"  # crashed; waiting to be restarted
     QUARANTINED = "quarantined"  # crashed too often; not restarted
     SHUTDOWN = "shutdown"  # the server is exiting; terminal
+    # Its node stopped answering: no worker; started again when the node
+    # rejoins or the model is re-placed on another host.
+    UNAVAILABLE = "unavailable"
 
 
 S = ModelState
@@ -22,8 +25,9 @@ S = ModelState
 TRANSITIONS: dict[ModelState, frozenset[ModelState]] = {
     S.STOPPED: frozenset({S.STARTING, S.SHUTDOWN}),
     S.STARTING: frozenset({S.READY, S.STOPPED, S.BACKOFF, S.QUARANTINED, S.STOPPING, S.SHUTDOWN}),
-    S.READY: frozenset({S.STOPPING, S.BACKOFF, S.QUARANTINED, S.SHUTDOWN}),
-    S.BACKOFF: frozenset({S.STARTING, S.STOPPING, S.SHUTDOWN}),
+    S.READY: frozenset({S.STOPPING, S.BACKOFF, S.QUARANTINED, S.SHUTDOWN, S.UNAVAILABLE}),
+    S.BACKOFF: frozenset({S.STARTING, S.STOPPING, S.SHUTDOWN, S.UNAVAILABLE}),
+    S.UNAVAILABLE: frozenset({S.STARTING, S.STOPPING, S.SHUTDOWN}),
     S.QUARANTINED: frozenset({S.STARTING, S.STOPPING, S.STOPPED, S.SHUTDOWN}),
     S.STOPPING: frozenset({S.STOPPED, S.SHUTDOWN}),
     S.SHUTDOWN: frozenset(),

@@ -23,6 +23,7 @@ from lmx_supervisor.errors import (
     BadRequest,
     Conflict,
     InsufficientMemory,
+    LMXError,
     LoadFailed,
     ModelNotFound,
     NoModelLoaded,
@@ -34,6 +35,8 @@ from lmx_supervisor.memory_guard import MemoryGuard, is_idle
 from lmx_supervisor.mlx_memory import mlx_estimate
 from lmx_supervisor.model_layout import MLX
 from lmx_supervisor.model_resolver import LoadRoots, resolve_model
+from lmx_supervisor.nodes.placing import Placer
+from lmx_supervisor.nodes.service import NodeService
 from lmx_supervisor.performance import (
     KV_BYTES_PER_VALUE,
     PERFORMANCE_KEYS,
@@ -56,7 +59,7 @@ from lmx_supervisor.spawn_settings import (
 )
 from lmx_supervisor.states import ModelState
 from lmx_supervisor.transport import RouterHub
-from lmx_supervisor.worker_handle import LOCAL_NODE, LocalPlacement, Placement
+from lmx_supervisor.worker_handle import LOCAL_NODE, LocalPlacement, Placement, ring_host_of
 
 log = logging.getLogger("lmx.supervisor")
 
@@ -97,7 +100,7 @@ class Supervisor:
         self._worker_env = worker_env
         self._hub = RouterHub(config.workers.address, config.workers.runtime_dir,
                               max_message_bytes=config.workers.max_message_bytes)
-        self._local = LocalPlacement(self._hub)
+        self._local = LocalPlacement(self._hub, ring_host_of(config.workers.listen))
         # Poison requests outlive a model's entry (a quarantined model is
         # replaced on its next load), so one registry for all of them.
         self.poison = PoisonRegistry(config.models.crash_loop_window_sec,
@@ -115,6 +118,11 @@ class Supervisor:
         self.runtime_state = RuntimeStateStore(home / runtime_state.FILE_NAME)
         self.compatibility = CompatibilityRegistry(home / compatibility.FILE_NAME)
         self.lifecycle = LifecycleRecorder(self.compatibility, self.runtime_state, self.models)
+        # Other hosts (lmx_supervisor.nodes): off unless workers.listen is set.
+        self.nodes = NodeService(config, self.emit)
+        self.placer = Placer(self.nodes, self._local, self.memory, self.models,
+                             lambda: self.config.nodes.replace_on_loss,
+                             lambda model_id: self._locks[model_id])
 
     def emit(self, event: str, data: dict[str, Any]) -> None:
         if event == "model_unloaded" and data.get("reason") == "oom":
@@ -132,6 +140,7 @@ class Supervisor:
 
     async def start(self) -> None:
         self._hub.start()
+        await self.nodes.start()
         self.memory.start()
 
     async def auto_load(self) -> None:
@@ -148,7 +157,7 @@ class Supervisor:
     def problems(self) -> list[str]:
         """Why the supervisor cannot be trusted to route right now (a
         background task that died), for /readyz; empty when healthy."""
-        return (self._hub.problems() + self.memory.problems()
+        return (self._hub.problems() + self.memory.problems() + self.nodes.problems()
                 + [p for m in self._models.values() for p in m.task_failures])
 
     # --- lookup ------------------------------------------------------------------
@@ -175,15 +184,21 @@ class Supervisor:
     async def load(self, ref: str, backend: str | None = None, served_name: str | None = None,
                    allow_unsupported_runtime: bool = False,
                    overrides: Overrides | None = None, confine: bool = True,
-                   shards: list[str] | None = None) -> tuple[ManagedModel, bool]:
+                   shards: list[str] | None = None, node: str | None = None
+                   ) -> tuple[ManagedModel, bool]:
         """Load a model; returns it and whether it was already loaded.
         `overrides` (validated spawn-time settings, `spawn_settings.parse_overrides`)
         win over the model's performance profile and the config, now and
         after restarts. `confine`: refuse paths outside the models directory,
         the hub cache and models.allowed_paths (off only for paths LMX itself
         recorded, such as the models a previous run had loaded). `shards`:
-        the hosts (placement names) of a tensor-parallel MLX model's ranks."""
+        the hosts (placement names) of a tensor-parallel MLX model's ranks.
+        `node`: the host to run it on ("local" or a joined node's name);
+        None: local if it fits, else a node with room."""
         overrides = overrides or {}
+        if node is not None and shards is not None:
+            raise BadRequest("give either node or shards, not both", param="shards")
+        chosen = self.placer.named(node) if node is not None else None
         # In a thread: resolving may scan the hub cache and read a GGUF header.
         roots = LoadRoots.from_config(self.config) if confine else None
         resolved = await asyncio.to_thread(
@@ -192,10 +207,10 @@ class Supervisor:
             history = self._histories.setdefault(resolved.model_id, CrashHistory(
                 self.config.models.crash_loop_max_crashes,
                 self.config.models.crash_loop_window_sec))
-            placement = self._placement_for(resolved.backend, shards)
+            sharded = self._placement_for(resolved.backend, shards)
             current = self._models.get(resolved.model_id)
             if current is not None and current.state is not ModelState.QUARANTINED:
-                if shard_nodes(current.placement) != shard_nodes(placement):
+                if shard_nodes(current.placement) != shards:
                     raise Conflict(
                         f"Model '{resolved.model_id}' is already loaded on "
                         f"{shard_nodes(current.placement) or current.placement.node}; unload it "
@@ -225,7 +240,10 @@ class Supervisor:
             settings = await asyncio.to_thread(self._configured_settings, resolved.model_id,
                                                resolved.backend, overrides)
             estimate = await self._estimate(resolved.path, resolved.backend, settings)
-            await self.memory.admit(resolved.model_id, estimate)  # 507, or evicts idle LRU
+            placement = (sharded or chosen or self.placer.choose(resolved.model_id, estimate)
+                         or self._local)
+            if placement.node == LOCAL_NODE:
+                await self.memory.admit(resolved.model_id, estimate)  # 507, or evicts idle LRU
             # No await from here until the model is registered: a concurrent
             # admission must count it.
             model = ManagedModel(
@@ -233,7 +251,8 @@ class Supervisor:
                 settings, placement, history, self.emit,
                 self._worker_env, self.poison)
             model.memory_estimate = estimate
-            model.memory_cap_bytes = self.memory.worker_cap(estimate, settings.n_threads)
+            if placement.node == LOCAL_NODE:
+                model.memory_cap_bytes = self.memory.worker_cap(estimate, settings.n_threads)
             model.spawn_overrides = dict(overrides)
             self._models[resolved.model_id] = model
             try:
@@ -245,12 +264,16 @@ class Supervisor:
             return model, False
 
     def placement_named(self, name: str) -> Placement | None:
-        """The host a worker can be placed on by that name ("local": here)."""
-        return self._local if name == LOCAL_NODE else None
+        """The host a worker can be placed on by that name ("local": here, or
+        a connected node); None: no such host now."""
+        try:
+            return self.placer.named(name)
+        except LMXError:
+            return None
 
-    def _placement_for(self, backend: str, shards: list[str] | None) -> Placement:
+    def _placement_for(self, backend: str, shards: list[str] | None) -> Placement | None:
         if shards is None:
-            return self._local
+            return None
         if backend != MLX:
             raise BadRequest(f"only MLX models can be sharded (this one is {backend})",
                              param="shards")
@@ -532,5 +555,8 @@ class Supervisor:
         await asyncio.gather(*(m.stop(drain_timeout, terminal=True) for m in models),
                              return_exceptions=True)
         self._models.clear()
+        await self.placer.close()
+        with contextlib.suppress(Exception):
+            await self.nodes.close()
         with contextlib.suppress(Exception):
             await self._hub.close()

@@ -27,6 +27,11 @@ from lmx_supervisor.runtime_dirs import claim_runtime_dir, remove_stale_runtime_
 log = logging.getLogger("lmx.transport")
 
 FrameHandler = Callable[[FromWorker], None]
+# Raw frames of peers that are not workers (node agents, by identity prefix).
+PeerHandler = Callable[[bytes, bytes], None]
+# On a CURVE socket: may the peer whose key (its ZAP User-Id, Z85) this is
+# send as this identity?
+IdentityCheck = Callable[[bytes, str], bool]
 # Frames read in one go before yielding to the event loop again (fairness to HTTP).
 _DRAIN_LIMIT = 256
 
@@ -37,7 +42,12 @@ class PeerGone(Exception):
 
 class RouterHub:
     def __init__(self, address: str | None = None, runtime_dir: str | None = None,
-                 max_message_bytes: int = 256 * 1024 * 1024) -> None:
+                 max_message_bytes: int = 256 * 1024 * 1024,
+                 context: zmq.asyncio.Context | None = None,
+                 curve_server_keys: tuple[bytes, bytes] | None = None) -> None:
+        """`context` and `curve_server_keys` (public, secret): a tcp socket
+        that only CURVE clients the context's ZAP authenticator admits can
+        talk to (lmx_supervisor.nodes); the context stays the caller's."""
         self._owned_dir: Path | None = None
         if address is None:
             base = Path(runtime_dir).expanduser() if runtime_dir else Path(tempfile.gettempdir())
@@ -48,8 +58,15 @@ class RouterHub:
             self._owned_dir = Path(tempfile.mkdtemp(prefix="lmx-", dir=base))
             claim_runtime_dir(self._owned_dir)
             address = f"ipc://{self._owned_dir / 'supervisor.sock'}"
-        self._ctx = zmq.asyncio.Context()
+        self._owns_ctx = context is None
+        self._ctx = zmq.asyncio.Context() if context is None else context
         self._sock = self._ctx.socket(zmq.ROUTER)
+        if curve_server_keys is not None:
+            self._sock.curve_server = True
+            self._sock.curve_publickey, self._sock.curve_secretkey = curve_server_keys
+            # A peer behind a cut link is dropped and may reconnect.
+            self._sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
+            self._sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
         self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self._sock.setsockopt(zmq.LINGER, 0)
         # A peer sending more than this is disconnected before its bytes
@@ -61,7 +78,12 @@ class RouterHub:
         # tcp://*:0 binds a random port; report what was really bound.
         self.address: str = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._handlers: dict[bytes, FrameHandler] = {}
-        self._task = SupervisedTask("frame router", self._receive_loop)
+        self._peer_handlers: dict[bytes, PeerHandler] = {}
+        # Set on a CURVE socket (lmx_supervisor.nodes): every message is
+        # checked against the key its sender authenticated with.
+        self.identity_check: IdentityCheck | None = None
+        loop = self._receive_loop if curve_server_keys is None else self._receive_checked_loop
+        self._task = SupervisedTask("frame router", loop)
         # Messages that were not [identity, frame] or did not decode; the
         # gateway exports it (lmx_router_malformed_frames_total).
         self.malformed_frames = 0
@@ -75,6 +97,17 @@ class RouterHub:
 
     def register(self, worker_id: str, handler: FrameHandler) -> None:
         self._handlers[worker_id.encode()] = handler
+
+    def register_peers(self, identity_prefix: bytes, handler: PeerHandler) -> None:
+        """Raw [identity, payload] of every peer whose identity starts with
+        `identity_prefix` (frames of another protocol than the workers')."""
+        self._peer_handlers[identity_prefix] = handler
+
+    def send_raw(self, identity: bytes, payload: bytes) -> None:
+        try:
+            self._sock.send_multipart([identity, payload], flags=zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            raise PeerGone(f"peer {identity[:64]!r} is not reachable: {exc}") from exc
 
     def unregister(self, worker_id: str) -> None:
         self._handlers.pop(worker_id.encode(), None)
@@ -97,6 +130,20 @@ class RouterHub:
                     break
                 self._dispatch(frames)
 
+    async def _receive_checked_loop(self) -> None:
+        """As _receive_loop, with each message's sender key (read from the
+        frame metadata, hence copy=False) checked against its identity: an
+        authorized node must not speak as another node or its workers."""
+        while True:
+            frames = await self._sock.recv_multipart(copy=False)
+            user_id = str(frames[0].get("User-Id")) if frames else ""
+            data = [frame.bytes for frame in frames]
+            check = self.identity_check
+            if check is not None and data and not check(data[0], user_id):
+                self._malformed(data[0], f"sent with key {user_id}, not its own")
+                continue
+            self._dispatch(data)
+
     def _dispatch(self, frames: list[bytes]) -> None:
         # Anything may arrive on the socket (a foreign DEALER, a buggy peer):
         # a message that is not [identity, frame] is logged and dropped,
@@ -105,6 +152,13 @@ class RouterHub:
             self._malformed(frames[0] if frames else b"", f"{len(frames)} parts, expected 2")
             return
         identity, payload = frames
+        for prefix, peer_handler in self._peer_handlers.items():
+            if identity.startswith(prefix):
+                try:
+                    peer_handler(identity, payload)
+                except Exception:
+                    log.exception("peer handler for %r failed", identity[:64])
+                return
         handler = self._handlers.get(identity)
         if handler is None:
             log.debug("frame from unknown worker %r dropped", identity)
@@ -126,7 +180,8 @@ class RouterHub:
     async def close(self) -> None:
         await self._task.stop()
         self._sock.close(linger=0)
-        self._ctx.term()
+        if self._owns_ctx:
+            self._ctx.term()
         if self._owned_dir is not None:
             shutil.rmtree(self._owned_dir, ignore_errors=True)
             self._owned_dir = None

@@ -21,6 +21,16 @@ from lmx_supervisor.worker_process import WorkerProcess
 from lmx_worker.spec import WorkerSpec
 
 LOCAL_NODE = "local"
+_WILDCARD_HOSTS = frozenset({"", "*", "0.0.0.0", "::", "[::]"})
+
+
+def ring_host_of(listen: str | None) -> str:
+    """The host part of the `workers.listen` tcp endpoint (what other hosts
+    reach this one at); loopback when none is set or it is a wildcard."""
+    if not listen or not listen.startswith("tcp://"):
+        return "127.0.0.1"
+    host = listen[len("tcp://"):].rsplit(":", 1)[0]
+    return "127.0.0.1" if host in _WILDCARD_HOSTS else host.strip("[]")
 
 
 class WorkerHandle(Protocol):
@@ -66,8 +76,8 @@ class Placement(Protocol):
 
     @property
     def ring_host(self) -> str:
-        """The IP address MLX's ring backend binds on for this host (a
-        sharded model's ranks reach each other there)."""
+        """An IP address of this placement's host that peers on other hosts
+        can reach (where an MLX ring backend rank binds its socket)."""
         ...
 
     async def spawn(self, spec: WorkerSpec, env: Mapping[str, str] | None) -> WorkerHandle:
@@ -78,8 +88,9 @@ class Placement(Protocol):
 class LocalPlacement:
     """A child process of this gateway, over the ipc socket."""
 
-    def __init__(self, hub: RouterHub) -> None:
+    def __init__(self, hub: RouterHub, ring_host: str = "127.0.0.1") -> None:
         self._hub = hub
+        self._ring_host = ring_host
 
     @property
     def node(self) -> str:
@@ -91,7 +102,7 @@ class LocalPlacement:
 
     @property
     def ring_host(self) -> str:
-        return "127.0.0.1"
+        return self._ring_host
 
     async def spawn(self, spec: WorkerSpec, env: Mapping[str, str] | None) -> WorkerHandle:
         return await WorkerProcess.spawn(spec, env=env)

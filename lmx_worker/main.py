@@ -21,6 +21,7 @@ import traceback
 import msgspec
 import psutil
 import zmq
+import zmq.auth
 
 from lmx_protocol import (
     PROTOCOL_VERSION,
@@ -252,6 +253,18 @@ def apply_memory_cap(cap_bytes: int | None) -> None:
     resource.setrlimit(resource.RLIMIT_DATA, (cap_bytes, hard))
 
 
+def secure_dealer(sock: zmq.Socket[bytes], spec: WorkerSpec) -> None:
+    """A worker on a node speaks CURVE to the supervisor with its node's keys."""
+    if spec.curve_key_file is None or spec.curve_server_key is None:
+        return
+    public, secret = zmq.auth.load_certificate(spec.curve_key_file)
+    if secret is None:
+        raise ValueError(f"{spec.curve_key_file} holds no secret key")
+    sock.curve_publickey = public
+    sock.curve_secretkey = secret
+    sock.curve_serverkey = spec.curve_server_key.encode()
+
+
 def report_out_of_memory(sock: zmq.Socket[bytes], ballast: list[bytearray],
                          cap_bytes: int | None) -> int:
     ballast.clear()
@@ -287,6 +300,7 @@ def serve(spec: WorkerSpec) -> int:
     sock: zmq.Socket[bytes] = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.IDENTITY, spec.worker_id.encode())
     sock.setsockopt(zmq.LINGER, 2000)
+    secure_dealer(sock, spec)
     sock.connect(spec.address)
     try:
         Failpoints.for_spec(spec).on_load()

@@ -52,6 +52,10 @@ class WorkerSpec(msgspec.Struct, forbid_unknown_fields=True):
     max_inter_token_ms: float = 250.0
     # Set for one rank of a sharded MLX model; None: the whole model here.
     shard: ShardSpec | None = None
+    # A worker on a node (tcp address): the supervisor's CURVE public key
+    # (Z85) and the 0600 file holding the node's key pair the DEALER uses.
+    curve_server_key: str | None = None
+    curve_key_file: str | None = None
 
 
 def encode_spec(spec: WorkerSpec) -> str:

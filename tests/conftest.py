@@ -53,8 +53,10 @@ class LMXServer:
     the test reads the port it got: a port picked here and handed over could
     be taken by another process in between (many test runs share the host)."""
 
-    def __init__(self, home: Path, config: dict[str, Any], env: dict[str, str] | None = None
-                 ) -> None:
+    def __init__(self, home: Path, config: dict[str, Any], env: dict[str, str] | None = None,
+                 prefix: Sequence[str] = (), host: str = "127.0.0.1") -> None:
+        """`prefix`: run it under this (`ip netns exec NS`: on another
+        host, tests/netns.py); `host`: where the test reaches it."""
         self.home = home
         self.config_path = home / "config.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
@@ -63,8 +65,8 @@ class LMXServer:
         full_env.update({"LMX_HOME": str(home), **(env or {})})
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "lmx_gateway", "serve", "--config", str(self.config_path),
-             "--port", "0"],
+            [*prefix, sys.executable, "-m", "lmx_gateway", "serve",
+             "--config", str(self.config_path), "--port", "0"],
             env=full_env, stdout=self._log, stderr=subprocess.STDOUT,
         )
         try:
@@ -74,7 +76,7 @@ class LMXServer:
             self.proc.wait()
             self._log.close()
             raise
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"http://{host}:{self.port}"
         self.http = httpx.Client(base_url=self.url, timeout=30)
         self._clients: list[openai.OpenAI] = []
 
@@ -171,6 +173,7 @@ def running_server(tmp_path_factory: pytest.TempPathFactory, name: str, *,
                    headers: Mapping[str, str] | None = None,
                    prepare: Callable[[Path], None] | None = None,
                    wait_for: Sequence[str] = (), timeout: float = STARTUP_TIMEOUT,
+                   prefix: Sequence[str] = (), host: str = "127.0.0.1",
                    ) -> Iterator[LMXServer]:
     """A real server in a fresh LMX home (a `name`-prefixed temporary
     directory), for module-scoped fixtures:
@@ -205,7 +208,7 @@ def running_server(tmp_path_factory: pytest.TempPathFactory, name: str, *,
             cfg.setdefault(section, {}).update(values)
     if prepare is not None:
         prepare(home)
-    server = LMXServer(home, cfg, env(home) if callable(env) else env)
+    server = LMXServer(home, cfg, env(home) if callable(env) else env, prefix, host)
     try:
         server.http.headers.update(headers or {})
         if not wait_for:

@@ -1,5 +1,5 @@
 """The supervisor's model state machine, in process: the moves the lifecycle
-needs are allowed, every other move of the 7 x 7 raises InvalidTransition,
+needs are allowed, every other move of the 8 x 8 raises InvalidTransition,
 and the table's shape (terminal shutdown, no dead ends) holds."""
 
 from __future__ import annotations
@@ -36,13 +36,19 @@ ALLOWED = {
     (S.QUARANTINED, S.SHUTDOWN),
     (S.STOPPING, S.STOPPED),
     (S.STOPPING, S.SHUTDOWN),
+    (S.READY, S.UNAVAILABLE),  # its node stopped answering
+    (S.BACKOFF, S.UNAVAILABLE),  # ... while it waited to restart there
+    (S.UNAVAILABLE, S.STARTING),  # the node rejoined, or re-placed elsewhere
+    (S.UNAVAILABLE, S.STOPPING),  # unloaded
+    (S.UNAVAILABLE, S.SHUTDOWN),
 }
 ALL_MOVES = list(itertools.product(ModelState, ModelState))
 
 
-def test_there_are_seven_states() -> None:
+def test_there_are_eight_states() -> None:
     assert [s.value for s in ModelState] == [
-        "stopped", "starting", "ready", "stopping", "backoff", "quarantined", "shutdown"]
+        "stopped", "starting", "ready", "stopping", "backoff", "quarantined", "shutdown",
+        "unavailable"]
     assert set(TRANSITIONS) == set(ModelState)
 
 
@@ -61,7 +67,7 @@ def test_every_other_move_raises(current: ModelState, target: ModelState) -> Non
 def test_table_is_exactly_the_allowed_moves() -> None:
     table = {(a, b) for a, targets in TRANSITIONS.items() for b in targets}
     assert table == ALLOWED
-    assert len(ALL_MOVES) - len(ALLOWED) == 28  # the moves that must raise
+    assert len(ALL_MOVES) - len(ALLOWED) == 64 - 26  # the moves that must raise
 
 
 def test_no_state_moves_to_itself() -> None:

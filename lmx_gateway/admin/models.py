@@ -39,6 +39,8 @@ async def describe_model(model: ManagedModel, with_stats: bool = True) -> dict[s
         "readiness": {"state": str(model.state), "reason": model.reason},
         "pid": model.pid,
         "shards": describe_shards(model.placement, model.worker),  # None: not sharded
+        # The host the worker runs on: "local", or a node's name.
+        "node": model.placement.node,
         "restarts": model.restarts,
         "recent_crashes": model.history.recent(),
         "quarantined_requests": model.quarantined_requests(),
@@ -101,7 +103,7 @@ async def load_model(request: Request) -> Response:
         model, already = await state.supervisor.load(
             req.model_id, backend=req.backend, served_name=req.served_name,
             allow_unsupported_runtime=req.allow_unsupported_runtime, overrides=overrides,
-            shards=req.shards)
+            shards=req.shards, node=req.node)
     except LMXError as exc:
         if not (req.auto_download and needs_download(exc, req.model_id)):
             raise
@@ -145,6 +147,19 @@ async def status(request: Request) -> Response:
     })
 
 
+async def list_nodes(request: Request) -> Response:
+    """The nodes that joined (lmx_supervisor.nodes): state, last heartbeat,
+    host, and the models placed on each."""
+    supervisor = gateway_state(request).supervisor
+    placed: dict[str, list[str]] = {}
+    for model in supervisor.models():
+        placed.setdefault(model.placement.node, []).append(model.model_id)
+    nodes = [{**row, "loaded_models": sorted(placed.get(row["name"], []))}
+             for row in supervisor.nodes.report()]
+    return JSONResponse({"listening": supervisor.nodes.enabled, "nodes": nodes,
+                         "count": len(nodes)})
+
+
 async def events(request: Request) -> Response:
     state = gateway_state(request)
     heartbeat = state.config.server.sse_heartbeat_interval_sec
@@ -165,4 +180,5 @@ ROUTES = [
     ScopedRoute(ADMIN, "/admin/models/unload", unload_model, methods=["POST"],
                 body=UnloadRequest, errors=(404, 409)),
     ScopedRoute(ADMIN, "/admin/status", status, methods=["GET"]),
+    ScopedRoute(ADMIN, "/admin/nodes", list_nodes, methods=["GET"]),
 ]

@@ -20,6 +20,10 @@ class LoadRequest(msgspec.Struct, kw_only=True):
     # An MLX model tensor-parallel across these hosts ("local", node names),
     # one rank each, rank 0 first (see lmx_supervisor.shard_group).
     shards: list[Annotated[str, Meta(min_length=1)]] | None = None
+    # Where the worker runs: "local" or a joined node's name (GET
+    # /admin/nodes); None: this host if the model fits, else a node with room.
+    node: Annotated[str, Meta(min_length=1, max_length=64,
+                              pattern=r"^[A-Za-z0-9._-]+$")] | None = None
 
 
 class UnloadRequest(msgspec.Struct, kw_only=True):

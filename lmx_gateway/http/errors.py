@@ -29,6 +29,7 @@ STATUS_OF_KIND = {
     ErrorKind.INTERNAL: 500,
     ErrorKind.UPSTREAM: 502,
     ErrorKind.UNAVAILABLE: 503,
+    ErrorKind.NODE_UNREACHABLE: 503,
     ErrorKind.TIMEOUT: 504,
     ErrorKind.NO_RESOURCES: 507,
 }

@@ -19,6 +19,7 @@ from lmx_gateway.observability.events import EventBus
 from lmx_gateway.observability.metrics import Metrics
 from lmx_gateway.state import GatewayState
 from lmx_supervisor.states import ModelState
+from lmx_supervisor.worker_handle import LOCAL_NODE
 
 log = logging.getLogger("lmx.gateway")
 
@@ -77,14 +78,24 @@ def live_metrics(state: GatewayState) -> Iterator[Metric]:
                                labels=["model"])
     memory = GaugeMetricFamily("lmx_model_memory_gb", "Resident memory of each model's worker",
                                labels=["model"])
+    # Which host each model's worker runs on ("local" or a node's name), to
+    # join with the per-model series; and each node's liveness.
+    model_node = GaugeMetricFamily("lmx_model_node", "1 for the host each model runs on",
+                                   labels=["model", "node"])
+    node_up = GaugeMetricFamily("lmx_node_up", "1 while a node answers its heartbeat",
+                                labels=["node"])
     for m in models:
         model_state.add_metric([m.model_id, str(m.state)], 1)
         in_flight.add_metric([m.model_id], m.in_flight)
         queued.add_metric([m.model_id], m.gate.queued)
-        rss = worker_rss_bytes(m.pid)
+        model_node.add_metric([m.model_id, m.placement.node], 1)
+        # A node's worker pid names a process on that host, not on this one.
+        rss = worker_rss_bytes(m.pid) if m.placement.node == LOCAL_NODE else None
         if rss is not None:
             memory.add_metric([m.model_id], rss / GB)
-    yield from (model_state, in_flight, queued, memory)
+    for row in state.supervisor.nodes.report():
+        node_up.add_metric([row["name"]], 1 if row["state"] == "connected" else 0)
+    yield from (model_state, in_flight, queued, memory, model_node, node_up)
 
 
 def log_lifecycle(type_: str, data: dict[str, Any]) -> None:

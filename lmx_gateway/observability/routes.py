@@ -18,6 +18,7 @@ from lmx_gateway.state import GatewayState, gateway_state
 from lmx_supervisor.managed_model import ManagedModel
 from lmx_supervisor.model_resolver import AVAILABLE_BACKENDS
 from lmx_supervisor.states import ModelState
+from lmx_supervisor.worker_handle import LOCAL_NODE
 
 # Backend name -> the distribution that provides it.
 BACKEND_DISTRIBUTIONS = {"llama_cpp": "llama-cpp-python", "mlx": "mlx"}
@@ -42,9 +43,11 @@ async def metrics_json(request: Request) -> Response:
 
 
 def _worker(model: ManagedModel) -> dict[str, Any]:
-    rss = worker_rss_bytes(model.pid)
+    # A node's worker pid names a process on that host, not on this one.
+    rss = worker_rss_bytes(model.pid) if model.placement.node == LOCAL_NODE else None
     return {
         "model_id": model.model_id,
+        "node": model.placement.node,
         "backend": model.backend,
         "state": str(model.state),
         "reason": model.reason,
@@ -69,6 +72,8 @@ def health_report(state: GatewayState) -> dict[str, Any]:
             reasons.append(f"model_quarantined: {m.model_id} ({m.reason})")
         elif m.state is ModelState.BACKOFF:
             reasons.append(f"model_restarting: {m.model_id} ({m.reason})")
+        elif m.state is ModelState.UNAVAILABLE:
+            reasons.append(f"model_unavailable: {m.model_id} ({m.reason})")
     if vm.percent >= limit:
         reasons.append(f"memory_pressure: {vm.percent:.1f}% used "
                        f">= memory.max_memory_percent {limit:g}%")
