@@ -193,6 +193,34 @@ def test_bad_shards_are_refused_naming_the_field(server: LMXServer) -> None:
     assert resp.json()["error"]["param"] == "shards"
 
 
+def test_rolling_restart_replaces_every_rank(server: LMXServer) -> None:
+    """A rolling restart starts a second group beside the first (its own
+    ring ports), switches to it once it is ready, then stops the old one."""
+    before = shards(server)
+    resp = server.http.post("/admin/models/restart", timeout=300, json={
+        "model_id": SHARDED, "mode": "rolling", "settings": {"parallel_slots": 2}})
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["old_pid"] == before[0]["pid"]
+    row = server.admin_models()[SHARDED]
+    assert row["state"] == "ready" and row["spawn_settings"]["parallel_slots"] == 2
+    after = row["shards"]
+    assert after[0]["pid"] == resp.json()["new_pid"] == row["pid"]
+    assert {r["pid"] for r in after}.isdisjoint({r["pid"] for r in before})
+    assert {r["ring_address"] for r in after}.isdisjoint({r["ring_address"] for r in before})
+    for old in before:
+        wait_until(lambda pid=old["pid"]: not _alive(pid), 30, what=f"old rank {old['rank']} gone")
+    assert len(asyncio.run(_one(server))) == 4
+    assert row["restarts"] == 0  # not a crash
+
+
+def _alive(pid: int) -> bool:
+    """A zombie counts as gone: the server reaps it when it awaits the exit."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def test_killing_a_follower_rank_restarts_the_whole_group(server: LMXServer) -> None:
     before = shards(server)
     follower = before[1]["pid"]
