@@ -21,7 +21,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import MLX_MODEL_ID, LMXServer, running_server, wait_until
+from tests.conftest import MLX_MODEL_ID, MODEL_ID, LMXServer, running_server, wait_until
 from tests.test_batching import SUBJECTS, Rows, assert_same_or_near_tie
 from tests.test_mlx_backend import CITY, async_client, greedy_rows
 
@@ -34,8 +34,10 @@ NOTES = " ".join(f"Note {i}: the {thing} is on shelf {i}." for i, thing in
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, mlx_model_dir: Path) -> Any:
-    with running_server(tmp_path_factory, "sharded", links=[(MLX_MODEL_ID, mlx_model_dir)],
+def server(tmp_path_factory: pytest.TempPathFactory, mlx_model_dir: Path,
+           model_file: Path) -> Any:
+    with running_server(tmp_path_factory, "sharded",
+                        links=[(MLX_MODEL_ID, mlx_model_dir), model_file],
                         models={"auto_load": [MLX_MODEL_ID], "parallel_slots": 4,
                                 "context_length": 1024, "max_concurrent_requests": 8,
                                 "restart_backoff_initial_sec": 0.1, "n_threads": 1,
@@ -181,11 +183,13 @@ def test_grammar_choices_and_prefix_cache_on_every_rank(server: LMXServer) -> No
 
 
 def test_bad_shards_are_refused_naming_the_field(server: LMXServer) -> None:
-    for body in ({"shards": ["local"]}, {"shards": ["local", "nowhere"]}):
+    for body in ({"shards": ["local"]}, {"shards": ["local", "nowhere"]}, {"shards": []},
+                 {"model_id": MODEL_ID, "shards": ["local", "local"]}):  # GGUF: not MLX
         resp = server.http.post("/admin/models/load",
                                 json={"model_id": MLX_MODEL_ID, "served_name": "x", **body})
         assert resp.status_code == 400, resp.text
-        assert resp.json()["error"]["param"] == "shards"
+        assert resp.json()["error"]["param"] == "shards", resp.text
+    assert "x" not in server.admin_models()
     # Already loaded whole: it cannot be sharded under the same id.
     resp = server.http.post("/admin/models/load",
                             json={"model_id": MLX_MODEL_ID, "shards": ["local", "local"]})
