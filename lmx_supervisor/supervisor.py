@@ -203,6 +203,11 @@ class Supervisor:
                 self.config.models.crash_loop_window_sec))
             current = self._models.get(resolved.model_id)
             if current is not None and current.state is not ModelState.QUARANTINED:
+                if node is not None and current.placement.node != node:
+                    raise Conflict(
+                        f"Model '{resolved.model_id}' is already loaded on "
+                        f"{current.placement.node}; unload it first to move it to {node}",
+                        code="model_loaded_elsewhere", param="node")
                 if current.path != resolved.path:
                     raise Conflict(
                         f"Model id '{resolved.model_id}' is already serving {current.path}",
