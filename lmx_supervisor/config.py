@@ -176,7 +176,7 @@ class WorkersConfig(Section):
     max_message_bytes: PositiveInt = 256 * 1024 * 1024
     # tcp:// endpoint (e.g. tcp://0.0.0.0:5710) where node agents and their
     # workers connect, CURVE-encrypted; None: no tcp endpoint, no nodes.
-    listen: str | None = None
+    listen: Annotated[str, msgspec.Meta(pattern=r"^tcp://[^\s/]+:\d+$")] | None = None
 
 
 class NodesConfig(Section):
