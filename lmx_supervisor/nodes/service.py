@@ -268,8 +268,7 @@ class NodeService:
             raise OSError(f"node '{name}' is not reachable: {exc}") from exc
         return worker
 
-    def _send_quietly(self, identity: bytes, frame: object) -> None:
-        assert isinstance(frame, Frame)
+    def _send_quietly(self, identity: bytes, frame: Frame) -> None:
         try:
             self._send(identity, frame)
         except PeerGone as exc:

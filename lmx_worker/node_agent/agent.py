@@ -15,11 +15,14 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
+import socket
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import msgspec
 import psutil
@@ -217,9 +220,6 @@ class NodeAgent:
 def route_address(join: str) -> str:
     """This host's address on the route to the supervisor (what peers on
     the gateway's network reach it at), found without sending anything."""
-    import socket
-    from urllib.parse import urlsplit
-
     host = urlsplit(join).hostname or "127.0.0.1"
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         try:
@@ -231,8 +231,6 @@ def route_address(join: str) -> str:
 
 def run_agent(options: AgentOptions) -> int:
     """Run until SIGTERM/SIGINT; its workers are stopped on the way out."""
-    import signal
-
     if options.advertise is None:
         options.advertise = route_address(options.join)
 
