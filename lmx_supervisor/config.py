@@ -181,7 +181,7 @@ class WorkersConfig(Section):
     ring_port_max: Port = 47199
     # tcp:// endpoint (e.g. tcp://0.0.0.0:5710) where node agents and their
     # workers connect, CURVE-encrypted; None: no tcp endpoint, no nodes.
-    listen: str | None = None
+    listen: Annotated[str, msgspec.Meta(pattern=r"^tcp://[^\s/]+:\d+$")] | None = None
 
 
 class NodesConfig(Section):

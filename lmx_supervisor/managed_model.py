@@ -58,7 +58,7 @@ from lmx_supervisor.restart_policy import CrashHistory, backoff_delay
 from lmx_supervisor.restart_progress import RestartProgress
 from lmx_supervisor.states import ModelState, check_transition
 from lmx_supervisor.transport import PeerGone, RouterHub
-from lmx_supervisor.worker_handle import Placement, WorkerHandle
+from lmx_supervisor.worker_handle import HostUnreachable, Placement, WorkerHandle
 from lmx_worker.exit_codes import EXIT_OUT_OF_MEMORY
 from lmx_worker.spec import WorkerSpec
 
@@ -287,6 +287,8 @@ class ManagedModel:
         started = time.monotonic()
         try:
             worker = await self.placement.spawn(spec, self._worker_env)
+        except HostUnreachable as exc:
+            raise LoadFailed(f"cannot start a worker: {exc}", code="node_unreachable") from exc
         except OSError as exc:
             raise LoadFailed(f"cannot start a worker: {exc}") from exc
         self.worker = worker
@@ -529,7 +531,7 @@ class ManagedModel:
             await self._launch()
         except LoadFailed as exc:
             log.error("model %s: restart failed: %s", self.model_id, exc.message)
-            self._handle_crash(exc.message)
+            self._after_failed_relaunch(exc)
             return
         self.restarts += 1
         self._emit("worker_restarted", {"model_id": self.model_id, "restarts": self.restarts})
@@ -800,7 +802,17 @@ class ManagedModel:
         except LoadFailed as exc:
             log.error("model %s: relaunch on %s failed: %s", self.model_id, placement.node,
                       exc.message)
-            self._handle_crash(exc.message)
+            self._after_failed_relaunch(exc)
+
+    def _after_failed_relaunch(self, exc: LoadFailed) -> None:
+        """A restart that failed: a crash, unless its node is unreachable
+        (then the model waits for the node, or for re-placement)."""
+        if exc.code == "node_unreachable":
+            self._set_state(ModelState.UNAVAILABLE, f"node_unreachable:{self.placement.node}")
+            self._emit("model_unavailable", {"model_id": self.model_id,
+                                             "node": self.placement.node})
+            return
+        self._handle_crash(exc.message)
 
     def force_unquarantine(self) -> None:
         self.history.clear()

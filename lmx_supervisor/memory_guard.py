@@ -246,7 +246,8 @@ class MemoryGuard:
                 "threshold_percent": cfg.max_memory_percent})
         self._high = high
         now = time.monotonic()
-        for model in self._local_models():
+        # Idle unloading applies wherever a model runs (a node's too).
+        for model in self._host.models():
             ttl = idle_ttl(model, cfg)
             if ttl is not None and is_idle(model) and now - model.last_used > ttl:
                 await self._host.evict(model.model_id, f"ttl: idle for more than {ttl:g}s")

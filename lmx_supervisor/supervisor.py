@@ -210,12 +210,17 @@ class Supervisor:
             sharded = self._placement_for(resolved.backend, shards)
             current = self._models.get(resolved.model_id)
             if current is not None and current.state is not ModelState.QUARANTINED:
-                if shard_nodes(current.placement) != shards:
+                if shards is not None and shard_nodes(current.placement) != shards:
                     raise Conflict(
                         f"Model '{resolved.model_id}' is already loaded on "
                         f"{shard_nodes(current.placement) or current.placement.node}; unload it "
                         "first to place it otherwise", code="model_loaded_with_other_shards",
                         param="shards")
+                if node is not None and current.placement.node != node:
+                    raise Conflict(
+                        f"Model '{resolved.model_id}' is already loaded on "
+                        f"{current.placement.node}; unload it first to move it to {node}",
+                        code="model_loaded_elsewhere", param="node")
                 if current.path != resolved.path:
                     raise Conflict(
                         f"Model id '{resolved.model_id}' is already serving {current.path}",

@@ -33,6 +33,12 @@ def ring_host_of(listen: str | None) -> str:
     return "127.0.0.1" if host in _WILDCARD_HOSTS else host.strip("[]")
 
 
+class HostUnreachable(OSError):
+    """Raised by `Placement.spawn` when the placement's host cannot be
+    reached now (a node that is not connected): the model waits for it
+    (unavailable) instead of counting crashes against itself."""
+
+
 class WorkerHandle(Protocol):
     @property
     def pid(self) -> int: ...

@@ -190,7 +190,9 @@ def running_server(tmp_path_factory: pytest.TempPathFactory, name: str, *,
     returns for the models directory. `env` (or `env(home)`) is added to
     the server's environment. `prepare(home)` runs before the server
     starts (files it must find at startup). `headers` go on
-    `server.http` before the first request. The block starts once every
+    `server.http` before the first request. `prefix` runs the server under
+    a command (`ip netns exec NS`: on another host, tests/netns.py) and
+    `host` is where the test then reaches it. The block starts once every
     model in `wait_for` is ready (just /healthz when there is none), and
     the server is stopped however it ends, a failed start included."""
     home = tmp_path_factory.mktemp(name)

@@ -18,6 +18,7 @@ import httpx
 import openai
 import psutil
 import pytest
+import yaml
 import zmq
 import zmq.auth
 
@@ -42,13 +43,13 @@ class Agent:
     """`lmx node --join` run on one namespace's host."""
 
     def __init__(self, lan: Lan, host: str, join: str, key: Path, server_key: Path,
-                 log_dir: Path, name: str | None = None) -> None:
+                 log_dir: Path, models_dir: Path, name: str | None = None) -> None:
         self.log_path = log_dir / f"agent-{name or host}-{time.monotonic_ns()}.log"
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
             [*lan.prefix_for(host), sys.executable, "-m", "lmx_gateway", "node",
              "--join", join, "--key", str(key), "--server-key", str(server_key),
-             "--name", name or host],
+             "--name", name or host, "--models-dir", str(models_dir)],
             stdout=self._log, stderr=subprocess.STDOUT)
 
     def kill(self) -> None:
@@ -76,7 +77,7 @@ class Cluster:
 
     def start_agent(self, host: str, key: Path | None = None, name: str | None = None) -> Agent:
         agent = Agent(self.lan, host, self.join, key or self.keys / f"{host}.key_secret",
-                      self.server_key, self.log_dir, name)
+                      self.server_key, self.log_dir, self.server.home / "models", name)
         self.agents[name or host] = agent
         return agent
 
@@ -151,6 +152,15 @@ def _workers_of(model_id: str) -> list[psutil.Process]:
     return found
 
 
+def _reconfigure(cluster: Cluster, section: str, values: dict[str, Any]) -> None:
+    """Rewrite the server's config file and reload it (POST /admin/config/reload)."""
+    config = yaml.safe_load(cluster.server.config_path.read_text())
+    config.setdefault(section, {}).update(values)
+    cluster.server.config_path.write_text(yaml.safe_dump(config))
+    reloaded = cluster.server.http.post("/admin/config/reload", json={})
+    assert reloaded.status_code == 200, reloaded.text
+
+
 def _model_row(cluster: Cluster, model_id: str) -> dict[str, Any]:
     return cluster.server.admin_models()[model_id]
 
@@ -162,6 +172,7 @@ def test_nodes_join_with_authorized_keys(cluster: Cluster) -> None:
     assert row["address"] == cluster.lan.addresses["n1"]
     assert row["cpu_cores"] >= 1 and row["ram_total_bytes"] > 0
     assert row["last_heartbeat_sec_ago"] < HEARTBEAT_TIMEOUT
+    assert f"{MODEL_ID}.gguf" in row["models"]  # what it has on disk
     listed = _lmx("nodes", "--url", cluster.server.url)
     assert listed.returncode == 0, listed.stderr
     assert "n1" in listed.stdout and "n2" in listed.stdout and "connected" in listed.stdout
@@ -308,12 +319,23 @@ def test_link_down_makes_models_unavailable_until_the_node_returns(cluster: Clus
                what="a single worker of on-n2")
 
 
+def test_a_model_that_does_not_fit_here_goes_to_a_node(cluster: Cluster) -> None:
+    # No model runs on this host now; a budget smaller than the model
+    # leaves no room here, so placement picks a node with free RAM.
+    assert all(row["node"] != "local" for row in cluster.server.admin_models().values())
+    _reconfigure(cluster, "memory", {"budget_bytes": 1024})
+    try:
+        resp = cluster.server.load(MODEL_ID, served_name="placed")
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["node"] in ("n1", "n2")
+    finally:
+        _reconfigure(cluster, "memory", {"budget_bytes": None})
+    unloaded = cluster.server.http.post("/admin/models/unload", json={"model_id": "placed"})
+    assert unloaded.status_code == 200, unloaded.text
+
+
 def test_agent_sigkill_detected_and_model_replaced(cluster: Cluster) -> None:
-    cfg = cluster.server.config_path.read_text().replace("replace_on_loss: false", "")
-    cluster.server.config_path.write_text(
-        cfg.replace("nodes:\n", "nodes:\n  replace_on_loss: true\n", 1))
-    reloaded = cluster.server.http.post("/admin/config/reload", json={})
-    assert reloaded.status_code == 200, reloaded.text
+    _reconfigure(cluster, "nodes", {"replace_on_loss": True})
     row = _model_row(cluster, MODEL_ID)
     assert row["node"] == "n1" and row["state"] == "ready"
     body = {"model": MODEL_ID, **CHAT, "stream": True, "max_tokens": 2000, "ignore_eos": True}

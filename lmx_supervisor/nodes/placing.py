@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
 
 from lmx_supervisor.errors import BadRequest, ModelNotFound
 from lmx_supervisor.managed_model import ManagedModel
@@ -110,9 +110,8 @@ class Placer:
                 if placement.node == LOCAL_NODE and estimate is not None else None)
             await model.relaunch(placement)
 
-    def _spawn_task(self, coro: object) -> None:
-        assert asyncio.iscoroutine(coro)
-        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
+    def _spawn_task(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

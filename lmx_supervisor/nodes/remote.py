@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
+from lmx_protocol.messages import Frame
 from lmx_protocol.node_messages import SignalWorker, SpawnWorker, TerminateWorker
 from lmx_supervisor.transport import RouterHub
 from lmx_worker.spec import WorkerSpec, encode_spec
@@ -25,7 +26,7 @@ _TERMINATE_SLACK_SEC = 3.0
 
 
 class RemoteWorker:
-    def __init__(self, worker_id: str, node: str, send: Callable[[object], None]) -> None:
+    def __init__(self, worker_id: str, node: str, send: Callable[[Frame], None]) -> None:
         self.worker_id = worker_id
         self._node = node
         self._send = send

@@ -46,6 +46,7 @@ from lmx_supervisor.config import Config
 from lmx_supervisor.nodes.keys import AuthorizedKeys, server_key_pair
 from lmx_supervisor.nodes.remote import RemoteWorker
 from lmx_supervisor.transport import PeerGone, RouterHub
+from lmx_supervisor.worker_handle import HostUnreachable
 
 log = logging.getLogger("lmx.nodes")
 
@@ -253,7 +254,7 @@ class NodeService:
     def spawn(self, name: str, frame: SpawnWorker, worker_id: str) -> RemoteWorker:
         node = self.nodes.get(name)
         if node is None or node.state is not NodeState.CONNECTED:
-            raise OSError(f"node '{name}' is not connected")
+            raise HostUnreachable(f"node '{name}' is not connected")
         identity = node.identity
         worker = RemoteWorker(worker_id, name, lambda f: self._send_quietly(identity, f))
         self.workers[worker_id] = worker
@@ -262,11 +263,12 @@ class NodeService:
             self._send(identity, frame)
         except PeerGone as exc:
             worker.gone(127, str(exc))
+            # Connected by its heartbeat, yet not on the socket right now: a
+            # crash-like failure (retried with backoff), not a lost node.
             raise OSError(f"node '{name}' is not reachable: {exc}") from exc
         return worker
 
-    def _send_quietly(self, identity: bytes, frame: object) -> None:
-        assert isinstance(frame, Frame)
+    def _send_quietly(self, identity: bytes, frame: Frame) -> None:
         try:
             self._send(identity, frame)
         except PeerGone as exc:

@@ -15,11 +15,17 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
+import socket
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 import msgspec
+import psutil
 import zmq
 import zmq.asyncio
 import zmq.auth
@@ -75,6 +81,8 @@ class NodeAgent:
         self.welcomed = False
         self.timeout_sec = DEFAULT_TIMEOUT_SEC
         self.last_heard = 0.0
+        # Stops under way (held: the loop keeps only weak references).
+        self._tasks: set[asyncio.Task[None]] = set()
         self._ctx = zmq.asyncio.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
 
@@ -123,14 +131,13 @@ class NodeAgent:
             log.error("supervisor silent for %.1fs: stopping %d workers and rejoining",
                       now - self.last_heard, len(self.children))
             self.welcomed = False
-            asyncio.get_running_loop().create_task(self._stop_children())
+            self._background(self._stop_children())
         if not self.welcomed:
             self._send(NodeHello(self.options.name, NODE_PROTOCOL_VERSION,
                                  host_info(self.options.models_dir), self.options.advertise))
             return
-        memory_available = host_info(None).ram_available_bytes
-        self._send(NodeBeat(memory_available, free_disk(self.options.models_dir),
-                            sorted(self.children)))
+        self._send(NodeBeat(psutil.virtual_memory().available,
+                            free_disk(self.options.models_dir), sorted(self.children)))
 
     async def _receive(self) -> None:
         while True:
@@ -155,7 +162,12 @@ class NodeAgent:
             elif isinstance(frame, TerminateWorker):
                 child = self.children.get(frame.worker_id)
                 if child is not None:
-                    asyncio.get_running_loop().create_task(child.terminate(frame.grace_sec))
+                    self._background(child.terminate(frame.grace_sec))
+
+    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _local_model_path(self, path: str) -> Path | None:
         """The supervisor's path if it exists here, else the same name in
@@ -208,9 +220,6 @@ class NodeAgent:
 def route_address(join: str) -> str:
     """This host's address on the route to the supervisor (what peers on
     the gateway's network reach it at), found without sending anything."""
-    import socket
-    from urllib.parse import urlsplit
-
     host = urlsplit(join).hostname or "127.0.0.1"
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         try:
@@ -222,8 +231,6 @@ def route_address(join: str) -> str:
 
 def run_agent(options: AgentOptions) -> int:
     """Run until SIGTERM/SIGINT; its workers are stopped on the way out."""
-    import signal
-
     if options.advertise is None:
         options.advertise = route_address(options.join)
 
