@@ -136,6 +136,10 @@ def level(report: dict[str, Any], target: str, concurrency: int) -> dict[str, An
     return None
 
 
+def _r(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
 def trial_table(job: dict[str, Any]) -> str:
     rows = [f"{'variant':40} {'settings':58} {'1 stream':>9} {'N streams':>9}  note"]
     for t in job.get("trials", []):
@@ -219,10 +223,10 @@ def main() -> int:
          0.97),
     ]
     print("\n## the winners against the peers (same run)")
-    print(f"throughput winner {winner_file('throughput').name}: LMX 1 stream {lmx1} tok/s, "
-          f"8 streams {lmx8} tok/s; llama_cpp.server at 8: {peer8} tok/s")
-    print(f"latency winner {winner_file('latency').name}: LMX single-stream decode {lat_lmx} "
-          f"tok/s; in-process {lat_inproc} tok/s")
+    print(f"throughput winner {winner_file('throughput').name}: LMX 1 stream {_r(lmx1)} tok/s, "
+          f"8 streams {_r(lmx8)} tok/s; llama_cpp.server at 8: {_r(peer8)} tok/s")
+    print(f"latency winner {winner_file('latency').name}: LMX single-stream decode "
+          f"{_r(lat_lmx)} tok/s; in-process {_r(lat_inproc)} tok/s")
     report["checks"] = []
     for name, a, b, target in checks:
         ratio = a / b if a is not None and b else None
