@@ -57,6 +57,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import signal
 import socket
 import statistics
@@ -603,6 +604,10 @@ class Bench:
         models_dir = home / "models"
         models_dir.mkdir(parents=True)
         (models_dir / model_path.name).symlink_to(model_path.resolve())
+        if self.args.profiles_dir is not None:
+            # Performance profiles (autotune's): a load takes its settings
+            # from them over the config's (see autotune_bench.py).
+            shutil.copytree(self.args.profiles_dir, home / "profiles")
         model_id = model_path.name.removesuffix(".gguf")
         top = max(self.levels)
         config = {
@@ -631,6 +636,10 @@ class Bench:
         with running(server):
             pid, kv_bytes, backend = lmx_worker_info(server.url, model_id)
             result.notes.append(f"worker backend: {backend}")
+            if self.args.profiles_dir is not None:
+                perf = httpx.get(f"{server.url}/admin/models/{model_id}/performance",
+                                 timeout=10).json()
+                result.notes.append(f"loaded with: {json.dumps(perf.get('loaded'))}")
             idle_at_load = psutil.Process(pid).memory_info().rss
             ep = Endpoint(server.url, model_id, {"ignore_eos": True}, pid)
             idle = asyncio.run(measure_endpoint(ep, self.levels, self.args, result))
@@ -1118,6 +1127,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--mlx-dir", type=Path, default=None,
                         help="an MLX directory converted from --model already (default: "
                              "convert with `lmx models convert` into a temp dir)")
+    parser.add_argument("--profiles-dir", type=Path, default=None,
+                        help="performance profiles (lmx autotune's) copied into each LMX "
+                             "home: the model loads with its profile's settings")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     args = parser.parse_args(argv)
     if args.mlx_dir is not None and not (args.mlx_dir / "config.json").is_file():
