@@ -60,7 +60,9 @@ def single_logits(model: Any, row: list[int]) -> list[np.ndarray]:
     return out
 
 
-def test_cpu_layout_matches_stock_model(mlx_model_dir: Path) -> None:
+def test_cpu_layout_matches_stock_model(mlx_model_dir: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LMX_MLX_CPU_LAYOUT", "1")  # opt-in (see lmx_worker/mlx_cpu_layout)
     stock, tokenizer = float32_model(mlx_model_dir)
     rows = [list(tokenizer.encode(p)) for p in PROMPTS]
     assert len(rows[0]) != len(rows[1])  # so the batch really is padded
