@@ -33,7 +33,7 @@ from lmx_protocol.node_messages import (
 FROM_NODE: list[Frame] = [
     NodeHello("studio", NODE_PROTOCOL_VERSION,
               HostInfo(64 << 30, 40 << 30, 12, "apple-silicon", 900 << 30, ["a.gguf", "b-mlx"]),
-              advertise="10.0.0.7"),
+              advertise="127.0.0.7"),
     NodeBeat(39 << 30, 899 << 30, ["m#1-abc", "m#2-def"]),
     WorkerBeat("m#1-abc", 12345),
     WorkerStarted("m#1-abc", 4242),
