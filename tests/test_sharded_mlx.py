@@ -225,13 +225,13 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_killing_a_follower_rank_restarts_the_whole_group(server: LMXServer) -> None:
-    before = shards(server)
-    follower = before[1]["pid"]
-    body = {"model": SHARDED, "stream": True, "max_tokens": 400, "ignore_eos": True,
+def kill_mid_stream(http: httpx.Client, model: str, pid: int) -> tuple[float, list[str]]:
+    """SIGKILL `pid` once a long greedy stream of `model` has sent 3 content
+    chunks; returns the seconds from the kill to the stream's end and the
+    SSE data lines that came after the kill."""
+    body = {"model": model, "stream": True, "max_tokens": 400, "ignore_eos": True,
             "messages": [{"role": "user", "content": "Tell me a long story about a dragon."}]}
-    with httpx.Client(base_url=server.url, timeout=60) as http, \
-            http.stream("POST", "/v1/chat/completions", json=body) as resp:
+    with http.stream("POST", "/v1/chat/completions", json=body) as resp:
         assert resp.status_code == 200
         lines = resp.iter_lines()
         seen = 0
@@ -240,9 +240,16 @@ def test_killing_a_follower_rank_restarts_the_whole_group(server: LMXServer) -> 
             if seen >= 3:
                 break
         killed_at = time.monotonic()
-        os.kill(follower, signal.SIGKILL)
+        os.kill(pid, signal.SIGKILL)
         rest = [line for line in lines if line.startswith("data: ")]
-        ended_after = time.monotonic() - killed_at
+        return time.monotonic() - killed_at, rest
+
+
+def test_killing_a_follower_rank_restarts_the_whole_group(server: LMXServer) -> None:
+    before = shards(server)
+    follower = before[1]["pid"]
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        ended_after, rest = kill_mid_stream(http, SHARDED, follower)
     assert ended_after < 5.0, f"stream took {ended_after:.2f}s to end after the kill"
     assert rest[-1] == "data: [DONE]"
     error = httpx.Response(200, content=rest[-2][len("data: "):]).json()["error"]

@@ -7,9 +7,6 @@ SIGKILL of the remote rank restarts the whole group."""
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +19,7 @@ from tests.netns import Lan, skip_reason
 from tests.test_batching import SUBJECTS, Rows, assert_same_or_near_tie
 from tests.test_mlx_backend import async_client, greedy_rows
 from tests.test_nodes import PORT, Cluster, _lmx
-from tests.test_sharded_mlx import story
+from tests.test_sharded_mlx import kill_mid_stream, story
 
 _WHY_NOT = skip_reason()
 pytestmark = [pytest.mark.skipif(_WHY_NOT is not None, reason=_WHY_NOT or ""),
@@ -87,20 +84,8 @@ def test_killing_the_remote_rank_restarts_the_group(cluster: Cluster) -> None:
     before = server.admin_models()[SHARDED]["shards"]
     remote = before[1]["pid"]  # the namespaces share this host's pid space
     assert psutil.pid_exists(remote)
-    body = {"model": SHARDED, "stream": True, "max_tokens": 400, "ignore_eos": True,
-            "messages": [{"role": "user", "content": "Tell me a long story about a dragon."}]}
-    with server.http.stream("POST", "/v1/chat/completions", json=body, timeout=60) as resp:
-        assert resp.status_code == 200
-        lines = resp.iter_lines()
-        seen = 0
-        for line in lines:
-            seen += line.startswith("data: ") and '"content"' in line
-            if seen >= 3:
-                break
-        killed_at = time.monotonic()
-        os.kill(remote, signal.SIGKILL)
-        rest = [line for line in lines if line.startswith("data: ")]
-        ended_after = time.monotonic() - killed_at
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        ended_after, rest = kill_mid_stream(http, SHARDED, remote)
     assert ended_after < 5.0, f"stream took {ended_after:.2f}s to end after the kill"
     assert rest[-1] == "data: [DONE]"
     error = httpx.Response(200, content=rest[-2][len("data: "):]).json()["error"]
