@@ -73,7 +73,6 @@ from lmx_worker.mlx_cpu_layout import optimize_for_cpu
 from lmx_worker.mlx_weights import WeightsPlan, apply_plan, plan_weights
 from lmx_worker.spec import WorkerSpec
 from lmx_worker.step_budget import PromptBudget, StepLoad
-from lmx_worker.system_blas import batch_blas_threads, set_blas_threads
 from lmx_worker.text_stream import TextStream
 from lmx_worker.token_bytes import token_byte_table
 
@@ -186,8 +185,6 @@ class MlxEngine:
         self.context_length = min(spec.context_length, int(limit)) if limit else \
             spec.context_length
         self.slots = max(1, spec.parallel_slots)
-        self._n_threads = spec.n_threads
-        self._blas_threads = 0  # what OpenBLAS was last told (0: not yet)
         hf = tokenizer._tokenizer
         self._vocab = int(config.get("vocab_size") or len(hf))
         self._eog = {int(t) for t in tokenizer.eos_token_ids}
@@ -464,7 +461,6 @@ class MlxEngine:
         self._admit()
         if not self._active:
             return []
-        self._tune_blas(len(self._active))
         load = self._plan_prompt_reading()
         started = time.perf_counter()
         try:
@@ -552,15 +548,6 @@ class MlxEngine:
             else:
                 done, total = report.progress
                 job.reading, job.to_read = True, max(0, total - 1 - done)
-
-    def _tune_blas(self, batch: int) -> None:
-        """OpenBLAS threads to suit the batch (see batch_blas_threads); only
-        on a CPU, where MLX's float32 matmuls go to the BLAS."""
-        if self.plan.device != "cpu":
-            return
-        want = batch_blas_threads(self._n_threads, batch)
-        if want != self._blas_threads and set_blas_threads(want):
-            self._blas_threads = want
 
     def _retire(self, uids: list[int]) -> None:
         """Remove finished sequences and keep their KV for later prompts."""

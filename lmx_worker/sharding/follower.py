@@ -45,7 +45,6 @@ class ShardFollowerEngine(GroupEngine):
             else:
                 super().abort(command.request_id)
         self._admit()
-        self._tune_blas(len(self._active))
         self._gen.prefill_batch_size = order.prefill_batch_size
         self._gen.prefill_step_size = order.prefill_step_size
         progress, responses = self._gen.next()
