@@ -116,7 +116,7 @@ bootstrap() {
     ensure_venv
     ensure_openblas
     ensure_installed
-    "$VPY" -m lmx_supervisor.bundled_model >/dev/null
+    "$VPY" -m lmx_supervisor.models.bundled_model >/dev/null
 }
 
 [[ $# -ge 1 ]] || usage

@@ -38,7 +38,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lmx_supervisor.bundled_model import DEFAULT_MODEL_FILE, ensure_default_model
+from lmx_supervisor.models.bundled_model import DEFAULT_MODEL_FILE, ensure_default_model
 
 HERE = Path(__file__).resolve().parent
 MODEL_ID = DEFAULT_MODEL_FILE.removesuffix(".gguf")

@@ -42,7 +42,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lmx_supervisor.bundled_model import DEFAULT_MODEL_FILE, ensure_default_model  # noqa: E402
+from lmx_supervisor.models.bundled_model import DEFAULT_MODEL_FILE, ensure_default_model  # noqa: E402
 
 MODEL_ID = DEFAULT_MODEL_FILE.removesuffix(".gguf")
 

@@ -75,7 +75,7 @@ import httpx
 import psutil
 import yaml
 
-from lmx_supervisor.bundled_model import ensure_default_model
+from lmx_supervisor.models.bundled_model import ensure_default_model
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
@@ -480,8 +480,8 @@ def gguf_eog_ids(model: Path) -> list[int]:
 
 
 def mlx_engine_missing() -> str | None:
-    if not (REPO / "lmx_worker" / "mlx_engine.py").is_file():
-        return "lmx_worker/mlx_engine.py is not in this tree yet (no MLX backend)"
+    if not (REPO / "lmx_worker" / "engines" / "mlx_engine.py").is_file():
+        return "lmx_worker/engines/mlx_engine.py is not in this tree yet (no MLX backend)"
     return None
 
 
@@ -786,7 +786,7 @@ class Bench:
         if model_dir is None:
             result.skipped = reason
             return
-        from lmx_worker.system_blas import use_system_blas
+        from lmx_worker.mlx.system_blas import use_system_blas
 
         # Before mlx is imported, as LMX's worker does: OpenBLAS instead of the wheel's own
         # reference BLAS (see openblas_preload).
@@ -869,7 +869,7 @@ def openblas_preload() -> str | None:
 
     The Linux mlx-cpu wheel links its own reference BLAS (mlx_cpu.libs/libblas-*.so), so the
     system's libblas.so.3 alternative does not reach it; LD_PRELOAD puts OpenBLAS first in
-    the global symbol scope, the same thing LMX's worker does with lmx_worker/system_blas.py.
+    the global symbol scope, the same thing LMX's worker does with lmx_worker/mlx/system_blas.py.
     Without it mlx_lm.server's float32 matmuls run on the single-threaded reference BLAS and
     the comparison would flatter LMX."""
     for name in ("libopenblas.so.0", "libopenblas.so"):

@@ -49,7 +49,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from lmx_supervisor.bundled_model import ensure_default_model  # noqa: E402
+from lmx_supervisor.models.bundled_model import ensure_default_model  # noqa: E402
 
 STARTUP_TIMEOUT = 300
 SUBJECTS = ["lighthouse", "market", "bicycle", "glacier", "orchestra", "volcano", "harbor",

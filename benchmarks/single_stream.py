@@ -70,7 +70,7 @@ import numpy.typing as npt
 import psutil
 import yaml
 
-from lmx_supervisor.bundled_model import ensure_default_model
+from lmx_supervisor.models.bundled_model import ensure_default_model
 
 PROMPTS = [
     "Write a detailed story about a lighthouse keeper who finds a message in a bottle.",

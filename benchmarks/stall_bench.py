@@ -52,7 +52,7 @@ from typing import Any
 import httpx
 import yaml
 
-from lmx_supervisor.bundled_model import ensure_default_model
+from lmx_supervisor.models.bundled_model import ensure_default_model
 
 REPO = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT = 300.0

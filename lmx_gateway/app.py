@@ -48,13 +48,13 @@ from lmx_gateway.openapi import ROUTES as OPENAPI_ROUTES
 from lmx_gateway.responses import routes as routes_responses
 from lmx_gateway.responses.store import ResponseStore
 from lmx_gateway.state import GatewayState
-from lmx_supervisor.autotune import AutotuneJobs
 from lmx_supervisor.config import Config, ConfigSource
-from lmx_supervisor.downloads import DownloadManager
-from lmx_supervisor.model_files import ModelFiles
-from lmx_supervisor.quantize_jobs import QuantizeJobs
-from lmx_supervisor.startup import startup_loads
+from lmx_supervisor.lifecycle.startup import startup_loads
+from lmx_supervisor.models.downloads import DownloadManager
+from lmx_supervisor.models.model_files import ModelFiles
 from lmx_supervisor.supervisor import Supervisor
+from lmx_supervisor.tuning.autotune import AutotuneJobs
+from lmx_supervisor.tuning.quantize_jobs import QuantizeJobs
 
 log = logging.getLogger("lmx.gateway")
 

@@ -13,11 +13,11 @@ from lmx_gateway.inference.presets import PresetSet
 from lmx_gateway.observability.events import EventBus
 from lmx_gateway.observability.metrics import Metrics
 from lmx_gateway.responses.store import ResponseStore
-from lmx_supervisor.autotune import AutotuneJobs
 from lmx_supervisor.config import Config, ConfigSource
-from lmx_supervisor.model_files import ModelFiles
-from lmx_supervisor.quantize_jobs import QuantizeJobs
+from lmx_supervisor.models.model_files import ModelFiles
 from lmx_supervisor.supervisor import Supervisor
+from lmx_supervisor.tuning.autotune import AutotuneJobs
+from lmx_supervisor.tuning.quantize_jobs import QuantizeJobs
 
 
 @dataclass
@@ -33,11 +33,11 @@ class GatewayState:
     # Prometheus registry and request totals (observability/metrics.py).
     metrics: Metrics = field(default_factory=Metrics)
     in_flight: int = 0
-    # Inventory, downloads and deletion (lmx_supervisor/model_files.py).
+    # Inventory, downloads and deletion (lmx_supervisor/models/model_files.py).
     model_files: ModelFiles | None = None
-    # Quantize jobs in child processes (lmx_supervisor/quantize_jobs.py).
+    # Quantize jobs in child processes (lmx_supervisor/tuning/quantize_jobs.py).
     quantize_jobs: QuantizeJobs | None = None
-    # Autotune jobs and the profile store (lmx_supervisor/autotune.py).
+    # Autotune jobs and the profile store (lmx_supervisor/tuning/autotune.py).
     autotune_jobs: AutotuneJobs | None = None
     # /v1/responses kept for previous_response_id (responses/store.py).
     responses: ResponseStore = field(default_factory=ResponseStore)

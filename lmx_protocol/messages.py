@@ -179,7 +179,7 @@ class Ready(Frame, tag="ready"):
     context_length: int
     backend_version: str = ""
     encoder: EncoderInfo | None = None  # set by embedding/rerank workers
-    # How the model writes tool calls (lmx_worker.tool_format.ToolFormat),
+    # How the model writes tool calls (lmx_worker.text.tool_format.ToolFormat),
     # so the gateway parses them back; "" when it has no chat template.
     tool_format: str = ""
 

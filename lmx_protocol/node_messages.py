@@ -83,7 +83,7 @@ class Welcome(Frame, tag="welcome"):
 
 
 class SpawnWorker(Frame, tag="spawn_worker"):
-    # A WorkerSpec as JSON (lmx_worker.spec); the agent fills in the address
+    # A WorkerSpec as JSON (lmx_worker.process.spec); the agent fills in the address
     # and key file its worker connects with.
     spec_json: str
     env: dict[str, str] = msgspec.field(default_factory=dict)

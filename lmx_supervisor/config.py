@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 import yaml
 
-from lmx_supervisor.bundled_model import lmx_home
+from lmx_supervisor.models.bundled_model import lmx_home
 
 REPO_DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "default-config.yaml"
 ENV_PREFIX = "LMX_"
@@ -138,7 +138,7 @@ class MemoryConfig(Section):
     # LMX's own keys. None: the guard counts the whole machine's used memory
     # against max_memory_percent of RAM. A byte count: LMX's models get this
     # budget and the guard counts their estimates against max_memory_percent
-    # of it (see lmx_supervisor/memory_guard.py).
+    # of it (see lmx_supervisor/memory/memory_guard.py).
     budget_bytes: PositiveInt | None = None
     # Each worker runs under RLIMIT_DATA = estimate x factor + headroom, so a
     # runaway model dies alone (503 oom-unloaded). 0 disables the cap.

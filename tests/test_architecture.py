@@ -1,7 +1,8 @@
 """The package layout holds: lower packages never import higher ones
 (protocol < worker < supervisor < gateway), the `lmx` client commands import
 nothing of the server side, the HTTP process never loads an inference
-engine, and every gateway sub-package says what it is for and stays small."""
+engine, and every package and sub-package says what it is for and stays
+small."""
 
 from __future__ import annotations
 
@@ -116,10 +117,46 @@ def test_http_process_loads_no_inference_engine(entry: str) -> None:
     assert done.stdout.strip() == ""
 
 
-def test_gateway_folders_are_documented_and_small() -> None:
-    for folder in sorted(p for p in (ROOT / "lmx_gateway").iterdir()
-                         if p.is_dir() and (p / "__init__.py").exists()):
-        doc = ast.get_docstring(ast.parse((folder / "__init__.py").read_text()))
-        assert doc, f"{folder.name}/__init__.py has no docstring saying what it holds"
-        modules = [p for p in folder.glob("*.py") if p.name != "__init__.py"]
-        assert len(modules) <= MAX_MODULES_PER_FOLDER, (folder.name, len(modules))
+def _folder_faults(root: Path = ROOT) -> list[str]:
+    """Every package folder (each package's top level and every sub-package
+    below it) must say what it holds in its __init__ docstring and hold at
+    most MAX_MODULES_PER_FOLDER modules besides __init__.py."""
+    faults = []
+    for layer in LAYERS:
+        folders = sorted({p.parent for p in (root / layer).rglob("*.py")})
+        for folder in folders:
+            name = folder.relative_to(root).as_posix()
+            init = folder / "__init__.py"
+            if not init.exists():
+                faults.append(f"{name}/ has no __init__.py")
+            elif not ast.get_docstring(ast.parse(init.read_text())):
+                faults.append(f"{name}/__init__.py has no docstring saying what it holds")
+            modules = [p for p in folder.glob("*.py") if p.name != "__init__.py"]
+            if len(modules) > MAX_MODULES_PER_FOLDER:
+                faults.append(f"{name}/ holds {len(modules)} modules "
+                              f"(at most {MAX_MODULES_PER_FOLDER})")
+    return faults
+
+
+def test_the_folder_checker_sees_a_fault(tmp_path: Path) -> None:
+    # The rule below must be able to fail: a crowded top level, an
+    # undocumented sub-package and a folder without __init__.py are found.
+    for layer in LAYERS:
+        (tmp_path / layer).mkdir()
+        (tmp_path / layer / "__init__.py").write_text(f'"""The {layer} package."""\n')
+    for i in range(MAX_MODULES_PER_FOLDER + 1):
+        (tmp_path / "lmx_worker" / f"m{i}.py").write_text("")
+    (tmp_path / "lmx_supervisor" / "parts").mkdir()
+    (tmp_path / "lmx_supervisor" / "parts" / "__init__.py").write_text("X = 1\n")
+    (tmp_path / "lmx_gateway" / "loose").mkdir()
+    (tmp_path / "lmx_gateway" / "loose" / "thing.py").write_text("")
+    assert _folder_faults(tmp_path) == [
+        f"lmx_worker/ holds {MAX_MODULES_PER_FOLDER + 1} modules "
+        f"(at most {MAX_MODULES_PER_FOLDER})",
+        "lmx_supervisor/parts/__init__.py has no docstring saying what it holds",
+        "lmx_gateway/loose/ has no __init__.py",
+    ]
+
+
+def test_package_folders_are_documented_and_small() -> None:
+    assert _folder_faults() == []

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lmx_supervisor.bundled_model import (
+from lmx_supervisor.models.bundled_model import (
     DEFAULT_MODEL_FILE,
     DEFAULT_MODEL_SIZE,
     ensure_default_model,

@@ -257,9 +257,9 @@ def test_token_ids_checked_by_the_worker_too() -> None:
     """The worker refuses out-of-vocabulary ids itself (the gateway's check
     is only an early answer): run the engine in-process on the same model."""
     from lmx_protocol import Embed, Embeddings, Failed, Generate, SamplingParams
-    from lmx_worker.engine import RequestError
-    from lmx_worker.mlx_encoder_engine import MlxEncoderEngine
-    from lmx_worker.spec import WorkerSpec
+    from lmx_worker.encoders.mlx_encoder_engine import MlxEncoderEngine
+    from lmx_worker.engines.engine import RequestError
+    from lmx_worker.process.spec import WorkerSpec
 
     engine = MlxEncoderEngine(WorkerSpec(worker_id="w", model_id="m",
                                          model_path=str(minilm_dir()),

@@ -13,7 +13,7 @@ import pytest
 
 from lmx_gateway.http.errors import status_of
 from lmx_supervisor.errors import UnsupportedModel
-from lmx_supervisor.model_resolver import resolve_model
+from lmx_supervisor.models.model_resolver import resolve_model
 from tests.model_fixtures import safetensors_bytes, write_files
 
 pytestmark = pytest.mark.timeout(60)

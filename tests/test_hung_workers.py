@@ -149,7 +149,7 @@ def test_router_survives_foreign_messages(start_server: Any, tmp_path: Path) -> 
 def test_pdeathsig_kills_worker_when_pipe_reader_is_absent(tmp_path: Path) -> None:
     """Without the death pipe (as if its reader thread were blocked), the
     kernel still kills the worker when its parent is SIGKILLed."""
-    child_code = ("from lmx_worker.main import die_with_parent; die_with_parent(); "
+    child_code = ("from lmx_worker.process.main import die_with_parent; die_with_parent(); "
                   "import time; time.sleep(120)")
     parent_code = ("import subprocess, sys, time; "
                    f"p = subprocess.Popen([sys.executable, '-c', {child_code!r}]); "

@@ -8,7 +8,12 @@ import itertools
 
 import pytest
 
-from lmx_supervisor.states import TRANSITIONS, InvalidTransition, ModelState, check_transition
+from lmx_supervisor.lifecycle.states import (
+    TRANSITIONS,
+    InvalidTransition,
+    ModelState,
+    check_transition,
+)
 
 S = ModelState
 

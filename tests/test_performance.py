@@ -220,9 +220,9 @@ def test_cli_autotune(server: LMXServer) -> None:
 
 def test_variants_on_disk_are_found_by_name_and_lineage(tmp_path: Path, model_file: Path
                                                         ) -> None:
-    from lmx_supervisor.autotune import variants_on_disk
-    from lmx_supervisor.lineage import write_lineage
-    from lmx_supervisor.model_resolver import resolve_model
+    from lmx_supervisor.models.lineage import write_lineage
+    from lmx_supervisor.models.model_resolver import resolve_model
+    from lmx_supervisor.tuning.autotune import variants_on_disk
 
     # Separate files (a symlink would resolve to the one source file).
     for name in ("SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct.Q8_0.gguf",

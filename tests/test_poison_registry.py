@@ -9,8 +9,8 @@ import zmq
 import zmq.asyncio
 
 from lmx_protocol import Generate, Pong, SamplingParams, WorkerStats, encode
-from lmx_supervisor.poison import PoisonRegistry, fingerprint
-from lmx_supervisor.transport import RouterHub
+from lmx_supervisor.lifecycle.poison import PoisonRegistry, fingerprint
+from lmx_supervisor.workers.transport import RouterHub
 
 
 def _request(rid: str, text: str) -> Generate:

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from lmx_supervisor.memory_estimate import estimate_model_memory
+from lmx_supervisor.memory.memory_estimate import estimate_model_memory
 from tests.conftest import MODEL_ID, LMXServer, base_config
 from tests.encoder_fixtures import minilm_dir
 

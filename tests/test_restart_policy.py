@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from lmx_supervisor.restart_policy import CrashHistory, backoff_delay
+from lmx_supervisor.lifecycle.restart_policy import CrashHistory, backoff_delay
 
 
 def test_crashes_inside_the_window_accumulate() -> None:

@@ -18,7 +18,7 @@ import openai
 import pytest
 import yaml
 
-from lmx_supervisor.admission import AdmissionGate, AdmissionTimeout
+from lmx_supervisor.lifecycle.admission import AdmissionGate, AdmissionTimeout
 from tests.conftest import MODEL_ID, LMXServer, base_config, wait_until
 from tests.event_reader import EventReader
 from tests.lifecycle_support import model_estimate

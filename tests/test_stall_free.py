@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from lmx_worker.step_budget import TAIL_HEADROOM, PromptBudget, StepLoad
+from lmx_worker.engines.step_budget import TAIL_HEADROOM, PromptBudget, StepLoad
 from tests.conftest import MLX_MODEL_ID, MODEL_ID, LMXServer, base_config, wait_until
 from tests.test_batching import SUBJECTS, Rows, assert_same_or_near_tie
 

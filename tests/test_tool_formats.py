@@ -17,10 +17,10 @@ from lmx_gateway.inference.tool_calls import (
     parse_tool_calls,
 )
 from lmx_protocol import ChatMessage, Generate, SamplingParams
-from lmx_worker.chat_request import chat_prompt, request_grammar
-from lmx_worker.chat_template import ChatTemplate
-from lmx_worker.constraints import check_grammar, lark_grammar
-from lmx_worker.tool_format import ToolFormat, ToolSupport, call_grammar, inspect_template
+from lmx_worker.text.chat_request import chat_prompt, request_grammar
+from lmx_worker.text.chat_template import ChatTemplate
+from lmx_worker.text.constraints import check_grammar, lark_grammar
+from lmx_worker.text.tool_format import ToolFormat, ToolSupport, call_grammar, inspect_template
 
 pytestmark = pytest.mark.timeout(60)
 

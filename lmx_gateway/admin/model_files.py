@@ -13,10 +13,10 @@ from starlette.responses import JSONResponse, Response
 from lmx_gateway.access.scopes import ADMIN, ScopedRoute
 from lmx_gateway.http.body import read_json
 from lmx_gateway.state import GatewayState, gateway_state
-from lmx_supervisor import hub_cache
-from lmx_supervisor.downloads import DownloadJob
 from lmx_supervisor.errors import Conflict, LMXError, ModelNotFound, NotFound
-from lmx_supervisor.model_files import LoadArgs, ModelFiles
+from lmx_supervisor.models import hub_cache
+from lmx_supervisor.models.downloads import DownloadJob
+from lmx_supervisor.models.model_files import LoadArgs, ModelFiles
 
 NonEmpty = Annotated[str, Meta(min_length=1)]
 

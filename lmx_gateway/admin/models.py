@@ -20,11 +20,11 @@ from lmx_gateway.http.sse import EventStreamResponse, sse_event
 from lmx_gateway.observability.observers import gib
 from lmx_gateway.state import gateway_state
 from lmx_supervisor.errors import BadRequest, LMXError
-from lmx_supervisor.managed_model import ManagedModel
-from lmx_supervisor.performance import performance_view
-from lmx_supervisor.shard_group import describe_shards
-from lmx_supervisor.spawn_settings import parse_overrides, spawn_values
+from lmx_supervisor.lifecycle.managed_model import ManagedModel
 from lmx_supervisor.supervisor import Supervisor
+from lmx_supervisor.tuning.performance import performance_view
+from lmx_supervisor.workers.shard_group import describe_shards
+from lmx_supervisor.workers.spawn_settings import parse_overrides, spawn_values
 
 
 async def describe_model(model: ManagedModel, with_stats: bool = True) -> dict[str, Any]:

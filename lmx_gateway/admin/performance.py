@@ -18,9 +18,9 @@ from lmx_gateway.access.scopes import ADMIN, ScopedRoute
 from lmx_gateway.http.body import read_json
 from lmx_gateway.openai.schemas import ModelName
 from lmx_gateway.state import GatewayState, gateway_state
-from lmx_supervisor.autotune import AutotuneJobs, TrialShape
 from lmx_supervisor.errors import LMXError
-from lmx_supervisor.performance import performance_view
+from lmx_supervisor.tuning.autotune import AutotuneJobs, TrialShape
+from lmx_supervisor.tuning.performance import performance_view
 
 
 class AutotuneRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -1,5 +1,5 @@
 """`POST /admin/models/probe`: what a model on disk is and what loading it
-would cost, without starting a worker (lmx_supervisor/probe.py does the
+would cost, without starting a worker (lmx_supervisor/tuning/probe.py does the
 work; a bad file is a 422 naming what is wrong)."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from lmx_gateway.http.body import read_json
 from lmx_gateway.openai.schemas import ModelName
 from lmx_gateway.state import gateway_state
 from lmx_supervisor.errors import InferenceTimeout
-from lmx_supervisor.probe import ProbeArgs, probe_model
+from lmx_supervisor.tuning.probe import ProbeArgs, probe_model
 
 
 class ProbeRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -1,7 +1,7 @@
 """Quantize jobs: `POST /admin/quantize` (202 with the job), `GET
 /admin/quantize[/{job_id}]`, `DELETE /admin/quantize/{job_id}` (cancel; the
 partial output is gone when it answers). The work runs in a child process
-(lmx_supervisor/quantize_jobs.py); progress also goes to /admin/events."""
+(lmx_supervisor/tuning/quantize_jobs.py); progress also goes to /admin/events."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from lmx_gateway.access.scopes import ADMIN, ScopedRoute
 from lmx_gateway.http.body import read_json
 from lmx_gateway.state import GatewayState, gateway_state
 from lmx_supervisor.errors import BadRequest, LMXError
-from lmx_supervisor.quantize_jobs import QuantizeArgs, QuantizeJobs
+from lmx_supervisor.tuning.quantize_jobs import QuantizeArgs, QuantizeJobs
 
 NonEmpty = Annotated[str, Meta(min_length=1, max_length=1024)]
 

@@ -1,6 +1,6 @@
 """`POST /admin/models/restart` (one model, or `{"all": true}`) and
 `POST /admin/models/restart-all`: replace a model's worker without downtime,
-optionally with new spawn-time settings (lmx_supervisor/restart.py); and the
+optionally with new spawn-time settings (lmx_supervisor/lifecycle/restart.py); and the
 `apply: rolling` step of `POST /admin/config/reload`."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from lmx_gateway.access.scopes import ADMIN, LOAD_ERRORS, ScopedRoute
 from lmx_gateway.http.body import decode_json, read_body, require_json
 from lmx_gateway.state import GatewayState, gateway_state
 from lmx_supervisor.errors import BadRequest
-from lmx_supervisor.spawn_settings import parse_overrides
+from lmx_supervisor.workers.spawn_settings import parse_overrides
 
 
 class RestartRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -18,7 +18,7 @@ class LoadRequest(msgspec.Struct, kw_only=True):
     auto_download: bool = False
     performance_overrides: dict[str, Any] | None = None
     # An MLX model tensor-parallel across these hosts ("local", node names),
-    # one rank each, rank 0 first (see lmx_supervisor.shard_group).
+    # one rank each, rank 0 first (see lmx_supervisor.workers.shard_group).
     shards: list[Annotated[str, Meta(min_length=1)]] | None = None
     # Where the worker runs: "local" or a joined node's name (GET
     # /admin/nodes); None: this host if the model fits, else a node with room.

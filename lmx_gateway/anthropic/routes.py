@@ -52,7 +52,7 @@ from lmx_gateway.openai.schemas import (
 from lmx_gateway.state import GatewayState, gateway_state
 from lmx_protocol import Finished, FinishReason, Generate, Tokens
 from lmx_supervisor.errors import BadRequest, LMXError
-from lmx_supervisor.managed_model import ManagedModel
+from lmx_supervisor.lifecycle.managed_model import ManagedModel
 
 log = logging.getLogger("lmx.gateway")
 

@@ -1,7 +1,7 @@
 """`lmx models convert SRC.gguf DEST_DIR`: a local command (no server) that
 turns a llama-family GGUF into an MLX model directory. The conversion is
 worker code (it needs MLX), so it runs as a child process
-(`python -m lmx_worker.convert_command`): the client imports none of it."""
+(`python -m lmx_worker.jobs.convert_command`): the client imports none of it."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from lmx_gateway.cli.output import error_line
 
 
 def convert(args: argparse.Namespace) -> int:
-    argv = [sys.executable, "-m", "lmx_worker.convert_command", args.src, args.dest,
+    argv = [sys.executable, "-m", "lmx_worker.jobs.convert_command", args.src, args.dest,
             "--dtype", args.dtype]
     argv += ["--dequantize"] if args.dequantize else []
     argv += ["--force"] if args.force else []

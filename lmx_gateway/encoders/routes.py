@@ -37,7 +37,7 @@ from lmx_protocol import (
     Scores,
 )
 from lmx_supervisor.errors import BadRequest, LMXError
-from lmx_supervisor.managed_model import ManagedModel
+from lmx_supervisor.lifecycle.managed_model import ManagedModel
 
 LACKS_CAPABILITY = "model_lacks_capability"
 

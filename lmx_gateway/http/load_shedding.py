@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from lmx_gateway.http.anthropic_errors import anthropic_error_body, is_messages_path
 from lmx_gateway.http.errors import error_body
 from lmx_gateway.state import GatewayState
-from lmx_supervisor.process_memory import system_memory
+from lmx_supervisor.memory.process_memory import system_memory
 
 log = logging.getLogger("lmx.gateway")
 

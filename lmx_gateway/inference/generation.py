@@ -36,7 +36,7 @@ from lmx_protocol import (
     Tokens,
 )
 from lmx_supervisor.errors import InferenceTimeout, LMXError, WorkerError
-from lmx_supervisor.managed_model import ManagedModel
+from lmx_supervisor.lifecycle.managed_model import ManagedModel
 
 T = TypeVar("T")
 

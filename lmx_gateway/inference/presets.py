@@ -37,7 +37,7 @@ from lmx_gateway.openai.schemas import (
     SamplingDefaults,
     SamplingFields,
 )
-from lmx_supervisor.bundled_model import lmx_home
+from lmx_supervisor.models.bundled_model import lmx_home
 
 log = logging.getLogger("lmx.presets")
 

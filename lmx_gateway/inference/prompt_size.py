@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from lmx_protocol import Generate
 from lmx_supervisor.errors import BadRequest
-from lmx_supervisor.managed_model import ManagedModel
+from lmx_supervisor.lifecycle.managed_model import ManagedModel
 
 
 def prompt_chars(frame: Generate) -> int:

@@ -27,8 +27,8 @@ from lmx_gateway.inference.presets import PRESET_PREFIX, Preset, apply_preset
 from lmx_gateway.openai.schemas import SamplingFields
 from lmx_gateway.state import GatewayState
 from lmx_supervisor.errors import BadRequest, ModelNotFound, NoModelLoaded
-from lmx_supervisor.managed_model import ManagedModel
-from lmx_supervisor.states import ModelState
+from lmx_supervisor.lifecycle.managed_model import ManagedModel
+from lmx_supervisor.lifecycle.states import ModelState
 
 DEFAULT_MODEL_NAME = "default"
 # Still coming up or restarting: worth waiting for when nothing is ready.

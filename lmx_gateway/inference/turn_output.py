@@ -21,7 +21,7 @@ from lmx_gateway.inference.tool_calls import (
 )
 from lmx_gateway.openai.chat_tools import model_tool_format, offered_names
 from lmx_protocol import FinishReason, Generate
-from lmx_supervisor.managed_model import ManagedModel
+from lmx_supervisor.lifecycle.managed_model import ManagedModel
 
 
 class TurnOutput:

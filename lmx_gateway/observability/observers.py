@@ -18,8 +18,8 @@ from prometheus_client.metrics_core import Metric
 from lmx_gateway.observability.events import EventBus
 from lmx_gateway.observability.metrics import Metrics
 from lmx_gateway.state import GatewayState
-from lmx_supervisor.states import ModelState
-from lmx_supervisor.worker_handle import LOCAL_NODE
+from lmx_supervisor.lifecycle.states import ModelState
+from lmx_supervisor.workers.worker_handle import LOCAL_NODE
 
 log = logging.getLogger("lmx.gateway")
 

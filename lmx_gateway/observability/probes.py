@@ -8,7 +8,7 @@ from starlette.responses import JSONResponse, Response
 from lmx_gateway import __version__
 from lmx_gateway.access.scopes import PUBLIC, ScopedRoute
 from lmx_gateway.state import gateway_state
-from lmx_supervisor.states import ModelState
+from lmx_supervisor.lifecycle.states import ModelState
 
 
 async def healthz(_request: Request) -> Response:

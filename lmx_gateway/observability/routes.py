@@ -15,10 +15,10 @@ from lmx_gateway import __version__
 from lmx_gateway.access.scopes import ADMIN, ScopedRoute
 from lmx_gateway.observability.observers import gib, worker_rss_bytes
 from lmx_gateway.state import GatewayState, gateway_state
-from lmx_supervisor.managed_model import ManagedModel
-from lmx_supervisor.model_resolver import AVAILABLE_BACKENDS
-from lmx_supervisor.states import ModelState
-from lmx_supervisor.worker_handle import LOCAL_NODE
+from lmx_supervisor.lifecycle.managed_model import ManagedModel
+from lmx_supervisor.lifecycle.states import ModelState
+from lmx_supervisor.models.model_resolver import AVAILABLE_BACKENDS
+from lmx_supervisor.workers.worker_handle import LOCAL_NODE
 
 # Backend name -> the distribution that provides it.
 BACKEND_DISTRIBUTIONS = {"llama_cpp": "llama-cpp-python", "mlx": "mlx"}

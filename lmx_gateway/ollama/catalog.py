@@ -30,13 +30,13 @@ from lmx_gateway.ollama.names import listed_name, resolve_name
 from lmx_gateway.ollama.schemas import ModelRef
 from lmx_gateway.ollama.serving import not_found
 from lmx_gateway.state import GatewayState, gateway_state
-from lmx_supervisor.downloads import DownloadJob, DownloadStatus
 from lmx_supervisor.errors import BadRequest
-from lmx_supervisor.gguf_header import read_gguf_metadata
-from lmx_supervisor.managed_model import ManagedModel
-from lmx_supervisor.memory_guard import idle_ttl
-from lmx_supervisor.model_files import split_repo_ref
-from lmx_supervisor.states import ModelState
+from lmx_supervisor.lifecycle.managed_model import ManagedModel
+from lmx_supervisor.lifecycle.states import ModelState
+from lmx_supervisor.memory.memory_guard import idle_ttl
+from lmx_supervisor.models.downloads import DownloadJob, DownloadStatus
+from lmx_supervisor.models.gguf_header import read_gguf_metadata
+from lmx_supervisor.models.model_files import split_repo_ref
 
 # The Ollama API version this translation follows (clients gate features on it).
 OLLAMA_API_VERSION = "0.12.0"

@@ -47,7 +47,7 @@ from lmx_gateway.openai.schemas import (
 from lmx_gateway.state import GatewayState, gateway_state
 from lmx_protocol import Finished, FinishReason, Generate
 from lmx_supervisor.errors import BadRequest, LMXError
-from lmx_supervisor.managed_model import ManagedModel
+from lmx_supervisor.lifecycle.managed_model import ManagedModel
 
 NDJSON = "application/x-ndjson"
 _encode = msgspec.json.Encoder().encode

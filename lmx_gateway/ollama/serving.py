@@ -9,7 +9,7 @@ from lmx_gateway.inference.routing import DEFAULT_MODEL_NAME
 from lmx_gateway.ollama.names import resolve_name
 from lmx_gateway.state import GatewayState
 from lmx_supervisor.errors import ModelNotFound
-from lmx_supervisor.managed_model import ManagedModel
+from lmx_supervisor.lifecycle.managed_model import ManagedModel
 
 
 def not_found(name: str) -> ModelNotFound:

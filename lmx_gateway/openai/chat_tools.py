@@ -18,7 +18,7 @@ from lmx_gateway.inference.tool_calls import (
 )
 from lmx_protocol import FinishReason, Generate
 from lmx_protocol.tool_formats import ToolFormat
-from lmx_supervisor.managed_model import ManagedModel
+from lmx_supervisor.lifecycle.managed_model import ManagedModel
 
 
 def model_tool_format(model: ManagedModel) -> str:

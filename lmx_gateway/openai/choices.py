@@ -20,7 +20,7 @@ from lmx_gateway.inference.generation import Collected, StreamRun
 from lmx_gateway.state import GatewayState
 from lmx_protocol import Finished, Generate, TokenLogprob
 from lmx_supervisor.errors import LMXError, WorkerError
-from lmx_supervisor.managed_model import ManagedModel
+from lmx_supervisor.lifecycle.managed_model import ManagedModel
 
 
 def choice_frames(frame: Generate, n: int) -> list[Generate]:

@@ -41,7 +41,7 @@ from lmx_gateway.openai.schemas import ChatCompletionRequest, CompletionRequest,
 from lmx_gateway.state import gateway_state
 from lmx_protocol import Finished, Generate, TokenLogprob, Tokens
 from lmx_supervisor.errors import BadRequest, LMXError
-from lmx_supervisor.managed_model import ManagedModel
+from lmx_supervisor.lifecycle.managed_model import ManagedModel
 
 
 class ChunkShape:

@@ -54,7 +54,7 @@ from lmx_gateway.responses.store import StoredResponse
 from lmx_gateway.state import GatewayState, gateway_state
 from lmx_protocol import Finished, FinishReason, Generate
 from lmx_supervisor.errors import BadRequest, LMXError, NotFound
-from lmx_supervisor.managed_model import ManagedModel
+from lmx_supervisor.lifecycle.managed_model import ManagedModel
 
 # --- request translation --------------------------------------------------------
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import zmq.auth
 
-from lmx_supervisor.bundled_model import lmx_home
 from lmx_supervisor.config import NodesConfig
+from lmx_supervisor.models.bundled_model import lmx_home
 from lmx_worker.node_agent.keys import create_key_pair, public_key_of
 
 log = logging.getLogger("lmx.nodes")

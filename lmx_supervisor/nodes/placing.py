@@ -9,15 +9,15 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from lmx_supervisor.errors import BadRequest, ModelNotFound
-from lmx_supervisor.managed_model import ManagedModel
-from lmx_supervisor.memory_estimate import MemoryEstimate
+from lmx_supervisor.lifecycle.managed_model import ManagedModel
+from lmx_supervisor.lifecycle.states import ModelState
+from lmx_supervisor.memory.memory_estimate import MemoryEstimate
 from lmx_supervisor.nodes.remote import RemotePlacement
 from lmx_supervisor.nodes.service import NodeService, NodeState
-from lmx_supervisor.states import ModelState
-from lmx_supervisor.worker_handle import LOCAL_NODE, Placement
+from lmx_supervisor.workers.worker_handle import LOCAL_NODE, Placement
 
 if TYPE_CHECKING:
-    from lmx_supervisor.memory_guard import MemoryGuard
+    from lmx_supervisor.memory.memory_guard import MemoryGuard
 
 log = logging.getLogger("lmx.nodes")
 

@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING
 
 from lmx_protocol.messages import Frame
 from lmx_protocol.node_messages import SignalWorker, SpawnWorker, TerminateWorker
-from lmx_supervisor.transport import RouterHub
-from lmx_worker.spec import WorkerSpec, encode_spec
+from lmx_supervisor.workers.transport import RouterHub
+from lmx_worker.process.spec import WorkerSpec, encode_spec
 
 if TYPE_CHECKING:
     from lmx_supervisor.nodes.service import NodeService
-    from lmx_supervisor.worker_handle import WorkerHandle
+    from lmx_supervisor.workers.worker_handle import WorkerHandle
 
 # After a Terminate, how long beyond its grace the agent may take to say the
 # worker exited before the supervisor stops waiting (the node may be gone).

@@ -45,8 +45,8 @@ from lmx_supervisor.background import SupervisedTask
 from lmx_supervisor.config import Config
 from lmx_supervisor.nodes.keys import AuthorizedKeys, server_key_pair
 from lmx_supervisor.nodes.remote import RemoteWorker
-from lmx_supervisor.transport import PeerGone, RouterHub
-from lmx_supervisor.worker_handle import HostUnreachable
+from lmx_supervisor.workers.transport import PeerGone, RouterHub
+from lmx_supervisor.workers.worker_handle import HostUnreachable
 
 log = logging.getLogger("lmx.nodes")
 

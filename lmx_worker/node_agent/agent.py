@@ -48,7 +48,7 @@ from lmx_protocol.node_messages import (
 )
 from lmx_worker.node_agent.children import Child, start_child
 from lmx_worker.node_agent.host_info import free_disk, host_info
-from lmx_worker.spec import decode_spec
+from lmx_worker.process.spec import decode_spec
 
 log = logging.getLogger("lmx.node")
 

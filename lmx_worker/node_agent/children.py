@@ -1,7 +1,7 @@
 """The workers one node agent runs: each in its own session (process
 group), with a death pipe (EOF: the agent is gone, so the worker exits) and
 a heartbeat pipe the agent reads and relays, as the supervisor does for
-its local children (lmx_supervisor.worker_process)."""
+its local children (lmx_supervisor.workers.worker_process)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import signal
 import sys
 from collections.abc import Callable, Mapping
 
-from lmx_worker.heartbeat import RECORD, latest_progress
-from lmx_worker.spec import WorkerSpec, encode_spec
+from lmx_worker.process.heartbeat import RECORD, latest_progress
+from lmx_worker.process.spec import WorkerSpec, encode_spec
 
 BeatSink = Callable[[str, int], None]
 ExitSink = Callable[[str, int], None]

@@ -13,12 +13,12 @@ import traceback
 import msgspec
 
 from lmx_protocol import Generate
-from lmx_worker.exit_codes import EXIT_LOAD_FAILED, EXIT_SHARD_GROUP_BROKEN
-from lmx_worker.heartbeat import Progress, start_heartbeat
-from lmx_worker.main import apply_memory_cap, die_with_parent, watch_parent
+from lmx_worker.process.exit_codes import EXIT_LOAD_FAILED, EXIT_SHARD_GROUP_BROKEN
+from lmx_worker.process.heartbeat import Progress, start_heartbeat
+from lmx_worker.process.main import apply_memory_cap, die_with_parent, watch_parent
+from lmx_worker.process.spec import WorkerSpec
 from lmx_worker.sharding.group_engine import GroupEngine, group_broken
 from lmx_worker.sharding.orders import Admit, StepOrder
-from lmx_worker.spec import WorkerSpec
 
 log = logging.getLogger("lmx.worker.sharding")
 

@@ -11,13 +11,13 @@ from typing import Any, NoReturn
 
 import mlx.core as mx
 
-from lmx_worker.exit_codes import EXIT_SHARD_GROUP_BROKEN
-from lmx_worker.mlx_engine import MlxEngine
-from lmx_worker.mlx_weights import WeightsPlan, plan_weights
+from lmx_worker.engines.mlx_engine import MlxEngine
+from lmx_worker.mlx.mlx_weights import WeightsPlan, plan_weights
+from lmx_worker.process.exit_codes import EXIT_SHARD_GROUP_BROKEN
+from lmx_worker.process.spec import WorkerSpec
 from lmx_worker.sharding.orders import OrderChannel
 from lmx_worker.sharding.ring import join_ring
 from lmx_worker.sharding.tensor_parallel import shard_model
-from lmx_worker.spec import WorkerSpec
 
 log = logging.getLogger("lmx.worker.sharding")
 

@@ -8,10 +8,10 @@ import random
 from typing import Any
 
 from lmx_protocol import Generate
-from lmx_worker.engine import StepOutput
+from lmx_worker.engines.engine import StepOutput
+from lmx_worker.engines.step_budget import StepLoad
 from lmx_worker.sharding.group_engine import GroupEngine, group_broken
 from lmx_worker.sharding.orders import Admit, Drop, StepOrder
-from lmx_worker.step_budget import StepLoad
 
 
 class ShardLeaderEngine(GroupEngine):

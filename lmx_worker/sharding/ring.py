@@ -16,7 +16,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from lmx_worker.spec import ShardSpec
+from lmx_worker.process.spec import ShardSpec
 
 log = logging.getLogger("lmx.worker.sharding")
 
