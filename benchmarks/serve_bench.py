@@ -786,7 +786,7 @@ class Bench:
         if model_dir is None:
             result.skipped = reason
             return
-        from lmx_worker.mlx.system_blas import use_system_blas
+        from lmx_worker.mlx_support.system_blas import use_system_blas
 
         # Before mlx is imported, as LMX's worker does: OpenBLAS instead of the wheel's own
         # reference BLAS (see openblas_preload).
@@ -869,7 +869,8 @@ def openblas_preload() -> str | None:
 
     The Linux mlx-cpu wheel links its own reference BLAS (mlx_cpu.libs/libblas-*.so), so the
     system's libblas.so.3 alternative does not reach it; LD_PRELOAD puts OpenBLAS first in
-    the global symbol scope, the same thing LMX's worker does with lmx_worker/mlx/system_blas.py.
+    the global symbol scope, the same thing LMX's worker does with
+    lmx_worker/mlx_support/system_blas.py.
     Without it mlx_lm.server's float32 matmuls run on the single-threaded reference BLAS and
     the comparison would flatter LMX."""
     for name in ("libopenblas.so.0", "libopenblas.so"):

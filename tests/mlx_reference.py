@@ -1,10 +1,10 @@
 """Logits of an MLX model directory for given token sequences: mlx-lm's model
-as the MLX worker runs it (weights planned by lmx_worker.mlx.mlx_weights), and,
+as the MLX worker runs it (weights planned by lmx_worker.mlx_support.mlx_weights), and,
 for the first sequence, an independent numpy forward pass of a llama model
 over the same (dequantized, float32) weights.
 
 Run as `python -m tests.mlx_reference MODEL_DIR IN.json OUT.npz` in its own
-process: OpenBLAS must be loaded before MLX (lmx_worker.mlx.system_blas), which a
+process: OpenBLAS must be loaded before MLX (lmx_worker.mlx_support.system_blas), which a
 test process that already imported MLX can no longer arrange.
 """
 
@@ -66,14 +66,14 @@ def numpy_llama(w: dict[str, np.ndarray], cfg: dict[str, Any], ids: list[int]
 
 
 def main(model_dir: str, inputs: str, output: str) -> None:
-    from lmx_worker.mlx.system_blas import use_system_blas
+    from lmx_worker.mlx_support.system_blas import use_system_blas
 
     use_system_blas()
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm import load
 
-    from lmx_worker.mlx.mlx_weights import apply_plan, plan_weights
+    from lmx_worker.mlx_support.mlx_weights import apply_plan, plan_weights
 
     model, _tokenizer = load(model_dir)
     apply_plan(model, plan_weights(model, "auto"))

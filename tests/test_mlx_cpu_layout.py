@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from lmx_worker.mlx.system_blas import use_system_blas
+from lmx_worker.mlx_support.system_blas import use_system_blas
 
 use_system_blas()  # before mlx is imported (a no-op if another test imported it)
 
@@ -20,8 +20,8 @@ import mlx.core as mx  # noqa: E402
 from mlx_lm import load  # noqa: E402
 from mlx_lm.models.cache import BatchKVCache, KVCache  # noqa: E402
 
-from lmx_worker.mlx.mlx_cpu_layout import optimize_for_cpu  # noqa: E402
-from lmx_worker.mlx.mlx_weights import apply_plan, plan_weights  # noqa: E402
+from lmx_worker.mlx_support.mlx_cpu_layout import optimize_for_cpu  # noqa: E402
+from lmx_worker.mlx_support.mlx_weights import apply_plan, plan_weights  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -62,7 +62,8 @@ def single_logits(model: Any, row: list[int]) -> list[np.ndarray]:
 
 def test_cpu_layout_matches_stock_model(mlx_model_dir: Path,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("LMX_MLX_CPU_LAYOUT", "1")  # opt-in (see lmx_worker/mlx/mlx_cpu_layout)
+    # Opt-in: see lmx_worker/mlx_support/mlx_cpu_layout.
+    monkeypatch.setenv("LMX_MLX_CPU_LAYOUT", "1")
     stock, tokenizer = float32_model(mlx_model_dir)
     rows = [list(tokenizer.encode(p)) for p in PROMPTS]
     assert len(rows[0]) != len(rows[1])  # so the batch really is padded

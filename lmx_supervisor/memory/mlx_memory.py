@@ -1,7 +1,7 @@
 """The memory an MLX worker really holds, for the memory guard's estimate.
 
 The generic estimate counts weight files at their size on disk and a float16
-KV cache. An MLX worker on a CPU differs (lmx_worker.mlx.mlx_weights): it computes
+KV cache. An MLX worker on a CPU differs (lmx_worker.mlx_support.mlx_weights): it computes
 in float32, so it dequantizes quantized layers to float32 (4-bit weights grow
 ~6x) when they fit in half the available memory, casts float16 tensors to
 float32, and its KV cache is float32. On a GPU it keeps the weights as stored.
@@ -113,7 +113,7 @@ def mlx_estimate(estimate: MemoryEstimate, directory: Path,
     weights = estimate.weights_bytes
     if sizes is not None:
         as_float32, kept_packed = sizes
-        # The worker's own rule (lmx_worker.mlx.mlx_weights.plan_weights).
+        # The worker's own rule (lmx_worker.mlx_support.mlx_weights.plan_weights).
         expand = dequantize is True or (
             dequantize == "auto"
             and as_float32 - kept_packed <= psutil.virtual_memory().available // 2)

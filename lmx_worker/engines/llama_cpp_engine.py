@@ -7,7 +7,7 @@ of any prompt still being read (two `llama_decode` calls when it does both,
 see step), and samples one token per sequence with that request's own
 sampler chain.
 While sequences are decoding, the prompt tokens a step may read are bounded
-by a budget (lmx_worker.step_budget) so the running streams keep their
+by a budget (lmx_worker.engines.step_budget) so the running streams keep their
 pace; prompts are read in the order their requests arrived.
 
 A slot keeps the tokens of its last request in the KV cache after it ends; a

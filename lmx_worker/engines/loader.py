@@ -13,7 +13,7 @@ def load_engine(spec: WorkerSpec) -> Engine:
 
         return LlamaCppEngine(spec)
     if spec.backend == "mlx":
-        from lmx_worker.mlx.system_blas import use_system_blas
+        from lmx_worker.mlx_support.system_blas import use_system_blas
 
         use_system_blas(spec.n_threads)  # before MLX loads: see system_blas
         if spec.shard is not None:  # rank 0 of a sharded group (the others follow it)
@@ -24,7 +24,7 @@ def load_engine(spec: WorkerSpec) -> Engine:
 
         return MlxEngine(spec)
     if spec.backend == "mlx_encoder":
-        from lmx_worker.mlx.system_blas import use_system_blas
+        from lmx_worker.mlx_support.system_blas import use_system_blas
 
         use_system_blas(spec.n_threads)  # before MLX loads: see system_blas
         from lmx_worker.encoders.mlx_encoder_engine import MlxEncoderEngine

@@ -7,7 +7,7 @@ a chunk of prompt processing for requests that joined since the last step.
 A request joins at the next step and leaves when it finishes or is aborted
 (`BatchGenerator.remove`), without disturbing the others. While sequences
 decode, the generator reads one prompt at a time (arrival order) and its
-per-step chunk is set from the stall-free budget (lmx_worker.step_budget);
+per-step chunk is set from the stall-free budget (lmx_worker.engines.step_budget);
 with nothing decoding, prompts are read PREFILL_STEP tokens at a time, several
 together. The generator pipelines one step ahead (token t+1 is computed
 while t is handed out), so the KV cache of a sequence always holds every
@@ -27,7 +27,7 @@ remove the sequence the same way.
 Per-request logits processors (mlx-lm's hook) carry what changes a
 request's distribution: ignore_eos, llama.cpp-style penalties, and the
 llguidance grammar of structured output / forced tool calls
-(lmx_worker.constraints), which only that request waits for.
+(lmx_worker.text.constraints), which only that request waits for.
 """
 
 from __future__ import annotations
@@ -63,8 +63,8 @@ from lmx_protocol import (
 )
 from lmx_worker.engines.engine import RequestError, StepOutput
 from lmx_worker.engines.step_budget import PromptBudget, StepLoad
-from lmx_worker.mlx.mlx_cpu_layout import optimize_for_cpu
-from lmx_worker.mlx.mlx_weights import WeightsPlan, apply_plan, plan_weights
+from lmx_worker.mlx_support.mlx_cpu_layout import optimize_for_cpu
+from lmx_worker.mlx_support.mlx_weights import WeightsPlan, apply_plan, plan_weights
 from lmx_worker.process.spec import WorkerSpec
 from lmx_worker.text.chat_request import chat_prompt, request_constraint, request_tools
 from lmx_worker.text.chat_template import ChatTemplate
@@ -326,7 +326,7 @@ class MlxEngine:
             processors.append(lambda _tokens, logits: mx.where(mask, -mx.inf, logits))
         if (p.repetition_penalty, p.frequency_penalty, p.presence_penalty) != (1.0, 0.0, 0.0):
             processors.append(_penalties(p, len(job.prompt), self._vocab))
-        if p.logit_bias:  # this request's row only (see lmx_worker.logit_bias)
+        if p.logit_bias:  # this request's row only (see lmx_worker.text.logit_bias)
             bias = mx.array(bias_row(p.logit_bias, self._vocab))
             processors.append(lambda _tokens, logits: logits + bias)
         if job.constraint is not None:

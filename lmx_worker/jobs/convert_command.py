@@ -18,8 +18,8 @@ EXIT_FAILED = 1
 
 def convert(args: argparse.Namespace) -> int:
     try:
-        from lmx_worker.mlx.gguf_to_mlx import ConversionError, convert_gguf
-        from lmx_worker.mlx.gguf_tokenizer import UnsupportedTokenizer
+        from lmx_worker.mlx_support.gguf_to_mlx import ConversionError, convert_gguf
+        from lmx_worker.mlx_support.gguf_tokenizer import UnsupportedTokenizer
     except ImportError as exc:
         print(f"converting needs mlx and mlx-lm installed ({exc})", file=sys.stderr)
         return EXIT_FAILED

@@ -12,7 +12,7 @@ from typing import Any, NoReturn
 import mlx.core as mx
 
 from lmx_worker.engines.mlx_engine import MlxEngine
-from lmx_worker.mlx.mlx_weights import WeightsPlan, plan_weights
+from lmx_worker.mlx_support.mlx_weights import WeightsPlan, plan_weights
 from lmx_worker.process.exit_codes import EXIT_SHARD_GROUP_BROKEN
 from lmx_worker.process.spec import WorkerSpec
 from lmx_worker.sharding.orders import OrderChannel

@@ -44,7 +44,7 @@ def use_system_blas(n_threads: int | None = None) -> str | None:
             continue
         # The worker's thread share, for every batch size: one thread fewer
         # while several sequences decode measured faster only with LMX's old
-        # CPU layout (lmx_worker/mlx/mlx_cpu_layout); with the stock layout, the
+        # CPU layout (lmx_worker/mlx_support/mlx_cpu_layout); with the stock layout, the
         # engine in one process, SmolLM2 float32 on 2 cores, 8 sequences ran
         # 89.6 / 82.1 tok/s with 2 threads against 75.3 / 74.2 with 1.
         setter = getattr(lib, "openblas_set_num_threads", None)

@@ -34,7 +34,7 @@ from typing import Any, cast
 
 import mlx.core as mx
 
-from lmx_worker.mlx.gguf_tokenizer import GGUFTokenizer
+from lmx_worker.mlx_support.gguf_tokenizer import GGUFTokenizer
 
 GROUP_SIZE = 32  # every GGUF block type mx.load keeps quantized has 32 weights a block
 SUPPORTED_ARCHITECTURES = ("llama",)
