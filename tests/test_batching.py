@@ -18,6 +18,13 @@ SUBJECTS = ["cat", "dog", "robot", "ship", "tree", "river", "king", "star"]
 
 
 TIE = 0.1  # logit gap under which float summation order may flip greedy choice
+# llama.cpp with the bundled Q4_1 file: a prompt read alone and one read in
+# the stall-free budget's small chunks beside other decodes go through
+# different matmul paths, and logprobs of the same token were seen to move by
+# up to 0.17 between the two runs (0.04 already on the first token), so a
+# greedy flip at a 0.12-0.16 gap is rounding, not a batching fault; a fault
+# (another row's KV, a lost token) gives gaps of whole units or garbage text.
+LLAMA_TIE = 0.3
 
 
 def chat(subject: str, max_tokens: int = 24) -> dict[str, Any]:
@@ -74,7 +81,7 @@ def test_batching_does_not_change_greedy_tokens(batch_server: LMXServer) -> None
 
     alone, together = asyncio.run(run())
     for a, b in zip(alone, together, strict=True):
-        assert_same_or_near_tie(a, b)
+        assert_same_or_near_tie(a, b, LLAMA_TIE)
     stats = batch_server.admin_models()[MODEL_ID]["worker_stats"]
     assert stats["requests_finished"] >= 16
 
@@ -102,7 +109,7 @@ def test_abort_mid_batch_leaves_others_untouched(batch_server: LMXServer) -> Non
     assert len(batched) == 3
     for a, b in zip(alone, batched, strict=True):
         assert len(b) == 32  # every token arrived: the abort cut nobody else short
-        assert_same_or_near_tie(a, b)
+        assert_same_or_near_tie(a, b, LLAMA_TIE)
     # The gateway tells the worker once it notices the closed connection,
     # which may be after the other answers are back: wait for it, bounded.
     wait_until(lambda: batch_server.admin_models()[MODEL_ID]["worker_stats"][
