@@ -883,10 +883,18 @@ def openblas_preload() -> str | None:
 
 
 def mlx_peer_env() -> dict[str, str]:
+    """OpenBLAS, and MLX's CPU kernels built for this CPU as LMX's worker
+    builds them (lmx_worker/mlx_support/cpu_jit.py): the peer's fused silu
+    gets the same code as LMX's."""
+    from lmx_worker.mlx_support.cpu_jit import native_jit_environment
+
     env = base_env()
     lib = openblas_preload()
     if lib is not None:
         env["LD_PRELOAD"] = " ".join(filter(None, [env.get("LD_PRELOAD"), lib]))
+    jit = native_jit_environment(on_cpu=True)
+    if isinstance(jit, dict):
+        env.update(jit)
     return env
 
 

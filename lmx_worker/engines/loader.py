@@ -7,15 +7,27 @@ from lmx_worker.engines.engine import Engine
 from lmx_worker.process.spec import WorkerSpec
 
 
+def _prepare_mlx(spec: WorkerSpec) -> None:
+    import logging
+
+    from lmx_worker.mlx_support.system_blas import use_system_blas
+
+    use_system_blas(spec.n_threads)  # before MLX loads: see system_blas
+    import mlx.core as mx
+
+    from lmx_worker.mlx_support.cpu_jit import use_native_cpu_jit
+
+    on_cpu = mx.default_device().type == mx.cpu
+    logging.getLogger("lmx.worker").info("%s", use_native_cpu_jit(on_cpu))
+
+
 def load_engine(spec: WorkerSpec) -> Engine:
     if spec.backend == "llama_cpp":
         from lmx_worker.engines.llama_cpp_engine import LlamaCppEngine
 
         return LlamaCppEngine(spec)
     if spec.backend == "mlx":
-        from lmx_worker.mlx_support.system_blas import use_system_blas
-
-        use_system_blas(spec.n_threads)  # before MLX loads: see system_blas
+        _prepare_mlx(spec)
         if spec.shard is not None:  # rank 0 of a sharded group (the others follow it)
             from lmx_worker.sharding.leader import ShardLeaderEngine
 
@@ -24,9 +36,7 @@ def load_engine(spec: WorkerSpec) -> Engine:
 
         return MlxEngine(spec)
     if spec.backend == "mlx_encoder":
-        from lmx_worker.mlx_support.system_blas import use_system_blas
-
-        use_system_blas(spec.n_threads)  # before MLX loads: see system_blas
+        _prepare_mlx(spec)
         from lmx_worker.encoders.mlx_encoder_engine import MlxEncoderEngine
 
         return MlxEncoderEngine(spec)

@@ -63,6 +63,8 @@ from lmx_protocol import (
 )
 from lmx_worker.engines.engine import RequestError, StepOutput
 from lmx_worker.engines.step_budget import PromptBudget, StepLoad
+from lmx_worker.mlx_support.cpu_attention import use_cpu_decode_attention
+from lmx_worker.mlx_support.cpu_rope import use_table_rope
 from lmx_worker.mlx_support.mlx_cpu_layout import optimize_for_cpu
 from lmx_worker.mlx_support.mlx_weights import WeightsPlan, apply_plan, plan_weights
 from lmx_worker.process.spec import WorkerSpec
@@ -173,7 +175,14 @@ class MlxEngine:
         sharding = self._shard(model)
         self.plan = self._plan_weights(model, spec)
         apply_plan(model, self.plan)
+        limit = config.get("max_position_embeddings")
+        self.context_length = min(spec.context_length, int(limit)) if limit else \
+            spec.context_length
         layout = optimize_for_cpu(model) if self.plan.float32 else "stock layout"
+        # On a CPU: decode steps' attention and RoPE without MLX's scalar
+        # fallbacks (cpu_attention, cpu_rope); no-ops on a GPU.
+        layout = (f"{layout}; {use_cpu_decode_attention(model)}; "
+                  f"{use_table_rope(model, self.context_length + 1)}")
         if sharding:
             layout = f"{layout}; {sharding}"
         log.info("weights: %s; %s", self.plan.describe(), layout)
@@ -181,9 +190,6 @@ class MlxEngine:
         self.tokenizer = tokenizer
         self.backend_version = (f"mlx-lm {version('mlx-lm')}, mlx {version('mlx')}; "
                                 f"{self.plan.describe()}; {layout}")
-        limit = config.get("max_position_embeddings")
-        self.context_length = min(spec.context_length, int(limit)) if limit else \
-            spec.context_length
         self.slots = max(1, spec.parallel_slots)
         hf = tokenizer._tokenizer
         self._vocab = int(config.get("vocab_size") or len(hf))
