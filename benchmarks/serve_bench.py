@@ -677,10 +677,13 @@ class Bench:
             result.skipped = py
             return
         port = free_port()
+        settings = llama_kwargs(profile_settings(self.args.profiles_dir, self.model),
+                                self.args.threads)
         argv = [str(py), "-m", "llama_cpp.server", "--model", str(self.model),
-                "--host", "127.0.0.1", "--port", str(port), "--n_threads", str(self.args.threads),
-                "--n_threads_batch", str(self.args.threads), "--n_ctx", "2048",
+                "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048",
                 "--interrupt_requests", str(interrupt)]
+        for key, value in settings.items():  # the profile's settings, as LMX loads them
+            argv += [f"--{key}", str(value)]
         result.description = " ".join(["python", *argv[1:]]).replace(str(self.model),
                                                                        self.model.name)
         result.eos_method = (f"logit_bias {EOS_BIAS:g} on every end-of-generation id "
@@ -766,10 +769,12 @@ class Bench:
         # The in-process side of single_stream.py, reused as is.
         from single_stream import InProcess
 
-        inproc = InProcess(self.model, self.args.threads)
+        settings = llama_kwargs(profile_settings(self.args.profiles_dir, self.model),
+                                self.args.threads)
+        inproc = InProcess(self.model, self.args.threads, settings)
         result.description = (f"llama-cpp-python {_project_version('llama_cpp_python')} "
                               f"in this process, create_chat_completion(stream=True), "
-                              f"n_threads={self.args.threads}")
+                              + ", ".join(f"{k}={v}" for k, v in settings.items()))
         result.eos_method = "logits processor: every EOG id -> -inf"
         result.token_source = "sampled tokens"
 
@@ -862,6 +867,38 @@ def lmx_worker_info(url: str, model_id: str) -> tuple[int, int | None, str]:
     estimate = (memory.get("models", {}).get(model_id) or {}).get("estimate") or {}
     kv = estimate.get("kv_cache_bytes")
     return int(model["pid"]), int(kv) if kv is not None else None, str(model.get("backend"))
+
+
+_GGML_TYPES = {"f16": 1, "q4_0": 2, "q8_0": 8}  # ggml_type ids (llama.cpp's ggml.h)
+
+
+def profile_settings(profiles_dir: Path | None, model: Path) -> dict[str, Any]:
+    """The llama.cpp settings an autotune profile gives `model` (empty without
+    one): the peers run with the same ones, so a ratio compares servers, not
+    settings."""
+    if profiles_dir is None:
+        return {}
+    from lmx_supervisor.tuning.performance import ProfileStore
+
+    profile = ProfileStore(profiles_dir).load(model.name.removesuffix(".gguf"))
+    if profile is None:
+        return {}
+    return {k: v for k, v in profile.settings.as_dict().items()
+            if k in ("n_threads", "n_threads_batch", "n_batch", "flash_attn", "kv_cache_type")}
+
+
+def llama_kwargs(settings: dict[str, Any], threads: int) -> dict[str, Any]:
+    """llama_cpp.Llama keyword arguments for those settings."""
+    kv = settings.get("kv_cache_type") or "f16"
+    out: dict[str, Any] = {
+        "n_threads": settings.get("n_threads") or threads,
+        "n_threads_batch": settings.get("n_threads_batch") or settings.get("n_threads")
+        or threads,
+        "flash_attn": bool(settings.get("flash_attn") or kv != "f16"),
+        "type_k": _GGML_TYPES[kv], "type_v": _GGML_TYPES[kv]}
+    if settings.get("n_batch"):
+        out["n_batch"] = settings["n_batch"]
+    return out
 
 
 def openblas_preload() -> str | None:

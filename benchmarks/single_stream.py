@@ -132,12 +132,14 @@ class _EogMaskCounter:
 
 
 class InProcess:
-    def __init__(self, model: Path, threads: int) -> None:
+    def __init__(self, model: Path, threads: int, settings: dict[str, Any] | None = None) -> None:
         # n_threads_batch too: left alone it defaults to the CPU count, while LMX's worker uses
         # n_threads for prompt processing as well (same thing when threads == CPU count).
-        self.llm = llama_cpp.Llama(model_path=str(model), n_ctx=N_CTX, n_threads=threads,
-                                   n_threads_batch=threads, verbose=False,
-                                   chat_format="chat_template.default")
+        # `settings` (flash attention, KV type, ...) are the ones LMX loads the model with.
+        kwargs: dict[str, Any] = {"n_threads": threads, "n_threads_batch": threads,
+                                  **(settings or {})}
+        self.llm = llama_cpp.Llama(model_path=str(model), n_ctx=N_CTX, verbose=False,
+                                   chat_format="chat_template.default", **kwargs)
         self.mask = _EogMaskCounter(self.llm)
 
     def run(self, prompt: str, max_tokens: int) -> tuple[float, float, int, str | None, str]:
