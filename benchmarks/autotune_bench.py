@@ -15,7 +15,10 @@ What it does, in one run and on a quiet machine:
    autotune profiles copied into its LMX home (so the load uses them):
    throughput winner at 1 and 8 streams against `llama_cpp.server` on the
    same file; latency winner at 1 stream against in-process
-   llama-cpp-python on the same file.
+   llama-cpp-python on the same file. The peers get the winner's settings
+   too (flash attention, KV type, threads, n_batch; serve_bench reads them
+   from the profile), and each winner is served with the profile its own
+   autotune job wrote (the second job rewrites the model's profile).
 4. Prints the issue's ratios: throughput winner at 8 vs its own single
    stream (>= 2x) and vs llama_cpp.server at 8 (>= 2.5x); latency winner's
    single stream vs in-process (>= 0.97x).
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -187,22 +191,24 @@ def main() -> int:
                     "max_tokens": args.trial_tokens})
                 jobs[objective] = server.wait_job(job["progress_url"], f"autotune {objective}",
                                                   args.budget * 3 + 300)
+                # The next objective's job rewrites the same model's profile:
+                # each winner is served with the profile its own job wrote.
+                shutil.copytree(home / "profiles", Path(tmp) / f"profiles-{objective}")
                 print(f"\n## autotune, objective {objective}\n{trial_table(jobs[objective])}",
                       flush=True)
             report["autotune"] = jobs
             models_dir = home / "models"
         finally:
             server.stop()
-        profiles = home / "profiles"
 
         def winner_file(objective: str) -> Path:
             best = jobs[objective].get("best") or {}
             return models_dir / f"{best.get('variant', MODEL_ID)}.gguf"
 
         through = serve_bench(winner_file("throughput"), "lmx-llama,llama-cpp-server", "1,8",
-                              args, profiles)
+                              args, Path(tmp) / "profiles-throughput")
         latency = serve_bench(winner_file("latency"), "lmx-llama,inproc-llama", "1", args,
-                              profiles)
+                              Path(tmp) / "profiles-latency")
         report["serve_bench"] = {"throughput": through, "latency": latency}
 
     def agg(rep: dict[str, Any], target: str, c: int) -> float | None:
