@@ -191,6 +191,48 @@ def test_autotune_writes_a_profile_that_the_next_load_uses(server: LMXServer) ->
         unload(server)
 
 
+def _worker_processes(server: LMXServer) -> int:
+    import psutil
+
+    return sum(1 for p in psutil.Process(server.proc.pid).children(recursive=True)
+               if "lmx_worker" in " ".join(p.cmdline()))
+
+
+def test_autotune_cancel_stops_its_worker_and_writes_no_profile(server: LMXServer) -> None:
+    events = EventReader(server.url)
+    baseline = _worker_processes(server)
+    try:
+        resp = server.http.post("/admin/models/autotune", json={
+            "model_id": MODEL_ID, "budget_sec": 3600}, timeout=60)
+        assert resp.status_code == 202, resp.text
+        job_id = resp.json()["job_id"]
+        # Cancel while a trial's throwaway worker is up.
+        wait_until(lambda: _worker_processes(server) > baseline, 60, interval=0.1,
+                   what="the first trial's worker")
+        cancelled = server.http.delete(f"/admin/models/autotune/{job_id}", timeout=60)
+        assert cancelled.status_code == 200, cancelled.text
+        body = cancelled.json()
+        assert body["success"] is True and body["status"] == "cancelled", body
+        assert body["profile_path"] is None and body["finished_at"] is not None
+        wait_until(lambda: _worker_processes(server) == baseline, 30, interval=0.2,
+                   what="the throwaway worker's exit")
+        assert server.http.get(f"/admin/models/autotune/{job_id}").json()["status"] == \
+            "cancelled"
+        wait_until(lambda: events.of("autotune_cancelled", job_id=job_id), 15)
+    finally:
+        events.close()
+    again = server.http.delete(f"/admin/models/autotune/{job_id}")
+    assert again.status_code == 409 and again.json()["error"]["code"] == "autotune_finished"
+    unknown = server.http.delete("/admin/models/autotune/tune-000000000000")
+    assert unknown.status_code == 404
+    assert unknown.json()["error"]["code"] == "autotune_job_not_found"
+    # The next job may start: the cancelled one no longer holds the CPU.
+    resp = server.http.post("/admin/models/autotune", json={
+        "model_id": MODEL_ID, "budget_sec": 2, "max_tokens": 2}, timeout=60)
+    assert resp.status_code == 202, resp.text
+    assert wait_autotune(server, resp.json()["job_id"])["status"] == "completed"
+
+
 def test_autotune_takes_the_runbook_request_shape(server: LMXServer) -> None:
     resp = server.http.post("/admin/models/autotune", json={
         "model_id": MODEL_ID, "prompt": "Write a Python function to sort a list.",

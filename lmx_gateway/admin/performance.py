@@ -1,6 +1,8 @@
 """Performance profiles: `POST /admin/models/autotune` (202 with a job that
 measures the model in throwaway workers and stores the best settings as its
-profile), `GET /admin/models/autotune/{job_id}`, and `GET
+profile), `GET /admin/models/autotune/{job_id}`, `DELETE
+/admin/models/autotune/{job_id}` (cancel: its throwaway worker is stopped,
+no profile is written), and `GET
 /admin/models/{model_id}/performance` (the profile with the measurements
 behind it, and what a loaded model runs with)."""
 
@@ -53,6 +55,12 @@ async def get_job(request: Request) -> Response:
     return JSONResponse(jobs.get(request.path_params["job_id"]).snapshot())
 
 
+async def cancel_job(request: Request) -> Response:
+    jobs = autotune_jobs(gateway_state(request))
+    job = await jobs.cancel(request.path_params["job_id"])
+    return JSONResponse({"success": True, **job.snapshot()})
+
+
 async def performance(request: Request) -> Response:
     state = gateway_state(request)
     model_id = request.path_params["model_id"]
@@ -72,6 +80,8 @@ ROUTES = [
                 ok=(202,), errors=(404, 409, 422, 429)),
     ScopedRoute(ADMIN, "/admin/models/autotune/{job_id}", get_job, methods=["GET"],
                 errors=(404,)),
+    ScopedRoute(ADMIN, "/admin/models/autotune/{job_id}", cancel_job, methods=["DELETE"],
+                errors=(404, 409)),
     ScopedRoute(ADMIN, "/admin/models/{model_id:path}/performance", performance,
                 methods=["GET"], errors=(404,)),
 ]

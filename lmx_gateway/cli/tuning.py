@@ -169,8 +169,8 @@ def models_autotune(args: argparse.Namespace, client: LmxClient, out: Output) ->
     try:
         final = follow_job(client, out, path, f"autotune {args.model}")
     except KeyboardInterrupt:
-        out.note(f"stopped watching; autotune continues on the server ({job_id})",
-                 style="yellow")
+        out.note(f"stopped watching; autotune continues on the server ({job_id}); cancel "
+                 f"it with DELETE {path}", style="yellow")
         return EXIT_OK
     if out.as_json:
         out.json(final)

@@ -79,6 +79,7 @@ class AutotuneStatus(StrEnum):
     RUNNING = "running"
     COMPLETED = "completed"
     FAILED = "failed"
+    CANCELLED = "cancelled"
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,7 @@ class AutotuneJob:
     started_at: float = field(default_factory=time.time)
     finished_at: float | None = None
     task: asyncio.Task[None] | None = None
+    cancel_requested: bool = False
 
     @property
     def active(self) -> bool:
@@ -235,6 +237,20 @@ class AutotuneJobs:
         job.task = asyncio.create_task(self._run(job, resolved), name=f"lmx-{job.id}")
         return job
 
+    async def cancel(self, job_id: str) -> AutotuneJob:
+        """Stop a running job: its throwaway worker is stopped (the trial's
+        own cleanup) before this returns; no profile is written."""
+        job = self.get(job_id)
+        if not job.active:
+            raise Conflict(f"Autotune job '{job.id}' already ended ({job.status})",
+                           code="autotune_finished", param="job_id")
+        job.cancel_requested = True
+        if job.task is not None:
+            job.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await job.task
+        return job
+
     def _refuse_if_running(self) -> None:
         running = [j for j in self._jobs.values() if j.active]
         if running:
@@ -263,7 +279,10 @@ class AutotuneJobs:
         try:
             await self._search(job, resolved)
         except asyncio.CancelledError:
-            job.status, job.error = AutotuneStatus.FAILED, "cancelled (server shutting down)"
+            if job.cancel_requested:
+                job.status, job.error = AutotuneStatus.CANCELLED, "cancelled by the operator"
+            else:
+                job.status, job.error = AutotuneStatus.FAILED, "cancelled (server shutting down)"
             raise
         except Exception as exc:
             log.exception("autotune %s failed", job.id)
