@@ -869,9 +869,6 @@ def lmx_worker_info(url: str, model_id: str) -> tuple[int, int | None, str]:
     return int(model["pid"]), int(kv) if kv is not None else None, str(model.get("backend"))
 
 
-_GGML_TYPES = {"f16": 1, "q4_0": 2, "q8_0": 8}  # ggml_type ids (llama.cpp's ggml.h)
-
-
 def profile_settings(profiles_dir: Path | None, model: Path) -> dict[str, Any]:
     """The llama.cpp settings an autotune profile gives `model` (empty without
     one): the peers run with the same ones, so a ratio compares servers, not
@@ -888,14 +885,17 @@ def profile_settings(profiles_dir: Path | None, model: Path) -> dict[str, Any]:
 
 
 def llama_kwargs(settings: dict[str, Any], threads: int) -> dict[str, Any]:
-    """llama_cpp.Llama keyword arguments for those settings."""
+    """llama_cpp.Llama keyword arguments for those settings, by the worker's
+    own rules (its KV type ids and when flash attention is on)."""
+    from lmx_worker.engines.llama_cpp_engine import KV_CACHE_TYPES, uses_flash_attention
+
     kv = settings.get("kv_cache_type") or "f16"
     out: dict[str, Any] = {
         "n_threads": settings.get("n_threads") or threads,
         "n_threads_batch": settings.get("n_threads_batch") or settings.get("n_threads")
         or threads,
-        "flash_attn": bool(settings.get("flash_attn") or kv != "f16"),
-        "type_k": _GGML_TYPES[kv], "type_v": _GGML_TYPES[kv]}
+        "flash_attn": uses_flash_attention(settings.get("flash_attn"), kv),
+        "type_k": KV_CACHE_TYPES[kv], "type_v": KV_CACHE_TYPES[kv]}
     if settings.get("n_batch"):
         out["n_batch"] = settings["n_batch"]
     return out

@@ -55,8 +55,13 @@ from lmx_worker.text.text_stream import TextStream
 
 _PIECE_BUFFER = 256
 # kv_cache_type -> ggml type of llama.cpp's K and V cache.
-_KV_CACHE_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0,
-                   "q4_0": llama_cpp.GGML_TYPE_Q4_0}
+KV_CACHE_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0,
+                  "q4_0": llama_cpp.GGML_TYPE_Q4_0}
+
+
+def uses_flash_attention(flash_attn: bool | None, kv_cache_type: str) -> bool:
+    """Off unless asked for, or unless the KV cache is quantized (which needs it)."""
+    return bool(flash_attn) or (flash_attn is None and kv_cache_type != "f16")
 _PENALTY_LAST_N = 64
 _MIN_PREFIX_COPY = 32  # tokens a KV copy from another slot must save
 _backend_ready = False
@@ -133,9 +138,9 @@ class LlamaCppEngine:
         # may also turn it on where it measured faster.
         params.flash_attn_type = (
             llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
-            if spec.flash_attn or (spec.flash_attn is None and spec.kv_cache_type != "f16")
+            if uses_flash_attention(spec.flash_attn, spec.kv_cache_type)
             else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
-        params.type_k = params.type_v = _KV_CACHE_TYPES[spec.kv_cache_type]
+        params.type_k = params.type_v = KV_CACHE_TYPES[spec.kv_cache_type]
         threads = spec.n_threads or os.cpu_count() or 1
         params.n_threads = threads
         params.n_threads_batch = spec.n_threads_batch or threads
