@@ -41,7 +41,7 @@ DESTRUCTIVE = {
 }
 ENDLESS = {"get_admin_events"}
 # A positive case aimed at the loaded model generates only a few tokens.
-_SHORT = {
+_SHORT: dict[str, dict[str, Any]] = {
     "post_v1_chat_completions": {"max_tokens": 4}, "post_v1_completions": {"max_tokens": 4},
     "post_v1_messages": {"max_tokens": 4}, "post_v1_responses": {"max_output_tokens": 16},
     "post_admin_benchmark": {"max_tokens": 2, "runs": 1},
@@ -49,10 +49,11 @@ _SHORT = {
     # its budget (up to 6 h) is spent; uncapped, one ran beside the rest of
     # the module and slowed the model until generations hit the 90 s deadline.
     "post_admin_models_autotune": {"budget_sec": 2, "max_tokens": 2, "runs": 1},
+    # Ollama's endpoints take the limit inside `options`; without one a
+    # request generates until the context is full.
+    "post_api_generate": {"options": {"num_predict": 4}},
+    "post_api_chat": {"options": {"num_predict": 4}},
 }
-# Ollama's endpoints take the limit inside `options`; without one a request
-# generates until the context is full.
-_SHORT_OPTIONS = {"post_api_generate": {"num_predict": 4}, "post_api_chat": {"num_predict": 4}}
 # Not applied: the server refuses some schema-valid requests for reasons the
 # schema cannot say (a model without the capability asked for, a tool_choice
 # naming no tool, a repo id the hub would not take); those are 400s the
@@ -137,11 +138,11 @@ def _aim_at_the_model(case: Any, op_id: str) -> None:
     if SENT["_aimed_seen"] % 2:
         body[key] = MODEL_ID
         body.pop("max_completion_tokens", None)
-        body.update(_SHORT.get(op_id, {}))
-        if op_id in _SHORT_OPTIONS:
-            options = body.get("options")
-            body["options"] = {**(options if isinstance(options, dict) else {}),
-                               **_SHORT_OPTIONS[op_id]}
+        for name, value in _SHORT.get(op_id, {}).items():
+            inner = body.get(name)
+            # A nested limit joins what the case already had there.
+            body[name] = ({**inner, **value} if isinstance(value, dict)
+                          and isinstance(inner, dict) else value)
 
 
 SETTINGS = hypothesis.settings(
