@@ -3,13 +3,16 @@ lazily: a worker only pays for the library it uses."""
 
 from __future__ import annotations
 
+import logging
+
 from lmx_worker.engines.engine import Engine
 from lmx_worker.process.spec import WorkerSpec
 
+log = logging.getLogger("lmx.worker")
+
 
 def _prepare_mlx(spec: WorkerSpec) -> None:
-    import logging
-
+    """OpenBLAS before MLX loads, then MLX's kernel JIT set up for this CPU."""
     from lmx_worker.mlx_support.system_blas import use_system_blas
 
     use_system_blas(spec.n_threads)  # before MLX loads: see system_blas
@@ -18,7 +21,7 @@ def _prepare_mlx(spec: WorkerSpec) -> None:
     from lmx_worker.mlx_support.cpu_jit import use_native_cpu_jit
 
     on_cpu = mx.default_device().type == mx.cpu
-    logging.getLogger("lmx.worker").info("%s", use_native_cpu_jit(on_cpu))
+    log.info("%s", use_native_cpu_jit(on_cpu))
 
 
 def load_engine(spec: WorkerSpec) -> Engine:
