@@ -31,10 +31,9 @@ from lmx_worker.mlx_support.cpu_attention import (  # noqa: E402
 from lmx_worker.mlx_support.cpu_jit import native_jit_environment  # noqa: E402
 from lmx_worker.mlx_support.cpu_rope import TableRoPE, use_table_rope  # noqa: E402
 from tests.test_mlx_cpu_layout import (  # noqa: E402
-    PROMPTS,
-    batched_logits,
+    assert_matches_reference,
     float32_model,
-    single_logits,
+    stock_reference,
 )
 
 pytestmark = pytest.mark.timeout(300)
@@ -91,11 +90,7 @@ def test_decode_path_matches_stock_model(mlx_model_dir: Path,
     # The patch replaces a module-level function: put the stock one back after.
     monkeypatch.setattr(llama, "scaled_dot_product_attention",
                         llama.scaled_dot_product_attention)
-    stock, tokenizer = float32_model(mlx_model_dir)
-    rows = [list(tokenizer.encode(p)) for p in PROMPTS]
-    assert len(rows[0]) != len(rows[1])  # so the batch really is padded
-    expected = batched_logits(stock, rows)
-    expected_single = single_logits(stock, rows[0])
+    reference = stock_reference(mlx_model_dir)
 
     ours_model, _ = float32_model(mlx_model_dir)
     assert use_cpu_decode_attention(ours_model) == "CPU decode attention (llama)"
@@ -110,11 +105,7 @@ def test_decode_path_matches_stock_model(mlx_model_dir: Path,
 
     monkeypatch.setattr(llama, "scaled_dot_product_attention", counted)
 
-    for ours, theirs in zip(batched_logits(ours_model, rows), expected, strict=True):
-        assert np.abs(ours - theirs).max() < 1e-3
-        assert (ours.argmax(-1) == theirs.argmax(-1)).all()
-    for ours, theirs in zip(single_logits(ours_model, rows[0]), expected_single, strict=True):
-        assert np.abs(ours - theirs).max() < 1e-3
+    assert_matches_reference(ours_model, reference)
     assert 1 in calls  # decode steps went through the patched function
 
 

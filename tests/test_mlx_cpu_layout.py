@@ -60,15 +60,32 @@ def single_logits(model: Any, row: list[int]) -> list[np.ndarray]:
     return out
 
 
+Reference = tuple[list[list[int]], list[np.ndarray], list[np.ndarray]]
+
+
+def stock_reference(model_dir: Path) -> Reference:
+    """The stock float32 model's logits on PROMPTS: the prompts' tokens, the
+    left-padded batch's steps and the first prompt's steps alone."""
+    stock, tokenizer = float32_model(model_dir)
+    rows = [list(tokenizer.encode(p)) for p in PROMPTS]
+    assert len(rows[0]) != len(rows[1])  # so the batch really is padded
+    return rows, batched_logits(stock, rows), single_logits(stock, rows[0])
+
+
+def assert_matches_reference(model: Any, reference: Reference) -> None:
+    rows, expected, expected_single = reference
+    for ours, theirs in zip(batched_logits(model, rows), expected, strict=True):
+        assert np.abs(ours - theirs).max() < 1e-3
+        assert (ours.argmax(-1) == theirs.argmax(-1)).all()
+    for ours, theirs in zip(single_logits(model, rows[0]), expected_single, strict=True):
+        assert np.abs(ours - theirs).max() < 1e-3
+
+
 def test_cpu_layout_matches_stock_model(mlx_model_dir: Path,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
     # Opt-in: see lmx_worker/mlx_support/mlx_cpu_layout.
     monkeypatch.setenv("LMX_MLX_CPU_LAYOUT", "1")
-    stock, tokenizer = float32_model(mlx_model_dir)
-    rows = [list(tokenizer.encode(p)) for p in PROMPTS]
-    assert len(rows[0]) != len(rows[1])  # so the batch really is padded
-    expected = batched_logits(stock, rows)
-    expected_single = single_logits(stock, rows[0])
+    reference = stock_reference(mlx_model_dir)
 
     tuned, _ = float32_model(mlx_model_dir)
     described = optimize_for_cpu(tuned)
@@ -76,8 +93,4 @@ def test_cpu_layout_matches_stock_model(mlx_model_dir: Path,
     names = {type(m).__name__ for _, m in tuned.named_modules()}
     assert {"_CpuLlamaAttention", "_CpuLlamaMLP", "_Projection"} <= names, names
 
-    for ours, theirs in zip(batched_logits(tuned, rows), expected, strict=True):
-        assert np.abs(ours - theirs).max() < 1e-3
-        assert (ours.argmax(-1) == theirs.argmax(-1)).all()
-    for ours, theirs in zip(single_logits(tuned, rows[0]), expected_single, strict=True):
-        assert np.abs(ours - theirs).max() < 1e-3
+    assert_matches_reference(tuned, reference)
