@@ -2,10 +2,11 @@
 
 What it measures
 ----------------
-An async streaming client (httpx) fires N concurrent ``POST /v1/chat/completions`` requests
-(distinct prompts, ``temperature=0``, ``max_tokens`` = ``--tokens``, end of sequence
-suppressed where the server allows it) at each concurrency level (1, 2, 4, 8, 16), against one
-server at a time, all on the same model file and the same cores:
+An async streaming client (``lean_http.py``, light on CPU) fires N concurrent
+``POST /v1/chat/completions`` requests (distinct prompts, ``temperature=0``, ``max_tokens`` =
+``--tokens``, end of sequence suppressed where the server allows it) at each concurrency
+level (1, 2, 4, 8, 16), against one server at a time, all on the same model file and the same
+cores:
 
 * ``lmx-llama``: ``lmx serve``, llama.cpp backend on the GGUF (``models.parallel_slots`` =
   ``--slots``, ``max_concurrent_requests`` >= the highest level), ``ignore_eos: true``;
@@ -74,6 +75,7 @@ from typing import Any
 import httpx
 import psutil
 import yaml
+from lean_http import HttpError, post_json
 
 from lmx_supervisor.models.bundled_model import ensure_default_model
 
@@ -227,8 +229,7 @@ class Endpoint:
     pid: int | None = None      # process whose RSS is sampled during each level
 
 
-async def stream_one(client: httpx.AsyncClient, ep: Endpoint, index: int, wave: int,
-                     max_tokens: int) -> RequestResult:
+async def stream_one(ep: Endpoint, index: int, wave: int, max_tokens: int) -> RequestResult:
     body: dict[str, Any] = {
         "messages": [{"role": "user", "content": prompt_for(index)}],
         "temperature": 0,
@@ -247,34 +248,38 @@ async def stream_one(client: httpx.AsyncClient, ep: Endpoint, index: int, wave: 
     error: str | None = None
     start = time.perf_counter()
     try:
-        async with client.stream("POST", f"{ep.url}/v1/chat/completions", json=body) as resp:
-            status = resp.status_code
-            if status != 200:
-                text = (await resp.aread()).decode(errors="replace")
-                error = f"HTTP {status}: {text[:200]}"
-            else:
-                async for line in resp.aiter_lines():
-                    if not line.startswith("data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        break
-                    chunk = json.loads(data)
-                    if chunk.get("error"):
-                        error = f"stream error: {json.dumps(chunk['error'])[:200]}"
-                        break
-                    if chunk.get("usage"):
-                        usage_tokens = int(chunk["usage"].get("completion_tokens", 0))
-                    for choice in chunk.get("choices") or []:
-                        content = (choice.get("delta") or {}).get("content")
-                        if content:
-                            now = time.perf_counter()
-                            if first is None:
-                                first = now
-                            last = now
-                            deltas += 1
-                        finish = choice.get("finish_reason") or finish
-    except (httpx.HTTPError, ValueError) as exc:
+        async with asyncio.timeout(REQUEST_TIMEOUT):
+            resp = await post_json(f"{ep.url}/v1/chat/completions", body)
+            try:
+                status = resp.status
+                if status != 200:
+                    text = (await resp.read()).decode(errors="replace")
+                    error = f"HTTP {status}: {text[:200]}"
+                else:
+                    async for line in resp.lines():
+                        if not line.startswith("data:"):
+                            continue
+                        data = line[5:].strip()
+                        if data == "[DONE]":
+                            break
+                        chunk = json.loads(data)
+                        if chunk.get("error"):
+                            error = f"stream error: {json.dumps(chunk['error'])[:200]}"
+                            break
+                        if chunk.get("usage"):
+                            usage_tokens = int(chunk["usage"].get("completion_tokens", 0))
+                        for choice in chunk.get("choices") or []:
+                            content = (choice.get("delta") or {}).get("content")
+                            if content:
+                                now = time.perf_counter()
+                                if first is None:
+                                    first = now
+                                last = now
+                                deltas += 1
+                            finish = choice.get("finish_reason") or finish
+            finally:
+                await resp.close()
+    except (HttpError, OSError, TimeoutError, ValueError, asyncio.IncompleteReadError) as exc:
         error = f"{type(exc).__name__}: {exc}"[:200]
     end = time.perf_counter()
     tokens = usage_tokens if usage_tokens is not None else deltas
@@ -306,21 +311,18 @@ async def _sample_rss(pid: int, stop: asyncio.Event) -> int | None:
 
 async def run_level(ep: Endpoint, concurrency: int, waves: int, first_index: int,
                     max_tokens: int) -> LevelResult:
-    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=0)
-    timeout = httpx.Timeout(REQUEST_TIMEOUT, connect=30.0)
     stop = asyncio.Event()
     sampler = asyncio.create_task(_sample_rss(ep.pid, stop)) if ep.pid else None
     results: list[RequestResult] = []
     wall = 0.0
-    async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
-        index = first_index
-        for wave in range(waves):
-            t0 = time.perf_counter()
-            batch = await asyncio.gather(*(
-                stream_one(client, ep, index + i, wave, max_tokens) for i in range(concurrency)))
-            wall += time.perf_counter() - t0
-            index += concurrency
-            results.extend(batch)
+    index = first_index
+    for wave in range(waves):
+        t0 = time.perf_counter()
+        batch = await asyncio.gather(*(
+            stream_one(ep, index + i, wave, max_tokens) for i in range(concurrency)))
+        wall += time.perf_counter() - t0
+        index += concurrency
+        results.extend(batch)
     stop.set()
     peak = await sampler if sampler else None
     return LevelResult(concurrency, waves, wall, results, peak)

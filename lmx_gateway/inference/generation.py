@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -58,26 +58,61 @@ class _Run:
             self.record.stream = stream
         state.in_flight += 1
         self._counted = True
+        # One timer for the whole run, not an asyncio.timeout per streamed
+        # item (an object and a timer-heap entry per token, a sixth of the
+        # gateway's CPU for a stream). It cancels the task waiting in
+        # _within_deadline, or marks the run so the next wait fails at once.
+        self._timer: asyncio.TimerHandle | None = None
+        self._waiter: asyncio.Task[object] | None = None
+        self._expired = False
+        self._cancelled_waiter: asyncio.Task[object] | None = None
 
     def _count_out(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
         if self._counted:
             self._counted = False
             self._state.in_flight -= 1
 
+    def _expire(self) -> None:
+        self._expired = True
+        if self._waiter is not None:
+            self._cancelled_waiter = self._waiter
+            self._waiter.cancel()
+
     async def _within_deadline(self, step: Awaitable[T]) -> T:
         """`step` under the run's deadline; failures are recorded."""
+        if self._expired:  # it passed while the caller was busy elsewhere
+            if isinstance(step, Coroutine):
+                step.close()
+            raise self._timed_out()
+        task = asyncio.current_task()
+        assert task is not None, "a run is always awaited in a task"
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(
+                self._deadline - time.monotonic(), self._expire)
+        # As asyncio.timeout: a cancellation is ours only if nobody else's
+        # is pending on the task too.
+        cancelling = task.cancelling()
+        self._waiter = task
         try:
-            async with asyncio.timeout(self._deadline - time.monotonic()):
-                return await step
-        except TimeoutError:
-            error = InferenceTimeout(
-                f"Request on '{self.model.model_id}' exceeded {self.timeout_sec:g}s "
-                "(models.inference_timeout_sec)")
-            self._fail(error)
-            raise error from None
+            return await step
+        except asyncio.CancelledError:
+            if self._cancelled_waiter is task and task.uncancel() <= cancelling:
+                raise self._timed_out() from None
+            raise
         except LMXError as exc:
             self._fail(exc)
             raise
+        finally:
+            self._waiter = None
+
+    def _timed_out(self) -> InferenceTimeout:
+        error = InferenceTimeout(
+            f"Request on '{self.model.model_id}' exceeded {self.timeout_sec:g}s "
+            "(models.inference_timeout_sec)")
+        self._fail(error)
+        return error
 
     def _fail(self, error: LMXError) -> None:
         if self.record is not None:

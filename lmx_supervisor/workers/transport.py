@@ -4,10 +4,17 @@ Every worker connects a DEALER whose identity is its worker id; one receive
 task decodes each frame once and hands it to whoever registered for that
 identity. Sends never block the event loop: ROUTER_MANDATORY turns a send to
 a peer that is gone into an error we can report instead of a silent drop.
+
+Reads and sends go through the plain (not zmq.asyncio) socket. zmq.asyncio
+spends a future, an fd registration and a failed read per message; a
+streamed token is one message, and on a 2-core host every millisecond of
+gateway CPU is taken from the model's decode threads. Here the event loop
+watches the socket's fd once, and each wake-up drains what is queued.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import shutil
@@ -34,6 +41,8 @@ PeerHandler = Callable[[bytes, bytes], None]
 IdentityCheck = Callable[[bytes, str], bool]
 # Frames read in one go before yielding to the event loop again (fairness to HTTP).
 _DRAIN_LIMIT = 256
+# An int, not the zmq.POLLIN flag enum: `&` on the enum builds enum objects per call.
+_POLLIN = int(zmq.POLLIN)
 
 
 class PeerGone(Exception):
@@ -73,8 +82,14 @@ class RouterHub:
         # are buffered: no frame may exhaust the gateway's memory.
         self._sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
         self._sock.bind(address)
-        # The same socket without the asyncio wrapper, for reads that must not wait.
-        self._nowait: zmq.Socket[bytes] = zmq.Socket.shadow(self._sock.underlying)
+        # The same socket without the asyncio wrapper (the context may be a
+        # zmq.asyncio one, shared with the caller): every read and send goes
+        # through it, never through the wrapper, which would register its own
+        # reader on the fd and displace ours.
+        self._plain: zmq.Socket[bytes] = zmq.Socket.shadow(self._sock.underlying)
+        # What the receive loop sleeps on; resolved when the socket's fd
+        # turns readable (or a send may have taken the fd's signal).
+        self._wake: asyncio.Future[None] | None = None
         # tcp://*:0 binds a random port; report what was really bound.
         self.address: str = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._handlers: dict[bytes, FrameHandler] = {}
@@ -105,7 +120,7 @@ class RouterHub:
 
     def send_raw(self, identity: bytes, payload: bytes) -> None:
         try:
-            self._sock.send_multipart([identity, payload], flags=zmq.NOBLOCK)
+            self._send([identity, payload])
         except zmq.ZMQError as exc:
             raise PeerGone(f"peer {identity[:64]!r} is not reachable: {exc}") from exc
 
@@ -114,35 +129,72 @@ class RouterHub:
 
     def send(self, worker_id: str, frame: Frame) -> None:
         try:
-            self._sock.send_multipart([worker_id.encode(), encode(frame)], flags=zmq.NOBLOCK)
+            self._send([worker_id.encode(), encode(frame)])
         except zmq.ZMQError as exc:  # EHOSTUNREACH under ROUTER_MANDATORY, or EAGAIN
             raise PeerGone(f"worker {worker_id} is not reachable: {exc}") from exc
 
+    def _send(self, parts: list[bytes]) -> None:
+        try:
+            self._plain.send_multipart(parts, flags=zmq.NOBLOCK)
+        finally:
+            # A send may process the socket's pending commands and with them
+            # the fd's signal for a message that arrived meanwhile: the
+            # receive loop must look again, or that message waits for the next.
+            self._wake_up()
+
+    def _wake_up(self) -> None:
+        wake = self._wake
+        if wake is not None and not wake.done():
+            wake.set_result(None)
+
+    def _has_message(self) -> bool:
+        # Reading EVENTS also re-arms the fd: it signals edges, not levels.
+        events: int = self._plain.getsockopt(zmq.EVENTS)  # type: ignore[assignment]
+        return bool(events & _POLLIN)
+
+    async def _watching_fd(self, read: Callable[[], None]) -> None:
+        loop = asyncio.get_running_loop()
+        fd = self._plain.fileno()
+        loop.add_reader(fd, self._wake_up)
+        try:
+            while True:
+                # A batched decode step sends one frame per sequence at once:
+                # read what is queued without a trip through the event loop each.
+                for _ in range(_DRAIN_LIMIT):
+                    if not self._has_message():
+                        break
+                    read()
+                else:
+                    await asyncio.sleep(0)  # let HTTP run, then read on
+                    continue
+                # EVENTS said "nothing" just now and nothing ran since: a
+                # message arriving from here on raises the fd, and the loop
+                # calls _wake_up.
+                self._wake = loop.create_future()
+                await self._wake
+        finally:
+            self._wake = None
+            loop.remove_reader(fd)
+
     async def _receive_loop(self) -> None:
-        while True:
-            self._dispatch(await self._sock.recv_multipart())
-            # A batched decode step sends one frame per sequence at once: read
-            # what is already queued without a trip through the event loop each.
-            for _ in range(_DRAIN_LIMIT):
-                try:
-                    frames = self._nowait.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                self._dispatch(frames)
+        await self._watching_fd(
+            lambda: self._dispatch(self._plain.recv_multipart(zmq.NOBLOCK)))
 
     async def _receive_checked_loop(self) -> None:
         """As _receive_loop, with each message's sender key (read from the
         frame metadata, hence copy=False) checked against its identity: an
         authorized node must not speak as another node or its workers."""
-        while True:
-            frames = await self._sock.recv_multipart(copy=False)
-            user_id = str(frames[0].get("User-Id")) if frames else ""
-            data = [frame.bytes for frame in frames]
-            check = self.identity_check
-            if check is not None and data and not check(data[0], user_id):
-                self._malformed(data[0], f"sent with key {user_id}, not its own")
-                continue
-            self._dispatch(data)
+        await self._watching_fd(self._read_checked)
+
+    def _read_checked(self) -> None:
+        frames = self._plain.recv_multipart(zmq.NOBLOCK, copy=False)
+        user_id = str(frames[0].get("User-Id")) if frames else ""
+        data = [frame.bytes for frame in frames]
+        check = self.identity_check
+        if check is not None and data and not check(data[0], user_id):
+            self._malformed(data[0], f"sent with key {user_id}, not its own")
+            return
+        self._dispatch(data)
 
     def _dispatch(self, frames: list[bytes]) -> None:
         # Anything may arrive on the socket (a foreign DEALER, a buggy peer):
