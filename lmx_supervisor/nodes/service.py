@@ -205,7 +205,7 @@ class NodeService:
             self._welcome(node)
             for worker_id in frame.worker_ids:
                 if worker_id not in self.workers:  # left over: nobody routes to it
-                    self._send(identity, TerminateWorker(worker_id, 2.0))
+                    self._send_quietly(identity, TerminateWorker(worker_id, 2.0))
             return
         worker = self.workers.get(frame.worker_id)
         if worker is None or worker.node != name:
