@@ -9,7 +9,8 @@ For the same GGUF file and thread count, in one run:
   temperature=0, max_tokens=N)``;
 * **LMX**: ``lmx serve`` started as a subprocess on a free 127.0.0.1 port with a temporary
   config and ``LMX_HOME``, queried with ``POST /v1/chat/completions`` (SSE streaming,
-  ``temperature=0``, ``max_tokens=N``, ``ignore_eos=true``) through ``httpx``.
+  ``temperature=0``, ``max_tokens=N``, ``ignore_eos=true``) through ``lean_http`` (a
+  small HTTP/1.1 reader: on 2 cores the client's CPU is taken from the model's threads).
 
 Both sides generate exactly N tokens: LMX through ``ignore_eos``; in-process through a logits
 processor that masks every end-of-generation token to -inf (the same effect as a ``logit_bias``
@@ -46,10 +47,12 @@ server is stopped with SIGTERM at the end, on Ctrl-C and on SIGTERM.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import os
 import platform
+import shutil
 import signal
 import socket
 import statistics
@@ -69,6 +72,8 @@ import numpy as np
 import numpy.typing as npt
 import psutil
 import yaml
+from lean_http import post_json
+from profile_settings import llama_kwargs, profile_settings
 
 from lmx_supervisor.models.bundled_model import ensure_default_model
 
@@ -179,10 +184,13 @@ def free_port() -> int:
 class Server:
     """`lmx serve` in its own session, so Ctrl-C reaches only us and we send SIGTERM."""
 
-    def __init__(self, model: Path, threads: int, home: Path) -> None:
+    def __init__(self, model: Path, threads: int, home: Path,
+                 profiles_dir: Path | None = None) -> None:
         models_dir = home / "models"
         models_dir.mkdir()
         (models_dir / model.name).symlink_to(model.resolve())
+        if profiles_dir is not None:  # the load takes the model's profile settings
+            shutil.copytree(profiles_dir, home / "profiles")
         self.model_id = model.name.removesuffix(".gguf")
         config = {
             "models": {"models_directory": str(models_dir), "auto_load": [self.model_id],
@@ -233,6 +241,10 @@ class Server:
             time.sleep(0.1)
 
     def run(self, prompt: str, max_tokens: int) -> tuple[float, float, int, str | None, str]:
+        return asyncio.run(self._stream(prompt, max_tokens))
+
+    async def _stream(self, prompt: str, max_tokens: int
+                      ) -> tuple[float, float, int, str | None, str]:
         body = {
             "model": self.model_id,
             "messages": [{"role": "user", "content": prompt}],
@@ -247,11 +259,14 @@ class Server:
         tokens = -1
         parts: list[str] = []
         start = time.perf_counter()
-        with self.http.stream("POST", "/v1/chat/completions", json=body) as response:
-            if response.status_code != 200:
-                response.read()
-                raise RuntimeError(f"LMX answered {response.status_code}: {response.text}")
-            for line in response.iter_lines():
+        # The lean client (lean_http): on 2 cores the client's CPU per token is
+        # taken from the server's decode threads; httpx spent ~0.3 ms a chunk.
+        response = await post_json(f"{self.url}/v1/chat/completions", body)
+        try:
+            if response.status != 200:
+                text = (await response.read()).decode(errors="replace")
+                raise RuntimeError(f"LMX answered {response.status}: {text}")
+            async for line in response.lines():
                 if not line.startswith("data: "):
                     continue
                 data = line[6:]
@@ -269,6 +284,8 @@ class Server:
                         last = now
                         parts.append(content)
                     finish = choice.get("finish_reason") or finish
+        finally:
+            await response.close()
         ttft, rate = _timing(start, first, last, tokens)
         return ttft, rate, tokens, finish, "".join(parts)
 
@@ -286,9 +303,10 @@ class Server:
 
 
 @contextlib.contextmanager
-def lmx_server(model: Path, threads: int) -> Iterator[Server]:
+def lmx_server(model: Path, threads: int, profiles_dir: Path | None = None
+               ) -> Iterator[Server]:
     with tempfile.TemporaryDirectory(prefix="lmx-bench-") as tmp:
-        server = Server(model, threads, Path(tmp))
+        server = Server(model, threads, Path(tmp), profiles_dir)
         try:
             server.wait_ready()
             yield server
@@ -371,6 +389,8 @@ def render(result: dict[str, Any]) -> str:
         f"N={cfg['tokens']} tokens, {cfg['prompts']} prompts x {cfg['reps']} reps "
         f"(+{cfg['warmup_rounds']} warm-up round), threads={cfg['threads']}, "
         f"cpus={cfg['cpus']}, llama-cpp-python {cfg['llama_cpp_python']}",
+        "settings, both sides (LMX: the profile's; in-process: Llama(...)): "
+        + ", ".join(f"{k}={v}" for k, v in cfg["in_process_settings"].items()),
         f"1-min load average: {load['start']:.2f} at start, {load['end']:.2f} at end"
         + ("  (WARNING: other processes competed for the CPUs)" if busy else ""),
         "",
@@ -424,6 +444,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads, both sides")
     parser.add_argument("--model", type=Path, default=None,
                         help="GGUF file (default: the bundled SmolLM2-135M-Instruct Q4_1)")
+    parser.add_argument("--profiles-dir", type=Path, default=None,
+                        help="performance profiles (lmx autotune's): LMX loads the model with "
+                             "its profile, and the in-process side gets the same settings")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     args = parser.parse_args(argv)
     if args.tokens < 2 or args.reps < 1 or args.warmup < 0 or args.threads < 1:
@@ -443,9 +466,10 @@ def main(argv: list[str] | None = None) -> int:
     load_start = os.getloadavg()[0]
     try:
         log(f"loading {model.name} in-process ...")
-        inproc = InProcess(model, args.threads)
+        settings = llama_kwargs(profile_settings(args.profiles_dir, model), args.threads)
+        inproc = InProcess(model, args.threads, settings)
         log("starting lmx serve ...")
-        with lmx_server(model, args.threads) as server:
+        with lmx_server(model, args.threads, args.profiles_dir) as server:
             runners = {"in-process": inproc.run, "lmx": server.run}
             total_rounds = args.warmup + args.reps
             turn = 0
@@ -472,6 +496,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     result = summarize(samples, n, args, model)
     result["config"]["loadavg_1m"] = {"start": load_start, "end": os.getloadavg()[0]}
+    result["config"]["in_process_settings"] = settings
     if args.json:
         print(json.dumps(result, indent=2))
     else:
