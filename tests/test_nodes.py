@@ -115,6 +115,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, model_file: Path) -> Itera
             try:
                 for host in ("n1", "n2"):
                     cluster.start_agent(host)
+                # Every test may start with both nodes in (run alone too).
+                for host in ("n1", "n2"):
+                    cluster.wait_node(host, "connected")
                 yield cluster
             finally:
                 for agent in cluster.agents.values():
@@ -310,8 +313,14 @@ def test_link_down_makes_models_unavailable_until_the_node_returns(cluster: Clus
     finally:
         cluster.lan.link("n2", up=True)
     cluster.wait_node("n2", "connected")
-    wait_until(lambda: _model_row(cluster, "on-n2")["state"] == "ready", 90, interval=0.2,
-               what="on-n2 back on n2")
+    try:
+        wait_until(lambda: _model_row(cluster, "on-n2")["state"] == "ready", 90, interval=0.2,
+                   what="on-n2 back on n2")
+    except AssertionError as exc:  # what the gateway and n2's agent said meanwhile
+        agent_log = cluster.agents["n2"].log_path.read_text(errors="replace")
+        raise AssertionError(f"{exc}\nmodel: {_model_row(cluster, 'on-n2')}\n"
+                             f"gateway log (end):\n{cluster.server.log()[-6000:]}\n"
+                             f"n2 agent log (end):\n{agent_log[-3000:]}") from None
     assert _model_row(cluster, "on-n2")["node"] == "n2"
     assert "unavailable_models" not in cluster.server.http.get("/readyz").json()
     # The agent, cut off, stopped the old worker: one worker serves on-n2.
