@@ -3,14 +3,8 @@ the end-to-end behaviour is in test_request_isolation.py."""
 
 from __future__ import annotations
 
-import asyncio
-
-import zmq
-import zmq.asyncio
-
-from lmx_protocol import Generate, Pong, SamplingParams, WorkerStats, encode
+from lmx_protocol import Generate, SamplingParams
 from lmx_supervisor.lifecycle.poison import PoisonRegistry, fingerprint
-from lmx_supervisor.workers.transport import RouterHub
 
 
 def _request(rid: str, text: str) -> Generate:
@@ -58,45 +52,3 @@ def test_store_is_bounded_and_clear_is_per_model() -> None:
     reg.clear("a")
     assert reg.check("q", now=3.0) is None
     assert reg.check("r", now=3.0) is not None
-
-
-def test_router_loop_restarts_after_a_failure_and_says_so() -> None:
-    async def scenario() -> None:
-        hub = RouterHub()
-        got: list[object] = []
-        hub.register("w1", got.append)
-        real_dispatch = hub._dispatch
-        failures = [RuntimeError("injected router bug")]
-
-        def dispatch_failing_once(frames: list[bytes]) -> None:
-            if failures:
-                raise failures.pop()
-            real_dispatch(frames)
-
-        hub._dispatch = dispatch_failing_once  # type: ignore[method-assign]
-        hub.start()
-        ctx = zmq.asyncio.Context()
-        dealer = ctx.socket(zmq.DEALER)
-        dealer.setsockopt(zmq.IDENTITY, b"w1")
-        dealer.setsockopt(zmq.LINGER, 0)
-        dealer.connect(hub.address)
-        pong = encode(Pong(1, WorkerStats()))
-        try:
-            await dealer.send(pong)  # lost to the injected failure
-            for _ in range(200):
-                if hub.problems():
-                    break
-                await asyncio.sleep(0.02)
-            assert "injected router bug" in hub.problems()[0]
-            await dealer.send(pong)
-            for _ in range(200):
-                if got:
-                    break
-                await asyncio.sleep(0.02)
-            assert got and isinstance(got[0], Pong)
-        finally:
-            dealer.close()
-            ctx.term()
-            await hub.close()
-
-    asyncio.run(asyncio.wait_for(scenario(), 30))

@@ -10,7 +10,8 @@ one forward pass.
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from collections.abc import Callable
+from typing import Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -31,6 +32,8 @@ from lmx_worker.engines.engine import RequestError, StepOutput
 Vectors = npt.NDArray[np.float32]
 EmbedOutput = Embeddings | Failed
 RerankOutput = Scores | Failed
+# One input row as a backend tokenizes it.
+Row = TypeVar("Row")
 
 
 @runtime_checkable
@@ -127,6 +130,32 @@ def finish_vectors(request: Embed, pooled: Vectors, info: EncoderInfo,
     data = np.ascontiguousarray(vectors, dtype="<f4")
     return Embeddings(request.request_id, data.tobytes(), int(data.shape[0]),
                       int(data.shape[1]), prompt_tokens)
+
+
+def embed_together(requests: list[Embed], rows_of: Callable[[Embed], list[Row]],
+                   pool: Callable[[list[Row]], Vectors], row_tokens: Callable[[Row], int],
+                   info: EncoderInfo) -> list[EmbedOutput]:
+    """Every request's rows (`rows_of`, which raises InputError for a bad
+    input: that request alone fails) pooled in one go, then each request's
+    vectors finished with its own options."""
+    outputs: list[EmbedOutput] = []
+    accepted: list[tuple[Embed, int, int]] = []  # request, first row, row count
+    rows: list[Row] = []
+    for request in requests:
+        try:
+            mine = rows_of(request)
+        except InputError as exc:
+            outputs.append(exc.failed(request.request_id))
+            continue
+        accepted.append((request, len(rows), len(mine)))
+        rows.extend(mine)
+    if not rows:
+        return outputs
+    pooled = pool(rows)
+    for request, first, count in accepted:
+        tokens = sum(row_tokens(r) for r in rows[first:first + count])
+        outputs.append(finish_vectors(request, pooled[first:first + count], info, tokens))
+    return outputs
 
 
 def cosine_scores(query: Vectors, documents: Vectors) -> list[float]:

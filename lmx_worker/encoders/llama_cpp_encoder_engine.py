@@ -29,7 +29,7 @@ from lmx_worker.encoders.encoder_engine import (
     Vectors,
     check_token_ids,
     cosine_scores,
-    finish_vectors,
+    embed_together,
 )
 from lmx_worker.process.spec import WorkerSpec
 
@@ -145,25 +145,7 @@ class LlamaCppEncoderEngine(NoGeneration):
             out[seq_id] = np.ctypeslib.as_array(values, shape=(self._dim,))
 
     def embed(self, requests: list[Embed]) -> list[EmbedOutput]:
-        outputs: list[EmbedOutput] = []
-        accepted: list[tuple[Embed, int, int]] = []
-        seqs: list[list[int]] = []
-        for request in requests:
-            try:
-                mine = self._sequences(request)
-            except InputError as exc:
-                outputs.append(exc.failed(request.request_id))
-                continue
-            accepted.append((request, len(seqs), len(mine)))
-            seqs.extend(mine)
-        if not seqs:
-            return outputs
-        pooled = self._pooled(seqs)
-        for request, first, count in accepted:
-            tokens = sum(len(s) for s in seqs[first:first + count])
-            outputs.append(finish_vectors(request, pooled[first:first + count],
-                                          self.encoder_info, tokens))
-        return outputs
+        return embed_together(requests, self._sequences, self._pooled, len, self.encoder_info)
 
     def rerank(self, request: Rerank) -> RerankOutput:
         if not request.documents:

@@ -27,7 +27,7 @@ from lmx_worker.encoders.encoder_engine import (
     Vectors,
     check_token_ids,
     cosine_scores,
-    finish_vectors,
+    embed_together,
     length_chunks,
 )
 from lmx_worker.encoders.mlx_bert import Bert, BertConfig, CheckpointError, load_weights
@@ -186,25 +186,8 @@ class MlxEncoderEngine(NoGeneration):
             return [Failed(ErrorCode.UNSUPPORTED, "this is a cross-encoder (rerank) model: it "
                            "makes no embeddings", request_id=r.request_id, param="model")
                     for r in requests]
-        outputs: list[EmbedOutput] = []
-        accepted: list[tuple[Embed, int, int]] = []  # request, first row, row count
-        seqs: list[_Sequence] = []
-        for request in requests:
-            try:
-                mine = self._sequences(request)
-            except InputError as exc:
-                outputs.append(exc.failed(request.request_id))
-                continue
-            accepted.append((request, len(seqs), len(mine)))
-            seqs.extend(mine)
-        if not seqs:
-            return outputs
-        pooled = self._pooled(seqs)
-        for request, first, count in accepted:
-            tokens = sum(len(s.ids) for s in seqs[first:first + count])
-            outputs.append(finish_vectors(request, pooled[first:first + count],
-                                          self.encoder_info, tokens))
-        return outputs
+        return embed_together(requests, self._sequences, self._pooled, lambda s: len(s.ids),
+                              self.encoder_info)
 
     # --- rerank ----------------------------------------------------------------
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from lmx_protocol import Failed, Finished, Generate, Tokens, WorkerStats
+from lmx_protocol import Failed, Finished, FinishReason, Generate, Tokens, WorkerStats
 
 StepOutput = Tokens | Finished | Failed
 
@@ -23,6 +23,30 @@ class RequestError(Exception):
         self.code = code
         self.message = message
         self.param = param  # the request field at fault, when one is
+
+
+def admit(request: Generate, prompt: list[int], context: int,
+          counted: list[StepOutput]) -> int | None:
+    """How many tokens `request` may generate after `prompt` in a context of
+    `context` tokens: its max_tokens, capped by the room left. None when the
+    request only counts its prompt: its answer is appended to `counted` and
+    nothing is decoded. Raises RequestError for an empty prompt or one that
+    leaves no room."""
+    if not prompt:
+        raise RequestError("invalid_request", "the prompt is empty")
+    if request.count_only:
+        counted.append(Finished(request.request_id, FinishReason.STOP, len(prompt), 0))
+        return None
+    if len(prompt) >= context:
+        raise RequestError("context_length_exceeded",
+                           f"prompt is {len(prompt)} tokens; the context holds {context}")
+    room = context - len(prompt)
+    max_tokens = request.params.max_tokens
+    max_new = min(max_tokens, room) if max_tokens is not None else room
+    if max_new <= 0:
+        raise RequestError("invalid_request", "max_tokens must be at least 1",
+                           param="max_tokens")
+    return max_new
 
 
 class Engine(Protocol):

@@ -41,7 +41,7 @@ from lmx_protocol import (
     Tokens,
     WorkerStats,
 )
-from lmx_worker.engines.engine import RequestError, StepOutput
+from lmx_worker.engines.engine import RequestError, StepOutput, admit
 from lmx_worker.engines.step_budget import PromptBudget, StepLoad
 from lmx_worker.process.spec import WorkerSpec
 from lmx_worker.text.chat_request import chat_prompt, request_constraint, request_tools
@@ -242,18 +242,10 @@ class LlamaCppEngine:
 
     def add(self, request: Generate) -> None:
         prompt = self._prompt_tokens(request)
-        if not prompt:
-            raise RequestError("invalid_request", "the prompt is empty")
-        if request.count_only:  # no slot, no decode: the count is the answer
-            self._counted.append(Finished(request.request_id, FinishReason.STOP, len(prompt), 0))
+        max_new = admit(request, prompt, self.slot_context, self._counted)
+        if max_new is None:  # no slot, no decode: the count is the answer
             return
-        if len(prompt) >= self.slot_context:
-            raise RequestError(
-                "context_length_exceeded",
-                f"prompt is {len(prompt)} tokens; the context holds {self.slot_context}")
-        room = self.slot_context - len(prompt)
         p = request.params
-        max_new = min(p.max_tokens, room) if p.max_tokens is not None else room
         job = _Job(request, prompt, self._sampler(request), TextStream(p.stop), max_new)
         job.constraint = request_constraint(request, self.chat_template, self._tokenizer)
         if p.logit_bias:

@@ -61,7 +61,7 @@ from lmx_protocol import (
     Tokens,
     WorkerStats,
 )
-from lmx_worker.engines.engine import RequestError, StepOutput
+from lmx_worker.engines.engine import RequestError, StepOutput, admit
 from lmx_worker.engines.step_budget import PromptBudget, StepLoad
 from lmx_worker.mlx_support.cpu_attention import use_cpu_decode_attention
 from lmx_worker.mlx_support.cpu_rope import use_table_rope
@@ -349,20 +349,10 @@ class MlxEngine:
 
     def add(self, request: Generate) -> None:
         prompt = self._prompt_tokens(request)
-        if not prompt:
-            raise RequestError("invalid_request", "the prompt is empty")
-        if request.count_only:  # no decode: the count is the answer
-            self._counted.append(Finished(request.request_id, FinishReason.STOP, len(prompt), 0))
+        max_new = admit(request, prompt, self.context_length, self._counted)
+        if max_new is None:  # no decode: the count is the answer
             return
-        if len(prompt) >= self.context_length:
-            raise RequestError(
-                "context_length_exceeded",
-                f"prompt is {len(prompt)} tokens; the context holds {self.context_length}")
-        room = self.context_length - len(prompt)
         p = request.params
-        max_new = min(p.max_tokens, room) if p.max_tokens is not None else room
-        if max_new <= 0:
-            raise RequestError("invalid_request", "max_tokens must be at least 1")
         if request.suffix is not None:
             raise RequestError("unsupported_feature", "fill-in-the-middle (suffix) is only "
                                "implemented on the llama.cpp backend", param="suffix")
