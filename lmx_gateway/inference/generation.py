@@ -65,7 +65,6 @@ class _Run:
         self._timer: asyncio.TimerHandle | None = None
         self._waiter: asyncio.Task[object] | None = None
         self._expired = False
-        self._cancelled_waiter: asyncio.Task[object] | None = None
 
     def _count_out(self) -> None:
         if self._timer is not None:
@@ -77,7 +76,6 @@ class _Run:
     def _expire(self) -> None:
         self._expired = True
         if self._waiter is not None:
-            self._cancelled_waiter = self._waiter
             self._waiter.cancel()
 
     async def _within_deadline(self, step: Awaitable[T]) -> T:
@@ -98,7 +96,9 @@ class _Run:
         try:
             return await step
         except asyncio.CancelledError:
-            if self._cancelled_waiter is task and task.uncancel() <= cancelling:
+            # _expired was False when this wait began: if it is True now, the
+            # timer fired during the wait and cancelled this task.
+            if self._expired and task.uncancel() <= cancelling:
                 raise self._timed_out() from None
             raise
         except LMXError as exc:

@@ -21,10 +21,10 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import zmq
-import zmq.asyncio
 
 from lmx_protocol import FromWorker, decode_from_worker, encode
 from lmx_protocol.messages import Frame
@@ -52,7 +52,7 @@ class PeerGone(Exception):
 class RouterHub:
     def __init__(self, address: str | None = None, runtime_dir: str | None = None,
                  max_message_bytes: int = 256 * 1024 * 1024,
-                 context: zmq.asyncio.Context | None = None,
+                 context: zmq.Context[Any] | None = None,
                  curve_server_keys: tuple[bytes, bytes] | None = None) -> None:
         """`context` and `curve_server_keys` (public, secret): a tcp socket
         that only CURVE clients the context's ZAP authenticator admits can
@@ -68,8 +68,10 @@ class RouterHub:
             claim_runtime_dir(self._owned_dir)
             address = f"ipc://{self._owned_dir / 'supervisor.sock'}"
         self._owns_ctx = context is None
-        self._ctx = zmq.asyncio.Context() if context is None else context
-        self._sock = self._ctx.socket(zmq.ROUTER)
+        self._ctx: zmq.Context[Any] = zmq.Context() if context is None else context
+        # A plain socket even on a zmq.asyncio context: every read and send
+        # is non-blocking, and the receive loop watches the fd itself.
+        self._sock: zmq.Socket[bytes] = zmq.Socket(self._ctx, zmq.ROUTER)
         if curve_server_keys is not None:
             self._sock.curve_server = True
             self._sock.curve_publickey, self._sock.curve_secretkey = curve_server_keys
@@ -82,11 +84,6 @@ class RouterHub:
         # are buffered: no frame may exhaust the gateway's memory.
         self._sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
         self._sock.bind(address)
-        # The same socket without the asyncio wrapper (the context may be a
-        # zmq.asyncio one, shared with the caller): every read and send goes
-        # through it, never through the wrapper, which would register its own
-        # reader on the fd and displace ours.
-        self._plain: zmq.Socket[bytes] = zmq.Socket.shadow(self._sock.underlying)
         # What the receive loop sleeps on; resolved when the socket's fd
         # turns readable (or a send may have taken the fd's signal).
         self._wake: asyncio.Future[None] | None = None
@@ -135,7 +132,7 @@ class RouterHub:
 
     def _send(self, parts: list[bytes]) -> None:
         try:
-            self._plain.send_multipart(parts, flags=zmq.NOBLOCK)
+            self._sock.send_multipart(parts, flags=zmq.NOBLOCK)
         finally:
             # A send may process the socket's pending commands and with them
             # the fd's signal for a message that arrived meanwhile: the
@@ -149,12 +146,12 @@ class RouterHub:
 
     def _has_message(self) -> bool:
         # Reading EVENTS also re-arms the fd: it signals edges, not levels.
-        events: int = self._plain.getsockopt(zmq.EVENTS)  # type: ignore[assignment]
+        events: int = self._sock.getsockopt(zmq.EVENTS)  # type: ignore[assignment]
         return bool(events & _POLLIN)
 
     async def _watching_fd(self, read: Callable[[], None]) -> None:
         loop = asyncio.get_running_loop()
-        fd = self._plain.fileno()
+        fd = self._sock.fileno()
         loop.add_reader(fd, self._wake_up)
         try:
             while True:
@@ -178,7 +175,7 @@ class RouterHub:
 
     async def _receive_loop(self) -> None:
         await self._watching_fd(
-            lambda: self._dispatch(self._plain.recv_multipart(zmq.NOBLOCK)))
+            lambda: self._dispatch(self._sock.recv_multipart(zmq.NOBLOCK)))
 
     async def _receive_checked_loop(self) -> None:
         """As _receive_loop, with each message's sender key (read from the
@@ -187,7 +184,7 @@ class RouterHub:
         await self._watching_fd(self._read_checked)
 
     def _read_checked(self) -> None:
-        frames = self._plain.recv_multipart(zmq.NOBLOCK, copy=False)
+        frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
         user_id = str(frames[0].get("User-Id")) if frames else ""
         data = [frame.bytes for frame in frames]
         check = self.identity_check

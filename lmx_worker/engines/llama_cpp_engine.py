@@ -58,13 +58,14 @@ _PIECE_BUFFER = 256
 KV_CACHE_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0,
                   "q4_0": llama_cpp.GGML_TYPE_Q4_0}
 
+_PENALTY_LAST_N = 64
+_MIN_PREFIX_COPY = 32  # tokens a KV copy from another slot must save
+_backend_ready = False
+
 
 def uses_flash_attention(flash_attn: bool | None, kv_cache_type: str) -> bool:
     """Off unless asked for, or unless the KV cache is quantized (which needs it)."""
     return bool(flash_attn) or (flash_attn is None and kv_cache_type != "f16")
-_PENALTY_LAST_N = 64
-_MIN_PREFIX_COPY = 32  # tokens a KV copy from another slot must save
-_backend_ready = False
 
 
 def _init_backend() -> None:
