@@ -9,6 +9,8 @@ costs a fraction of that. The same client serves every HTTP peer in a run, so th
 ratios stay like for like; in-process peers need no client at all.
 
 Plain `http://` only, one request per connection (`Connection: close`).
+`stream_chat` reads an OpenAI chat-completions SSE stream the way both benchmarks
+time it.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -107,3 +111,53 @@ async def post_json(url: str, body: dict[str, Any]) -> StreamingResponse:
         if sep:
             headers[name.strip().lower()] = value.strip()
     return StreamingResponse(int(fields[1]), headers, reader, writer)
+
+
+@dataclass
+class ChatStream:
+    """One streamed chat completion as a benchmark sees it."""
+
+    status: int | None            # None: no response at all (see error)
+    error: str | None = None      # non-200 body, an error chunk, or why there was no response
+    first: float | None = None    # perf_counter at the first non-empty content delta
+    last: float | None = None     # ... and at the last one
+    deltas: int = 0
+    usage_tokens: int | None = None  # completion_tokens of the usage chunk, if sent
+    finish: str | None = None
+    parts: list[str] = field(default_factory=list)
+
+
+async def stream_chat(url: str, body: dict[str, Any]) -> ChatStream:
+    """POST a streaming chat completion to `url` and read it to [DONE]."""
+    resp = await post_json(url, body)
+    out = ChatStream(resp.status)
+    try:
+        if resp.status != 200:
+            text = (await resp.read()).decode(errors="replace")
+            out.error = f"HTTP {resp.status}: {text[:200]}"
+            return out
+        async for line in resp.lines():
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                break
+            chunk = json.loads(data)
+            if chunk.get("error"):
+                out.error = f"stream error: {json.dumps(chunk['error'])[:200]}"
+                break
+            if chunk.get("usage"):
+                out.usage_tokens = int(chunk["usage"].get("completion_tokens", 0))
+            for choice in chunk.get("choices") or []:
+                content = (choice.get("delta") or {}).get("content")
+                if content:
+                    now = time.perf_counter()
+                    if out.first is None:
+                        out.first = now
+                    out.last = now
+                    out.deltas += 1
+                    out.parts.append(content)
+                out.finish = choice.get("finish_reason") or out.finish
+    finally:
+        await resp.close()
+    return out

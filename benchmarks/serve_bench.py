@@ -75,7 +75,7 @@ from typing import Any
 import httpx
 import psutil
 import yaml
-from lean_http import HttpError, post_json
+from lean_http import ChatStream, HttpError, stream_chat
 from profile_settings import llama_kwargs, profile_settings
 
 from lmx_supervisor.models.bundled_model import ensure_default_model
@@ -241,49 +241,15 @@ async def stream_one(ep: Endpoint, index: int, wave: int, max_tokens: int) -> Re
     }
     if ep.model is not None:
         body["model"] = ep.model
-    first = last = None
-    finish: str | None = None
-    usage_tokens: int | None = None
-    deltas = 0
-    status: int | None = None
-    error: str | None = None
     start = time.perf_counter()
     try:
         async with asyncio.timeout(REQUEST_TIMEOUT):
-            resp = await post_json(f"{ep.url}/v1/chat/completions", body)
-            try:
-                status = resp.status
-                if status != 200:
-                    text = (await resp.read()).decode(errors="replace")
-                    error = f"HTTP {status}: {text[:200]}"
-                else:
-                    async for line in resp.lines():
-                        if not line.startswith("data:"):
-                            continue
-                        data = line[5:].strip()
-                        if data == "[DONE]":
-                            break
-                        chunk = json.loads(data)
-                        if chunk.get("error"):
-                            error = f"stream error: {json.dumps(chunk['error'])[:200]}"
-                            break
-                        if chunk.get("usage"):
-                            usage_tokens = int(chunk["usage"].get("completion_tokens", 0))
-                        for choice in chunk.get("choices") or []:
-                            content = (choice.get("delta") or {}).get("content")
-                            if content:
-                                now = time.perf_counter()
-                                if first is None:
-                                    first = now
-                                last = now
-                                deltas += 1
-                            finish = choice.get("finish_reason") or finish
-            finally:
-                await resp.close()
+            read = await stream_chat(f"{ep.url}/v1/chat/completions", body)
     except (HttpError, OSError, TimeoutError, ValueError, asyncio.IncompleteReadError) as exc:
-        error = f"{type(exc).__name__}: {exc}"[:200]
+        read = ChatStream(None, error=f"{type(exc).__name__}: {exc}"[:200])
+    status, error, first, last, finish = read.status, read.error, read.first, read.last, read.finish
     end = time.perf_counter()
-    tokens = usage_tokens if usage_tokens is not None else deltas
+    tokens = read.usage_tokens if read.usage_tokens is not None else read.deltas
     truncated = False
     if error is None and (tokens == 0 or finish is None):
         truncated = True
@@ -292,7 +258,7 @@ async def stream_one(ep: Endpoint, index: int, wave: int, max_tokens: int) -> Re
     rate = None
     if first is not None and last is not None and last > first and tokens > 1:
         rate = (tokens - 1) / (last - first)
-    return RequestResult(index, wave, status, tokens, deltas,
+    return RequestResult(index, wave, status, tokens, read.deltas,
                          None if first is None else first - start, rate, end - start,
                          finish, error, truncated)
 

@@ -72,7 +72,7 @@ import numpy as np
 import numpy.typing as npt
 import psutil
 import yaml
-from lean_http import post_json
+from lean_http import stream_chat
 from profile_settings import llama_kwargs, profile_settings
 
 from lmx_supervisor.models.bundled_model import ensure_default_model
@@ -254,40 +254,15 @@ class Server:
             "stream": True,
             "stream_options": {"include_usage": True},
         }
-        first = last = None
-        finish: str | None = None
-        tokens = -1
-        parts: list[str] = []
         start = time.perf_counter()
         # The lean client (lean_http): on 2 cores the client's CPU per token is
         # taken from the server's decode threads; httpx spent ~0.3 ms a chunk.
-        response = await post_json(f"{self.url}/v1/chat/completions", body)
-        try:
-            if response.status != 200:
-                text = (await response.read()).decode(errors="replace")
-                raise RuntimeError(f"LMX answered {response.status}: {text}")
-            async for line in response.lines():
-                if not line.startswith("data: "):
-                    continue
-                data = line[6:]
-                if data == "[DONE]":
-                    break
-                chunk = json.loads(data)
-                if chunk.get("usage"):
-                    tokens = int(chunk["usage"]["completion_tokens"])
-                for choice in chunk.get("choices") or []:
-                    content = choice.get("delta", {}).get("content")
-                    if content:
-                        now = time.perf_counter()
-                        if first is None:
-                            first = now
-                        last = now
-                        parts.append(content)
-                    finish = choice.get("finish_reason") or finish
-        finally:
-            await response.close()
-        ttft, rate = _timing(start, first, last, tokens)
-        return ttft, rate, tokens, finish, "".join(parts)
+        read = await stream_chat(f"{self.url}/v1/chat/completions", body)
+        if read.error is not None:
+            raise RuntimeError(f"LMX answered: {read.error}")
+        tokens = read.usage_tokens if read.usage_tokens is not None else -1
+        ttft, rate = _timing(start, read.first, read.last, tokens)
+        return ttft, rate, tokens, read.finish, "".join(read.parts)
 
     def stop(self, timeout: float = 30.0) -> None:
         self.http.close()
