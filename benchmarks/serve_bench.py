@@ -2,11 +2,11 @@
 
 What it measures
 ----------------
-An async streaming client (``lean_http.py``, light on CPU) fires N concurrent
-``POST /v1/chat/completions`` requests (distinct prompts, ``temperature=0``, ``max_tokens`` =
-``--tokens``, end of sequence suppressed where the server allows it) at each concurrency
-level (1, 2, 4, 8, 16), against one server at a time, all on the same model file and the same
-cores:
+A streaming client light on CPU (``lean_http.py``: a blocking reader thread a stream) fires
+N concurrent ``POST /v1/chat/completions`` requests (distinct prompts, ``temperature=0``,
+``max_tokens`` = ``--tokens``, end of sequence suppressed where the server allows it) at
+each concurrency level (1, 2, 4, 8, 16), against one server at a time, all on the same model
+file and the same cores:
 
 * ``lmx-llama``: ``lmx serve``, llama.cpp backend on the GGUF (``models.parallel_slots`` =
   ``--slots``, ``max_concurrent_requests`` >= the highest level), ``ignore_eos: true``;
@@ -26,8 +26,11 @@ cores:
 Per request: TTFT (request start to the first non-empty content delta), decode tok/s
 ((tokens - 1) / (last delta - first delta)), latency (start to end of stream), generated
 tokens (the ``usage`` chunk where the server sends one, otherwise the number of content
-deltas) and finish_reason. Per level: aggregate generated tok/s (tokens of all answered
-requests / wall time of the waves), p50/p95 of TTFT and latency, errors. A 200 with 0 tokens
+deltas) and finish_reason. Per level (after one uncounted warm-up wave of 16-token requests
+at the level's concurrency): aggregate generated tok/s (tokens of all answered requests / wall
+time of the waves), aggregate decode tok/s (tokens after each request's first / the time from
+each wave's first streamed token to its last: the issue's "aggregate decode", which leaves out
+the prompt reading before the first stream starts), p50/p95 of TTFT and latency, errors. A 200 with 0 tokens
 or without a finish_reason counts as an error (a silent truncation). A request that ended
 with ``stop`` before ``--tokens`` means the server did not suppress EOS.
 
@@ -92,13 +95,16 @@ FULL_LEVELS = (1, 2, 4, 8, 16)
 QUICK_LEVELS = (1, 8)
 STARTUP_TIMEOUT = 300.0
 REQUEST_TIMEOUT = 900.0
+WARMUP_TOKENS = 16  # per request of the uncounted wave before each level
 EOS_BIAS = -1e9  # JSON has no -inf; this is as good against logits of order 10
 
 # The issue's targets, as ratios measured side by side in one run.
-TARGET_LLAMA_SCALING = 2.0      # lmx-llama aggregate at 8 / its own at 1
-TARGET_LLAMA_VS_PEER = 2.5      # lmx-llama aggregate at 8 / llama-cpp-server at 8
-TARGET_MLX_VS_PEER = 1.2        # lmx-mlx aggregate at 8 / mlx-lm-server's best at 8
-TARGET_MLX_SCALING = 3.5        # lmx-mlx aggregate at 8 / its own at 1
+# The "aggregate" targets compare aggregate *decode* rates (see _decode_window);
+# the wall-time aggregates, prompt reading included, are printed beside them.
+TARGET_LLAMA_SCALING = 2.0      # lmx-llama aggregate decode at 8 / its own at 1
+TARGET_LLAMA_VS_PEER = 2.5      # lmx-llama aggregate decode at 8 / llama-cpp-server at 8
+TARGET_MLX_VS_PEER = 1.2        # lmx-mlx aggregate decode at 8 / mlx-lm-server's best at 8
+TARGET_MLX_SCALING = 3.5        # lmx-mlx aggregate decode at 8 / its own at 1
 TARGET_SINGLE_VS_INPROC = 0.95  # single-stream decode tok/s / in-process library
 TARGET_SINGLE_VS_PEER = 1.0     # single-stream decode tok/s / the peer server
 
@@ -163,6 +169,8 @@ class RequestResult:
     finish_reason: str | None
     error: str | None = None       # None: answered and complete
     truncated: bool = False        # a 200 with 0 tokens or without finish_reason
+    first_at: float | None = None  # perf_counter at the first content delta
+    last_at: float | None = None   # ... and at the last one
 
 
 @dataclass
@@ -181,6 +189,7 @@ class LevelResult:
         lat = [r.latency_s for r in ok]
         rate = [r.decode_tok_s for r in ok if r.decode_tok_s is not None
                 and math.isfinite(r.decode_tok_s)]
+        decoded, decode_span = self._decode_window(ok)
         return {
             "concurrency": self.concurrency,
             "requests": len(self.requests),
@@ -188,6 +197,7 @@ class LevelResult:
             "wall_s": self.wall_s,
             "generated_tokens": tokens,
             "aggregate_tok_s": tokens / self.wall_s if self.wall_s > 0 else None,
+            "decode_aggregate_tok_s": decoded / decode_span if decode_span > 0 else None,
             "request_decode_tok_s_median": statistics.median(rate) if rate else None,
             "ttft_ms_p50": pct(ttft, 50), "ttft_ms_p95": pct(ttft, 95),
             "latency_s_p50": pct(lat, 50), "latency_s_p95": pct(lat, 95),
@@ -199,6 +209,22 @@ class LevelResult:
             "error_samples": sorted({r.error for r in self.requests if r.error})[:3],
             "peak_rss_bytes": self.peak_rss_bytes,
         }
+
+    def _decode_window(self, ok: list[RequestResult]) -> tuple[int, float]:
+        """Tokens decoded after each request's first, and the time the level
+        spent decoding: per wave, from its first streamed token to its last (so
+        the prompt reading before any stream starts is left out, and what runs
+        while some streams decode is in). The aggregate decode rate is their
+        quotient; at one stream it is the requests' mean decode rate."""
+        decoded, span = 0, 0.0
+        for wave in range(self.waves):
+            timed = [r for r in ok if r.wave == wave and r.first_at is not None
+                     and r.last_at is not None and r.tokens > 1]
+            if timed:
+                decoded += sum(r.tokens - 1 for r in timed)
+                span += (max(r.last_at for r in timed if r.last_at is not None)
+                         - min(r.first_at for r in timed if r.first_at is not None))
+        return decoded, span
 
 
 @dataclass
@@ -244,7 +270,7 @@ async def stream_one(ep: Endpoint, index: int, wave: int, max_tokens: int) -> Re
     start = time.perf_counter()
     try:
         async with asyncio.timeout(REQUEST_TIMEOUT):
-            read = await stream_chat(f"{ep.url}/v1/chat/completions", body)
+            read = await stream_chat(f"{ep.url}/v1/chat/completions", body, REQUEST_TIMEOUT)
     except (HttpError, OSError, TimeoutError, ValueError, asyncio.IncompleteReadError) as exc:
         read = ChatStream(None, error=f"{type(exc).__name__}: {exc}"[:200])
     status, error, first, last, finish = read.status, read.error, read.first, read.last, read.finish
@@ -260,7 +286,7 @@ async def stream_one(ep: Endpoint, index: int, wave: int, max_tokens: int) -> Re
         rate = (tokens - 1) / (last - first)
     return RequestResult(index, wave, status, tokens, read.deltas,
                          None if first is None else first - start, rate, end - start,
-                         finish, error, truncated)
+                         finish, error, truncated, first, last)
 
 
 async def _sample_rss(pid: int, stop: asyncio.Event) -> int | None:
@@ -301,21 +327,28 @@ def waves_for(concurrency: int, min_requests: int) -> int:
 
 async def measure_endpoint(ep: Endpoint, levels: list[int], args: argparse.Namespace,
                            result: TargetResult) -> int | None:
-    """Warm up with one short request, then every level in order. Returns the RSS of
-    ep.pid at rest between the two."""
-    warm = await run_level(Endpoint(ep.url, ep.model, ep.extra_body), 1, 1, 10_000,
-                           min(8, args.tokens))
+    """Warm up with one short request, then every level in order, each after a
+    short warm-up wave of its own concurrency (not counted: a server's first
+    burst pays for what it learns about it, e.g. LMX's prompt budget starts
+    cautious beside running streams). Returns the RSS of ep.pid at rest after
+    the first warm-up."""
+    warm_ep = Endpoint(ep.url, ep.model, ep.extra_body)
+    warm_index = 10_000  # prompts of their own: no prompt-cache hits on measured ones
+    warm = await run_level(warm_ep, 1, 1, warm_index, min(8, args.tokens))
     if warm.requests[0].error:
         raise RuntimeError(f"warm-up request failed: {warm.requests[0].error}")
     idle = psutil.Process(ep.pid).memory_info().rss if ep.pid else None
     index = 0
     for c in levels:
+        warm_index += 100
+        await run_level(warm_ep, c, 1, warm_index, min(WARMUP_TOKENS, args.tokens))
         waves = waves_for(c, args.requests)
         log(f"  {result.name}: concurrency {c} ({waves} wave(s) of {c}) ...")
         level = await run_level(ep, c, waves, index, args.tokens)
         index += c * waves
         s = level.summary(args.tokens)
-        log(f"    aggregate {s['aggregate_tok_s'] or 0:.1f} tok/s, errors {s['errors']}, "
+        log(f"    aggregate {s['aggregate_tok_s'] or 0:.1f} tok/s (decode "
+            f"{s['decode_aggregate_tok_s'] or 0:.1f}), errors {s['errors']}, "
             f"finish {s['finish_reasons']}")
         result.levels.append(level)
     return idle
@@ -905,6 +938,11 @@ def agg(results: dict[str, TargetResult], name: str, c: int, n: int) -> float | 
     return s["aggregate_tok_s"] if s else None
 
 
+def decode_agg(results: dict[str, TargetResult], name: str, c: int, n: int) -> float | None:
+    s = level_of(results, name, c, n)
+    return s["decode_aggregate_tok_s"] if s else None
+
+
 def single(results: dict[str, TargetResult], name: str, n: int) -> float | None:
     s = level_of(results, name, 1, n)
     return s["request_decode_tok_s_median"] if s else None
@@ -921,20 +959,21 @@ def _best(values: list[float | None]) -> float | None:
 
 def targets(results: dict[str, TargetResult], n: int) -> list[dict[str, Any]]:
     mlx_peers = ("mlx-lm-server", "mlx-lm-server-f32")
-    mlx_peer8 = _best([agg(results, p, 8, n) for p in mlx_peers])
+    mlx_peer8 = _best([decode_agg(results, p, 8, n) for p in mlx_peers])
     mlx_peer1 = _best([single(results, p, n) for p in mlx_peers])
     mlx_inproc = _best([single(results, p, n) for p in ("inproc-mlx", "inproc-mlx-f32")])
     rows: list[tuple[str, float | None, float]] = [
-        ("lmx-llama: aggregate at 8 / its own at 1",
-         _ratio(agg(results, "lmx-llama", 8, n), agg(results, "lmx-llama", 1, n)),
+        ("lmx-llama: aggregate decode at 8 / its own at 1",
+         _ratio(decode_agg(results, "lmx-llama", 8, n), decode_agg(results, "lmx-llama", 1, n)),
          TARGET_LLAMA_SCALING),
-        ("lmx-llama / llama-cpp-server, aggregate at 8",
-         _ratio(agg(results, "lmx-llama", 8, n), agg(results, "llama-cpp-server", 8, n)),
+        ("lmx-llama / llama-cpp-server, aggregate decode at 8",
+         _ratio(decode_agg(results, "lmx-llama", 8, n),
+                decode_agg(results, "llama-cpp-server", 8, n)),
          TARGET_LLAMA_VS_PEER),
-        ("lmx-mlx / mlx-lm-server's best, aggregate at 8",
-         _ratio(agg(results, "lmx-mlx", 8, n), mlx_peer8), TARGET_MLX_VS_PEER),
-        ("lmx-mlx: aggregate at 8 / its own at 1",
-         _ratio(agg(results, "lmx-mlx", 8, n), agg(results, "lmx-mlx", 1, n)),
+        ("lmx-mlx / mlx-lm-server's best, aggregate decode at 8",
+         _ratio(decode_agg(results, "lmx-mlx", 8, n), mlx_peer8), TARGET_MLX_VS_PEER),
+        ("lmx-mlx: aggregate decode at 8 / its own at 1",
+         _ratio(decode_agg(results, "lmx-mlx", 8, n), decode_agg(results, "lmx-mlx", 1, n)),
          TARGET_MLX_SCALING),
         ("lmx-llama single-stream decode / in-process",
          _ratio(single(results, "lmx-llama", n), single(results, "inproc-llama", n)),
@@ -987,7 +1026,7 @@ def render(report: dict[str, Any]) -> str:
         + ("  (WARNING: other processes competed for the CPUs; numbers are noisy)"
            if max(load["start"], load["end"]) > cfg["threads"] + 1.0 else ""),
         "",
-        f"{'server':<25}{'conc':>5}{'reqs':>5}{'agg tok/s':>10}{'req tok/s':>10}"
+        f"{'server':<25}{'conc':>5}{'reqs':>5}{'agg tok/s':>10}{'decode':>8}{'req tok/s':>10}"
         f"{'TTFT p50':>10}{'TTFT p95':>10}{'lat p50':>9}{'lat p95':>9}{'err':>5}{'trunc':>6}"
         f"{'stop<N':>7}{'peak RSS':>10}",
     ]
@@ -997,19 +1036,23 @@ def render(report: dict[str, Any]) -> str:
         for s in t["levels"]:
             lines.append(
                 f"{t['name']:<25}{s['concurrency']:>5}{s['requests']:>5}"
-                f"{_f(s['aggregate_tok_s']):>10}{_f(s['request_decode_tok_s_median']):>10}"
+                f"{_f(s['aggregate_tok_s']):>10}{_f(s['decode_aggregate_tok_s']):>8}"
+                f"{_f(s['request_decode_tok_s_median']):>10}"
                 f"{_f(s['ttft_ms_p50'], '.0f') + 'ms':>10}{_f(s['ttft_ms_p95'], '.0f') + 'ms':>10}"
                 f"{_f(s['latency_s_p50'], '.2f') + 's':>9}{_f(s['latency_s_p95'], '.2f') + 's':>9}"
                 f"{s['errors']:>5}{s['truncations']:>6}{s['stopped_early']:>7}"
                 f"{_mb(s['peak_rss_bytes']):>10}")
-    lines.append("(agg tok/s: generated tokens of all answered requests / wall time; req tok/s: "
+    lines.append("(agg tok/s: generated tokens of all answered requests / wall time; decode: "
+                 "aggregate decode rate, tokens after each request's first / the time from a "
+                 "wave's first streamed token to its last; req tok/s: "
                  "median per-request decode rate; stop<N: ended by EOS before N tokens; peak RSS: "
                  "the server process (LMX: its worker) during the level)")
     ratios = report["ratios"]
     if ratios:
-        lines += ["", "ratios LMX / peer, aggregate tok/s:"]
+        lines += ["", "ratios LMX / peer, aggregate tok/s (wall; decode):"]
         for r in ratios:
-            lines.append(f"  {r['pair']:<52} at {r['concurrency']:>2}: {_f(r['ratio'], '.2f')}")
+            lines.append(f"  {r['pair']:<52} at {r['concurrency']:>2}: {_f(r['ratio'], '.2f')}; "
+                         f"{_f(r['decode_ratio'], '.2f')}")
     lines += ["", "targets (issue 3):"]
     for t in report["target_checks"]:
         verdict = {True: "PASS", False: "FAIL", None: "n/a"}[t["pass"]]
@@ -1057,10 +1100,13 @@ def build_report(results: dict[str, TargetResult], args: argparse.Namespace, mod
         for c in args.levels:
             best = _best([agg(results, p, c, n) for p in peers])
             mine = agg(results, lmx, c, n)
+            best_decode = _best([decode_agg(results, p, c, n) for p in peers])
             if mine is not None and best is not None:
                 ratios.append({"pair": f"{lmx} / {' or '.join(peers)} (best)"
                                if len(peers) > 1 else f"{lmx} / {peers[0]}",
-                               "concurrency": c, "ratio": mine / best})
+                               "concurrency": c, "ratio": mine / best,
+                               "decode_ratio": _ratio(decode_agg(results, lmx, c, n),
+                                                      best_decode)})
     return {
         "config": {"model": str(model), "tokens": n, "levels": args.levels,
                    "min_requests": args.requests, "threads": args.threads, "slots": args.slots,
