@@ -19,9 +19,10 @@ What it does, in one run and on a quiet machine:
    too (flash attention, KV type, threads, n_batch; serve_bench reads them
    from the profile), and each winner is served with the profile its own
    autotune job wrote (the second job rewrites the model's profile).
-4. Prints the issue's ratios: throughput winner at 8 vs its own single
-   stream (>= 2x) and vs llama_cpp.server at 8 (>= 2.5x); latency winner's
-   single stream vs in-process (>= 0.97x).
+4. Prints the issue's ratios: throughput winner's aggregate decode rate at 8
+   vs its own single stream (>= 2x) and vs llama_cpp.server at 8 (>= 2.5x),
+   with the wall-time aggregates beside them; latency winner's single-stream
+   decode vs in-process (>= 0.97x).
 """
 
 from __future__ import annotations
