@@ -11,11 +11,12 @@ What it does, in one run and on a quiet machine:
 2. Runs `POST /admin/models/autotune` for the bundled model twice, objective
    `throughput` and then `latency`, each within `--budget` seconds, and
    prints every trial (variant x settings -> single-stream and N-stream tok/s).
-3. Stops that server and runs `serve_bench.py` on each winner, with the
-   autotune profiles copied into its LMX home (so the load uses them):
+3. Stops that server and measures each winner with the autotune profiles
+   copied into its LMX home (so the load uses them): `serve_bench.py`, the
    throughput winner at 1 and 8 streams against `llama_cpp.server` on the
-   same file; latency winner at 1 stream against in-process
-   llama-cpp-python on the same file. The peers get the winner's settings
+   same file; then `single_stream.py` on the latency winner: one stream
+   against in-process llama-cpp-python on the same file, request by request
+   in ABBA order (`--latency-reps`). The peers get the winner's settings
    too (flash attention, KV type, threads, n_batch; serve_bench reads them
    from the profile), and each winner is served with the profile its own
    autotune job wrote (the second job rewrites the model's profile).
@@ -131,6 +132,20 @@ def serve_bench(model: Path, only: str, levels: str, args: argparse.Namespace,
     return report
 
 
+def single_stream(model: Path, args: argparse.Namespace, profiles: Path) -> dict[str, Any]:
+    """single_stream.py on `model` with `profiles`: LMX against in-process
+    llama-cpp-python request by request in ABBA order, both with the profile's
+    settings. Interleaving is what a ratio near 1 needs on a host whose speed
+    drifts by more than the margin between two runs a few minutes apart."""
+    argv = [sys.executable, str(HERE / "single_stream.py"), "--model", str(model),
+            "--tokens", str(args.tokens), "--threads", str(args.threads),
+            "--reps", str(args.latency_reps), "--profiles-dir", str(profiles), "--json"]
+    log("running " + " ".join(argv[1:]))
+    out = subprocess.run(argv, capture_output=True, text=True, check=True)
+    report: dict[str, Any] = json.loads(out.stdout)
+    return report
+
+
 def level(report: dict[str, Any], target: str, concurrency: int) -> dict[str, Any] | None:
     for t in report["targets"]:
         if t["name"] == target and not t.get("skipped"):
@@ -176,6 +191,8 @@ def main() -> int:
     parser.add_argument("--trial-runs", type=int, default=3,
                         help="measurements per trial; the median counts")
     parser.add_argument("--requests", type=int, default=8, help="per level, in serve_bench")
+    parser.add_argument("--latency-reps", type=int, default=4,
+                        help="single_stream.py repetitions per prompt (latency winner)")
     parser.add_argument("--json", type=Path, help="also write the whole report here")
     args = parser.parse_args()
     load_start = os.getloadavg()[0]
@@ -212,18 +229,14 @@ def main() -> int:
 
         through = serve_bench(winner_file("throughput"), "lmx-llama,llama-cpp-server", "1,8",
                               args, Path(tmp) / "profiles-throughput")
-        latency = serve_bench(winner_file("latency"), "lmx-llama,inproc-llama", "1", args,
-                              Path(tmp) / "profiles-latency")
-        report["serve_bench"] = {"throughput": through, "latency": latency}
+        latency = single_stream(winner_file("latency"), args, Path(tmp) / "profiles-latency")
+        report["serve_bench"] = {"throughput": through}
+        report["single_stream"] = latency
 
     def agg(rep: dict[str, Any], target: str, c: int, key: str = "decode_aggregate_tok_s"
             ) -> float | None:
         lv = level(rep, target, c)
         return lv[key] if lv else None
-
-    def single(rep: dict[str, Any], target: str) -> float | None:
-        lv = level(rep, target, 1)
-        return lv["request_decode_tok_s_median"] if lv else None
 
     # The issue's targets are on aggregate decode rates (serve_bench's "decode"
     # column); the wall-time aggregates, prompt reading included, are printed too.
@@ -231,7 +244,8 @@ def main() -> int:
     peer8 = agg(through, "llama-cpp-server", 8)
     wall = {(t, c): agg(through, t, c, "aggregate_tok_s")
             for t, c in (("lmx-llama", 1), ("lmx-llama", 8), ("llama-cpp-server", 8))}
-    lat_lmx, lat_inproc = single(latency, "lmx-llama"), single(latency, "inproc-llama")
+    lat_lmx = latency["sides"]["lmx"]["decode_tok_s"]["median"]
+    lat_inproc = latency["sides"]["in-process"]["decode_tok_s"]["median"]
     checks = [
         ("throughput winner: 8 streams / own single stream", lmx8, lmx1, 2.0),
         ("throughput winner: 8 streams / llama_cpp.server at 8", lmx8, peer8, 2.5),

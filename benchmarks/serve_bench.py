@@ -30,9 +30,9 @@ deltas) and finish_reason. Per level (after one uncounted warm-up wave of 16-tok
 at the level's concurrency): aggregate generated tok/s (tokens of all answered requests / wall
 time of the waves), aggregate decode tok/s (tokens after each request's first / the time from
 each wave's first streamed token to its last: the issue's "aggregate decode", which leaves out
-the prompt reading before the first stream starts), p50/p95 of TTFT and latency, errors. A 200 with 0 tokens
-or without a finish_reason counts as an error (a silent truncation). A request that ended
-with ``stop`` before ``--tokens`` means the server did not suppress EOS.
+the prompt reading before the first stream starts), p50/p95 of TTFT and latency, errors. A
+200 with 0 tokens or without a finish_reason counts as an error (a silent truncation). A
+request that ended with ``stop`` before ``--tokens`` means the server did not suppress EOS.
 
 The peers run from their own venv, ``benchmarks/.peers-venv`` (created on first use with
 ``llama-cpp-python[server]``, ``mlx[cpu]`` and ``mlx-lm`` at the project venv's versions);
