@@ -14,7 +14,8 @@ from typing import Any
 
 import msgspec
 
-PROTOCOL_VERSION = 1
+# 2: StepFrames (one message for a decode step's frames of several requests).
+PROTOCOL_VERSION = 2
 
 
 class Frame(
@@ -272,4 +273,13 @@ class Scores(Frame, tag="scores"):
     prompt_tokens: int
 
 
-FromWorker = Ready | Tokens | Finished | Failed | Pong | Embeddings | Scores
+class StepFrames(Frame, tag="step"):
+    """What one decode step produced for several requests, in order, as one
+    message. At 8 streams a step is then one socket message instead of 8: one
+    wake-up of each side's ZeroMQ I/O thread and of the gateway's event loop,
+    one decode, on a host where that CPU is taken from the model's threads."""
+
+    frames: list[Tokens | Finished | Failed]
+
+
+FromWorker = Ready | Tokens | Finished | Failed | Pong | Embeddings | Scores | StepFrames

@@ -31,6 +31,7 @@ from lmx_protocol import (
     SamplingParams,
     Scores,
     Shutdown,
+    StepFrames,
     TokenLogprob,
     Tokens,
     ToWorker,
@@ -89,6 +90,10 @@ FROM_WORKER: list[Frame] = [
     Embeddings(request_id="emb-1", vectors=b"\x00\x00\x80?" * 6, count=2, dim=3,
                prompt_tokens=5),
     Scores(request_id="rr-1", scores=[0.25, -1.5, 3.0], prompt_tokens=12),
+    StepFrames([Tokens(request_id="req-1", text="a", token_ids=[5], prompt_tokens=3),
+                Finished(request_id="req-2", finish_reason=FinishReason.LENGTH,
+                         prompt_tokens=4, completion_tokens=8),
+                Failed(code=ErrorCode.INTERNAL, message="boom", request_id="req-3")]),
 ]
 
 

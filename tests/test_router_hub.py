@@ -1,8 +1,9 @@
 """The supervisor's ROUTER socket (lmx_supervisor.workers.transport) with real
 ZeroMQ DEALER peers: sends to a peer that is gone fail loudly, no message is
 ever left waiting in the socket while the hub sends (ZeroMQ's fd signals
-edges, and a send can consume the one a message raised), and a bug in the
-receive loop is survived and reported."""
+edges, and a send can consume the one a message raised), a batched step's
+frames reach the handler one by one, and a bug in the receive loop is
+survived and reported."""
 
 from __future__ import annotations
 
@@ -14,7 +15,18 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from lmx_protocol import Ping, Pong, WorkerStats, encode
+from lmx_protocol import (
+    ErrorCode,
+    Failed,
+    Finished,
+    FinishReason,
+    Ping,
+    Pong,
+    StepFrames,
+    Tokens,
+    WorkerStats,
+    encode,
+)
 from lmx_protocol.messages import FromWorker
 from lmx_supervisor.workers.transport import PeerGone, RouterHub
 
@@ -86,6 +98,38 @@ def test_ping_pong_with_sends_between_reads_never_loses_a_wake_up() -> None:
             assert [f.nonce for f in got[rounds:] if isinstance(f, Pong)] == list(range(1000))
 
     asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+def test_a_steps_frames_reach_the_handler_one_by_one_in_order() -> None:
+    """A worker sends what one decode step produced for several requests as
+    one StepFrames message; the hub hands each frame over as if it had come
+    alone, and a handler failing on one of them does not lose the others."""
+    frames: list[Tokens | Finished | Failed] = [
+        Tokens(request_id="a", text="x", token_ids=[1]),
+        Tokens(request_id="b", text="y", token_ids=[2]),
+        Finished(request_id="a", finish_reason=FinishReason.LENGTH, prompt_tokens=3,
+                 completion_tokens=1),
+        Failed(code=ErrorCode.INTERNAL, message="boom", request_id="c"),
+    ]
+
+    async def scenario() -> None:
+        hub = RouterHub()
+        got: list[FromWorker] = []
+
+        def handle(frame: FromWorker) -> None:
+            got.append(frame)
+            if len(got) == 2:
+                raise RuntimeError("a handler bug on the second frame")
+
+        hub.register("w1", handle)
+        hub.start()
+        async with _worker_socket(hub, b"w1") as dealer:
+            await dealer.send(encode(StepFrames(frames)))
+            await _until(lambda: len(got) == len(frames), "the step's frames handled")
+            assert got == frames
+            assert hub.malformed_frames == 0
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))
 
 
 def test_router_loop_restarts_after_a_failure_and_says_so() -> None:

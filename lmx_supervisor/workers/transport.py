@@ -26,7 +26,7 @@ from typing import Any
 import msgspec
 import zmq
 
-from lmx_protocol import FromWorker, decode_from_worker, encode
+from lmx_protocol import FromWorker, StepFrames, decode_from_worker, encode
 from lmx_protocol.messages import Frame
 from lmx_supervisor.background import SupervisedTask
 from lmx_supervisor.runtime_dirs import claim_runtime_dir, remove_stale_runtime_dirs
@@ -217,10 +217,13 @@ class RouterHub:
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             self._malformed(identity, f"undecodable: {exc}")
             return
-        try:
-            handler(frame)
-        except Exception:  # one handler's bug must not stop all routing
-            log.exception("frame handler for %r failed", identity)
+        # A batched decode step's frames arrive as one message; each goes to
+        # the handler as if it had come alone, in the worker's order.
+        for one in frame.frames if isinstance(frame, StepFrames) else (frame,):
+            try:
+                handler(one)
+            except Exception:  # one handler's bug must not stop all routing
+                log.exception("frame handler for %r failed", identity)
 
     def _malformed(self, identity: bytes, why: str) -> None:
         self.malformed_frames += 1

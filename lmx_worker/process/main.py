@@ -33,6 +33,7 @@ from lmx_protocol import (
     Pong,
     Ready,
     Shutdown,
+    StepFrames,
     Tokens,
     WorkerStats,
     decode_from_supervisor,
@@ -226,7 +227,10 @@ class WorkerLoop:
                     self.stats.requests_finished += 1
                     self.stats.prompt_tokens += out.prompt_tokens
                     del self._emitted[out.request_id]
-            self.send(out)
+        if len(outputs) == 1:
+            self.send(outputs[0])
+        elif outputs:  # a batched step: one message for all its sequences
+            self.send(StepFrames(outputs))
 
     def _snapshot(self) -> WorkerStats:
         self.engine.fill_stats(self.stats)
