@@ -20,6 +20,7 @@ connection (`Connection: close`).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import socket
 import threading
@@ -176,27 +177,17 @@ def _recv(sock: socket.socket, deadline: float) -> bytes:
 async def in_thread(url: str, body: dict[str, Any], timeout: float) -> TimedBody:
     """post_json_blocking on a thread of its own (a pool would cap how many
     streams run at once), awaited without blocking the event loop."""
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[TimedBody] = loop.create_future()
-
-    def settle(result: TimedBody | None, error: BaseException | None) -> None:
-        if done.done():
-            return
-        if error is not None:
-            done.set_exception(error)
-        else:
-            done.set_result(result)  # type: ignore[arg-type]
+    result: concurrent.futures.Future[TimedBody] = concurrent.futures.Future()
+    result.set_running_or_notify_cancel()  # an awaiter's cancel leaves the thread be
 
     def run() -> None:
         try:
-            result = post_json_blocking(url, body, timeout)
+            result.set_result(post_json_blocking(url, body, timeout))
         except BaseException as exc:  # handed to the awaiting task
-            loop.call_soon_threadsafe(settle, None, exc)
-        else:
-            loop.call_soon_threadsafe(settle, result, None)
+            result.set_exception(exc)
 
     threading.Thread(target=run, name="lean-http", daemon=True).start()
-    return await done
+    return await asyncio.wrap_future(result)
 
 
 @dataclass

@@ -218,12 +218,12 @@ class LevelResult:
         quotient; at one stream it is the requests' mean decode rate."""
         decoded, span = 0, 0.0
         for wave in range(self.waves):
-            timed = [r for r in ok if r.wave == wave and r.first_at is not None
-                     and r.last_at is not None and r.tokens > 1]
+            timed = [(r.first_at, r.last_at, r.tokens) for r in ok
+                     if r.wave == wave and r.first_at is not None and r.last_at is not None
+                     and r.tokens > 1]
             if timed:
-                decoded += sum(r.tokens - 1 for r in timed)
-                span += (max(r.last_at for r in timed if r.last_at is not None)
-                         - min(r.first_at for r in timed if r.first_at is not None))
+                decoded += sum(tokens - 1 for _, _, tokens in timed)
+                span += max(last for _, last, _ in timed) - min(first for first, _, _ in timed)
         return decoded, span
 
 
@@ -933,19 +933,22 @@ def level_of(results: dict[str, TargetResult], name: str, c: int,
     return None
 
 
-def agg(results: dict[str, TargetResult], name: str, c: int, n: int) -> float | None:
+def stat(results: dict[str, TargetResult], name: str, c: int, n: int, key: str) -> float | None:
+    """One figure (a key of LevelResult.summary) of `name` at concurrency `c`."""
     s = level_of(results, name, c, n)
-    return s["aggregate_tok_s"] if s else None
+    return s[key] if s else None
+
+
+def agg(results: dict[str, TargetResult], name: str, c: int, n: int) -> float | None:
+    return stat(results, name, c, n, "aggregate_tok_s")
 
 
 def decode_agg(results: dict[str, TargetResult], name: str, c: int, n: int) -> float | None:
-    s = level_of(results, name, c, n)
-    return s["decode_aggregate_tok_s"] if s else None
+    return stat(results, name, c, n, "decode_aggregate_tok_s")
 
 
 def single(results: dict[str, TargetResult], name: str, n: int) -> float | None:
-    s = level_of(results, name, 1, n)
-    return s["request_decode_tok_s_median"] if s else None
+    return stat(results, name, 1, n, "request_decode_tok_s_median")
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
