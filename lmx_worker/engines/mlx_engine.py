@@ -64,6 +64,7 @@ from lmx_protocol import (
 from lmx_worker.engines.engine import RequestError, StepOutput, admit
 from lmx_worker.engines.step_budget import PromptBudget, StepLoad
 from lmx_worker.mlx_support.cpu_attention import use_cpu_decode_attention
+from lmx_worker.mlx_support.cpu_gemm import use_small_gemm
 from lmx_worker.mlx_support.cpu_rope import use_table_rope
 from lmx_worker.mlx_support.mlx_cpu_layout import optimize_for_cpu
 from lmx_worker.mlx_support.mlx_weights import WeightsPlan, apply_plan, plan_weights
@@ -183,6 +184,8 @@ class MlxEngine:
         # fallbacks (cpu_attention, cpu_rope); no-ops on a GPU.
         layout = (f"{layout}; {use_cpu_decode_attention(model)}; "
                   f"{use_table_rope(model, self.context_length + 1)}")
+        if self.plan.float32:  # on a CPU: decode matmuls without the BLAS's packing
+            layout = f"{layout}; {use_small_gemm(model, spec.n_threads)}"
         if sharding:
             layout = f"{layout}; {sharding}"
         log.info("weights: %s; %s", self.plan.describe(), layout)

@@ -47,7 +47,7 @@ def jit_cache_dir() -> Path:
     return Path(base) / "lmx" / "mlx-jit"
 
 
-def _private_dir(path: Path) -> bool:
+def private_dir(path: Path) -> bool:
     """Created 0700 if missing; refused if someone else could write in it or
     swap it: every folder above must belong to us or root and be writable
     only by its owner, or be sticky like /tmp."""
@@ -86,8 +86,8 @@ def native_jit_environment(on_cpu: bool) -> dict[str, str] | str:
         return "no g++: compiled functions run unfused"
     root = jit_cache_dir()
     try:
-        if not (_private_dir(root) and _private_dir(root / "bin")
-                and _private_dir(root / "kernels")):
+        if not (private_dir(root) and private_dir(root / "bin")
+                and private_dir(root / "kernels")):
             log.warning("%s is writable by others: MLX's kernel JIT keeps its defaults", root)
             return "cache directory not private"
         if not _accepts_flags(compiler):
