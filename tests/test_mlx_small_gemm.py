@@ -95,10 +95,13 @@ def test_model_through_the_kernel_matches_stock_model(
 def test_built_in_a_private_cache_and_without_a_compiler_the_blas_stays(
         mlx_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    load_kernel(threads=1)
     root = tmp_path / "cache" / "lmx" / "mlx-gemm"
+    root.mkdir(parents=True, mode=0o700)
+    stale = root / "_small_gemm-0123456789abcdef.so"  # a build for an older MLX
+    stale.write_bytes(b"old")
+    load_kernel(threads=1)
     built = list(root.glob("_small_gemm-*"))
-    assert len(built) == 1, built
+    assert len(built) == 1 and built[0] != stale, built
     assert root.stat().st_mode & 0o077 == 0
 
     shared = tmp_path / "shared"

@@ -9,14 +9,16 @@ writes it once. The weights are the step's memory traffic (SmolLM2-135M:
 
 `small_gemm.cpp` is an MLX primitive on the CPU stream that reads each
 weight row once, straight from MLX's (out, in) layout, and multiplies it by
-up to 8 rows of x in registers; the compiler vectorizes it for the host
-(-march=native, see build.py). Measured here (2 cores, AVX-512; all 211
-matmuls of a SmolLM2 step; OpenBLAS 0.3.21 with 2 threads against this with
-2): 1 row 37-39 -> 19-20 ms, 8 rows 48-50 -> 36-42 ms, 12 rows 65 -> 51 ms,
-14 rows 59 -> 60 ms, 16 rows 55 -> 64 ms. So rows up to MAX_ROWS take this
-path and prompt reads keep the BLAS. Whole decode step (forward pass, 200
-tokens of context): 1 sequence 52 -> 32 ms, 8 sequences 76 -> 63 ms; logits
-agree with the BLAS path to float32 rounding (largest difference 4e-5).
+the rows of x four at a time, in registers; the compiler vectorizes it for
+the host (-march=native, see build.py) and OpenMP splits the weight rows
+over the worker's threads. Measured here (2 cores, AVX-512; all 211 matmuls
+of a SmolLM2 step; OpenBLAS 0.3.21 with 2 threads against this with 2): 1
+row 37-39 -> 18-19 ms, 4 rows 47 -> 28 ms, 8 rows 48-50 -> 37-38 ms, 12 rows
+65-67 -> 46-47 ms, 14 rows 60 -> 60 ms, 16 rows 55 -> 57 ms. So rows up to
+MAX_ROWS take this path and prompt reads keep the BLAS. Whole decode step
+(forward pass, 200 tokens of context): 1 sequence 52 -> 32 ms, 8 sequences
+76 -> 63 ms; logits agree with the BLAS path to float32 rounding (largest
+difference 4e-5).
 
 `use_small_gemm(model, threads)` routes the model's float32 `nn.Linear`
 layers (and a tied output head, `Embedding.as_linear`) through it. Not on a

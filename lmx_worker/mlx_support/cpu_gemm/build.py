@@ -14,7 +14,7 @@ else may write it), under a name that changes with everything the binary
 depends on: the source, MLX, nanobind, Python, the compiler and the CPU's
 feature flags (a home directory shared between two machines must not hand
 one the other's instructions). Concurrent workers build under a file lock;
-the result is moved into place whole.
+the result is moved into place whole, and replaces any earlier build.
 """
 
 from __future__ import annotations
@@ -119,6 +119,14 @@ def _compile(compiler: str, target: Path) -> None:
         raise BuildError(f"compiling small_gemm failed: {' / '.join(tail)}")
 
 
+def _remove_other_builds(root: Path, keep: Path) -> None:
+    """A new build replaces the ones for an older source, MLX or compiler: the
+    cache holds one library (a worker that loaded an old one keeps its mapping)."""
+    for old in root.glob(f"{MODULE}-*"):
+        if old != keep:
+            old.unlink(missing_ok=True)
+
+
 def library_path() -> Path:
     """The built extension for this host, compiling it first if needed."""
     compiler = _compiler()
@@ -140,6 +148,7 @@ def library_path() -> Path:
                     staged.replace(target)
                 finally:
                     staged.unlink(missing_ok=True)
+                _remove_other_builds(root, keep=target)
         return target
     except OSError as exc:
         raise BuildError(f"cache {root}: {exc}") from exc
