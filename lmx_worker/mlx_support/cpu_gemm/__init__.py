@@ -139,13 +139,21 @@ def use_small_gemm(model: Any, threads: int | None) -> str:
                     exc)
         return f"BLAS for every matmul ({exc})"
     linear, embedding = _linear_class(kernel), _embedding_class(kernel)
-    routed = 0
+    routed: list[Any] = []
     for _, module in model.named_modules():
-        # Exact types only: quantized and sharded layers are other classes.
+        # Exact types only: quantized layers and wrappers are other classes.
         if type(module) is _nn.Linear and kernel.takes_weight(module.weight):
             module.__class__ = linear
-            routed += 1
+            routed.append(module)
         elif type(module) is _nn.Embedding and kernel.takes_weight(module.weight):
             module.__class__ = embedding
-    return (f"decode matmuls of {routed} linear layers through the small-batch kernel "
+            routed.append(module)
+    # The kernel reads weights row by row: a strided one (a column share of
+    # a sharded model's projection) would be copied on every call, so copy
+    # it once now (an already contiguous weight keeps its memory).
+    for module in routed:
+        module.weight = mx.contiguous(module.weight)
+    mx.eval([module.weight for module in routed])
+    layers = sum(1 for module in routed if isinstance(module, linear))
+    return (f"decode matmuls of {layers} linear layers through the small-batch kernel "
             f"(up to {MAX_ROWS} rows, {kernel.threads} threads)")

@@ -11,9 +11,9 @@ purpose and reports as a reason to fall back.
 The library lands in a private per-user cache (the same rules as MLX's JIT
 kernels, lmx_worker.mlx_support.cpu_jit: code there is dlopen()ed, so nobody
 else may write it), under a name that changes with everything the binary
-depends on: the source, MLX, nanobind, Python, the compiler and the CPU's
-feature flags (a home directory shared between two machines must not hand
-one the other's instructions). Concurrent workers build under a file lock;
+depends on: the source and this recipe, MLX, nanobind, Python, the compiler
+and the CPU's feature flags (a home directory shared between two machines
+must not hand one the other's instructions). Concurrent workers build under a file lock;
 the result is moved into place whole, and replaces any earlier build.
 """
 
@@ -91,8 +91,9 @@ def _build_key(compiler_id: str) -> str:
         versions = f"mlx {version('mlx')} nanobind {version('nanobind')}"
     except PackageNotFoundError as exc:
         raise BuildError(f"{exc.name} is not installed") from exc
-    parts = [SOURCE.read_bytes(), versions.encode(), sys.version.encode(),
-             compiler_id.encode(), " ".join(FLAGS).encode(), _cpu_flags().encode()]
+    # This file too: a change to how the library is built is a new library.
+    parts = [SOURCE.read_bytes(), Path(__file__).read_bytes(), versions.encode(),
+             sys.version.encode(), compiler_id.encode(), _cpu_flags().encode()]
     digest = hashlib.sha256()
     for part in parts:
         digest.update(part + b"\0")
@@ -106,7 +107,10 @@ def _compile(compiler: str, target: Path) -> None:
         f"-I{nb_dir / 'include'}", f"-I{nb_dir / 'ext' / 'robin_map' / 'include'}",
         f"-I{sysconfig.get_paths()['include']}", f"-I{mlx_dir / 'include'}",
         str(SOURCE), str(nb_dir / "src" / "nb_combined.cpp"),
-        f"-L{mlx_dir / 'lib'}", "-lmlx", f"-Wl,-rpath,{mlx_dir / 'lib'}",
+        # No rpath: the library is shared by every venv with the same MLX
+        # version, and its libmlx.so is the one mlx.core has already loaded
+        # (same soname) by the time load() imports it.
+        f"-L{mlx_dir / 'lib'}", "-lmlx",
         "-o", str(target),
     ]
     try:
