@@ -112,9 +112,12 @@ def _self_check(kernel: _Kernel) -> None:
     w = mx.cos(mx.arange(5 * kernel.lanes, dtype=mx.float32)).reshape(5, kernel.lanes)
     try:
         got = kernel.matmul_wt(x, w)
+        agrees = mx.allclose(got, x @ w.T, rtol=1e-5, atol=1e-5).item()
     except TypeError as exc:  # nanobind could not convert mx.array
         raise BuildError(f"the extension cannot take mlx arrays: {exc}") from exc
-    if not mx.allclose(got, x @ w.T, rtol=1e-5, atol=1e-5).item():
+    except Exception as exc:  # an optional kernel: anything wrong means the BLAS
+        raise BuildError(f"the extension failed its check: {exc!r}") from exc
+    if not agrees:
         raise BuildError("the extension's product disagrees with MLX's")
 
 

@@ -167,6 +167,6 @@ def load() -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
-    except ImportError as exc:
-        raise BuildError(f"importing {path.name} failed: {exc}") from exc
+    except Exception as exc:  # ImportError, or the module's init raising
+        raise BuildError(f"importing {path.name} failed: {exc!r}") from exc
     return module
