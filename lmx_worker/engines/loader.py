@@ -11,7 +11,7 @@ from lmx_worker.process.spec import WorkerSpec
 log = logging.getLogger("lmx.worker")
 
 
-def _prepare_mlx(spec: WorkerSpec) -> None:
+def prepare_mlx(spec: WorkerSpec) -> None:
     """OpenBLAS before MLX loads, then MLX's kernel JIT set up for this CPU."""
     from lmx_worker.mlx_support.system_blas import use_system_blas
 
@@ -30,7 +30,7 @@ def load_engine(spec: WorkerSpec) -> Engine:
 
         return LlamaCppEngine(spec)
     if spec.backend == "mlx":
-        _prepare_mlx(spec)
+        prepare_mlx(spec)
         if spec.shard is not None:  # rank 0 of a sharded group (the others follow it)
             from lmx_worker.sharding.leader import ShardLeaderEngine
 
@@ -39,7 +39,7 @@ def load_engine(spec: WorkerSpec) -> Engine:
 
         return MlxEngine(spec)
     if spec.backend == "mlx_encoder":
-        _prepare_mlx(spec)
+        prepare_mlx(spec)
         from lmx_worker.encoders.mlx_encoder_engine import MlxEncoderEngine
 
         return MlxEncoderEngine(spec)
