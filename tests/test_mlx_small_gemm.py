@@ -1,6 +1,6 @@
 """The MLX worker's decode-step matmul kernel on a CPU
 (lmx_worker/mlx_support/cpu_gemm): built for this host with the real
-compiler into a private cache, it computes what MLX's matmul computes (odd
+compiler into a private cache that keeps a few builds, it computes what MLX's matmul computes (odd
 shapes, batched and strided inputs), the bundled SmolLM2 routed through it
 gives the stock model's logits, and without a compiler the worker keeps the
 BLAS and says why."""
@@ -24,6 +24,7 @@ from mlx_lm.models import llama as llama_untyped  # noqa: E402
 
 from lmx_worker.mlx_support import cpu_gemm  # noqa: E402
 from lmx_worker.mlx_support.cpu_gemm import MAX_ROWS, load_kernel, use_small_gemm  # noqa: E402
+from lmx_worker.mlx_support.cpu_gemm.build import KEEP_BUILDS  # noqa: E402
 from tests.test_mlx_cpu_layout import (  # noqa: E402
     assert_matches_reference,
     float32_model,
@@ -97,11 +98,13 @@ def test_built_in_a_private_cache_and_without_a_compiler_the_blas_stays(
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     root = tmp_path / "cache" / "lmx" / "mlx-gemm"
     root.mkdir(parents=True, mode=0o700)
-    stale = root / "_small_gemm-0123456789abcdef.so"  # a build for an older MLX
-    stale.write_bytes(b"old")
+    stale = [root / f"_small_gemm-{n:016x}.so" for n in range(KEEP_BUILDS)]
+    for age, path in enumerate(stale):  # builds for older versions, the first oldest
+        path.write_bytes(b"old")
+        os.utime(path, (1_000_000 + age, 1_000_000 + age))
     load_kernel(threads=1)
-    built = list(root.glob("_small_gemm-*"))
-    assert len(built) == 1 and built[0] != stale, built
+    built = set(root.glob("_small_gemm-*"))
+    assert len(built) == KEEP_BUILDS and stale[0] not in built, built
     assert root.stat().st_mode & 0o077 == 0
 
     shared = tmp_path / "shared"

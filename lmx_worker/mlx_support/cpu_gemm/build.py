@@ -14,11 +14,13 @@ else may write it), under a name that changes with everything the binary
 depends on: the source and this recipe, MLX, nanobind, Python, the compiler
 and the CPU's feature flags (a home directory shared between two machines
 must not hand one the other's instructions). Concurrent workers build under a file lock;
-the result is moved into place whole, and replaces any earlier build.
+the result is moved into place whole; the cache keeps the few most recently
+used builds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import importlib.util
@@ -39,6 +41,7 @@ log = logging.getLogger("lmx.worker")
 SOURCE = Path(__file__).with_name("small_gemm.cpp")
 MODULE = "_small_gemm"
 BUILD_TIMEOUT_SEC = 300
+KEEP_BUILDS = 3  # ~330 KB each
 # -ffp-contract=fast: multiply-adds as FMA instructions (ISO C++ mode would
 # forbid the contraction); -funroll-loops: ~10 % at 8 rows, measured.
 FLAGS = ("-std=c++20", "-O3", "-march=native", "-ffp-contract=fast", "-funroll-loops",
@@ -123,12 +126,14 @@ def _compile(compiler: str, target: Path) -> None:
         raise BuildError(f"compiling small_gemm failed: {' / '.join(tail)}")
 
 
-def _remove_other_builds(root: Path, keep: Path) -> None:
-    """A new build replaces the ones for an older source, MLX or compiler: the
-    cache holds one library (a worker that loaded an old one keeps its mapping)."""
-    for old in root.glob(f"{MODULE}-*"):
-        if old != keep:
-            old.unlink(missing_ok=True)
+def _remove_old_builds(root: Path) -> None:
+    """The cache keeps the KEEP_BUILDS most recently used libraries (a new MLX
+    or source version builds a new one; two installs of different versions
+    side by side must not rebuild in turn). A worker that loaded a removed
+    one keeps its mapping."""
+    builds = sorted(root.glob(f"{MODULE}-*"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in builds[KEEP_BUILDS:]:
+        old.unlink(missing_ok=True)
 
 
 def library_path() -> Path:
@@ -141,6 +146,8 @@ def library_path() -> Path:
             raise BuildError(f"{root} is writable by others")
         target = root / f"{MODULE}-{key}{sysconfig.get_config_var('EXT_SUFFIX')}"
         if target.exists():
+            with contextlib.suppress(OSError):
+                os.utime(target)  # used now: the last to be removed
             return target
         with open(root / ".lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # another worker may be building it
@@ -152,7 +159,7 @@ def library_path() -> Path:
                     staged.replace(target)
                 finally:
                     staged.unlink(missing_ok=True)
-                _remove_other_builds(root, keep=target)
+                _remove_old_builds(root)
         return target
     except OSError as exc:
         raise BuildError(f"cache {root}: {exc}") from exc

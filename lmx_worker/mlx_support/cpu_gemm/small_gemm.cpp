@@ -1,8 +1,7 @@
 // y = x @ w.T for a few rows of x (a decode step), float32, on MLX's CPU
 // stream: the kernel and the MLX primitive that runs it (see __init__.py for
 // why, and for how this file is built).
-#include <omp.h>
-
+#include <algorithm>
 #include <cstddef>
 #include <sstream>
 #include <stdexcept>
@@ -193,7 +192,8 @@ mx::array matmul_wt(const mx::array& x, const mx::array& w, int threads) {
   // need be); a weight is normally a computed, contiguous array already.
   bool weight_ready = w.status() != mx::array::Status::unscheduled && w.flags().row_contiguous;
   auto wc = weight_ready ? w : mx::contiguous(w, false, stream);
-  return mx::array(shape, mx::float32, std::make_shared<SmallGemm>(stream, threads), {x, wc});
+  auto primitive = std::make_shared<SmallGemm>(stream, std::max(1, threads));
+  return mx::array(shape, mx::float32, std::move(primitive), {x, wc});
 }
 
 }  // namespace
