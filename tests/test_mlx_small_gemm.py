@@ -58,11 +58,15 @@ def test_kernel_matches_mlx_matmul() -> None:
     assert mx.allclose(kernel.matmul_wt(batched, w), batched @ w.T, atol=1e-4).item()
     strided = mx.random.normal((576, 8)).T  # not row-contiguous: gathered in the kernel
     assert mx.allclose(kernel.matmul_wt(strided, w), strided @ w.T, atol=1e-4).item()
+    strided_w = mx.random.normal((576, 100)).T  # a weight view, as a direct call may pass
+    assert mx.allclose(kernel.matmul_wt(strided, strided_w), strided @ strided_w.T,
+                       atol=1e-4).item()
     # What stays with the BLAS: prompt reads, other dtypes, ragged K.
-    assert kernel.fits(mx.zeros((MAX_ROWS, 576)), w)
-    assert not kernel.fits(mx.zeros((MAX_ROWS + 1, 576)), w)
-    assert not kernel.fits(mx.zeros((1, 576), dtype=mx.float16), w.astype(mx.float16))
-    assert not kernel.fits(mx.zeros((1, lanes + 1)), mx.zeros((4, lanes + 1)))
+    assert kernel.takes_weight(w) and kernel.takes_input(mx.zeros((MAX_ROWS, 576)))
+    assert not kernel.takes_input(mx.zeros((MAX_ROWS + 1, 576)))
+    assert not kernel.takes_input(mx.zeros((1, 576), dtype=mx.float16))
+    assert not kernel.takes_weight(w.astype(mx.float16))
+    assert not kernel.takes_weight(mx.zeros((4, lanes + 1)))
     with pytest.raises(ValueError, match="K %"):
         kernel.module.matmul_wt(mx.zeros((1, lanes + 1)), mx.zeros((4, lanes + 1)), 2)
 

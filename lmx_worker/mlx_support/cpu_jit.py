@@ -41,10 +41,14 @@ _COMPILER = "g++"  # the name MLX's JIT runs (mlx/backend/cpu/jit_compiler.cpp)
 _FLAGS = ("-march=native",)
 
 
-def jit_cache_dir() -> Path:
-    """Per-user: the kernels are reused by every later worker of this user."""
+def lmx_cache_dir() -> Path:
+    """Per-user: what a worker builds is reused by every later worker of this user."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "lmx" / "mlx-jit"
+    return Path(base) / "lmx"
+
+
+def jit_cache_dir() -> Path:
+    return lmx_cache_dir() / "mlx-jit"
 
 
 def private_dir(path: Path) -> bool:

@@ -47,12 +47,6 @@ MAX_ROWS = 12  # above this OpenBLAS's packed GEMM catches up (measured above)
 _nn: Any = nn
 
 
-def _usable_cpus() -> int:
-    """The CPUs this process may run on (what OpenBLAS uses by default)."""
-    affinity = getattr(os, "sched_getaffinity", None)  # not on macOS
-    return len(affinity(0)) if affinity is not None else (os.cpu_count() or 1)
-
-
 class _Kernel:
     """The loaded extension and the thread count its calls use."""
 
@@ -70,10 +64,6 @@ class _Kernel:
         """Checked on every call (the layer's weight passed takes_weight):
         few rows, float32. Kept short: it runs 211 times a SmolLM2 step."""
         return x.dtype == mx.float32 and 0 < x.size <= MAX_ROWS * x.shape[-1]
-
-    def fits(self, x: mx.array, weight: mx.array) -> bool:
-        return (self.takes_weight(weight) and x.shape[-1] == weight.shape[1]
-                and self.takes_input(x))
 
     def matmul_wt(self, x: mx.array, weight: mx.array) -> mx.array:
         out: mx.array = self.module.matmul_wt(x, weight, self.threads)
@@ -136,7 +126,7 @@ def use_small_gemm(model: Any, threads: int | None) -> str:
     if os.environ.get("LMX_MLX_SMALL_GEMM") == "0":
         return "BLAS for every matmul (LMX_MLX_SMALL_GEMM=0)"
     try:
-        kernel = load_kernel(threads or _usable_cpus())
+        kernel = load_kernel(threads or os.cpu_count() or 1)  # as the llama.cpp engine
     except BuildError as exc:
         log.warning("small-batch matmul kernel unavailable, the BLAS does every matmul: %s",
                     exc)

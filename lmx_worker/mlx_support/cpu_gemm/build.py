@@ -5,17 +5,18 @@ The extension is compiled on the machine that runs it, with -march=native
 the installed MLX's headers and libmlx, and nanobind's sources from the
 `nanobind` package. It must share nanobind's ABI with `mlx.core` (its array
 type is looked up in nanobind's registry under MLX's domain, "mlx"): a
-mismatch shows as a TypeError at the first call, which `load()` provokes on
-purpose and reports as a reason to fall back.
+mismatch shows as a TypeError at the first call, which the package's
+self-check (cpu_gemm.load_kernel) provokes and reports as a reason to fall
+back.
 
 The library lands in a private per-user cache (the same rules as MLX's JIT
 kernels, lmx_worker.mlx_support.cpu_jit: code there is dlopen()ed, so nobody
 else may write it), under a name that changes with everything the binary
 depends on: the source and this recipe, MLX, nanobind, Python, the compiler
 and the CPU's feature flags (a home directory shared between two machines
-must not hand one the other's instructions). Concurrent workers build under a file lock;
-the result is moved into place whole; the cache keeps the few most recently
-used builds.
+must not hand one the other's instructions). Concurrent workers build under
+a file lock; the result is moved into place whole; the cache keeps the few
+most recently used builds.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from types import ModuleType
 
-from lmx_worker.mlx_support.cpu_jit import jit_cache_dir, private_dir
+from lmx_worker.mlx_support.cpu_jit import lmx_cache_dir, private_dir
 
 log = logging.getLogger("lmx.worker")
 
@@ -140,7 +141,7 @@ def library_path() -> Path:
     """The built extension for this host, compiling it first if needed."""
     compiler = _compiler()
     key = _build_key(_compiler_id(compiler))
-    root = jit_cache_dir().parent / "mlx-gemm"
+    root = lmx_cache_dir() / "mlx-gemm"
     try:
         if not private_dir(root):
             raise BuildError(f"{root} is writable by others")

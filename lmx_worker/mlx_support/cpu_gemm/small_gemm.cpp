@@ -11,9 +11,7 @@
 
 #include "mlx/allocator.h"
 #include "mlx/backend/cpu/encoder.h"
-#include "mlx/ops.h"
 #include "mlx/primitives.h"
-#include "mlx/utils.h"
 
 namespace mx = mlx::core;
 namespace nb = nanobind;
@@ -152,13 +150,13 @@ class SmallGemm : public mx::Primitive {
     encoder.dispatch([x = mx::array::unsafe_weak_copy(x), w = mx::array::unsafe_weak_copy(w),
                       out = mx::array::unsafe_weak_copy(out), M, N, K,
                       threads = threads_]() mutable {
-      const float* rows_of_x = x.data<float>();
-      std::vector<float> packed;
-      if (!x.flags().row_contiguous) {  // a few rows: gather them here
-        packed = gather(x);
-        rows_of_x = packed.data();
-      }
-      small_gemm(M, N, K, rows_of_x, w.data<float>(), out.data<float>(), threads);
+      // Strided operands are gathered here: x is a few rows; a routed
+      // layer's weight was made contiguous once when routed (cpu_gemm), so a
+      // strided one only comes from a direct call.
+      std::vector<float> x_rows, w_rows;
+      const float* xp = x.flags().row_contiguous ? x.data<float>() : (x_rows = gather(x)).data();
+      const float* wp = w.flags().row_contiguous ? w.data<float>() : (w_rows = gather(w)).data();
+      small_gemm(M, N, K, xp, wp, out.data<float>(), threads);
     });
   }
 
@@ -188,12 +186,8 @@ mx::array matmul_wt(const mx::array& x, const mx::array& w, int threads) {
   auto stream = mx::default_stream(mx::Device::cpu);
   auto shape = x.shape();
   shape.back() = w.shape(0);
-  // x's layout is only known once it is computed (eval_cpu gathers it if
-  // need be); a weight is normally a computed, contiguous array already.
-  bool weight_ready = w.status() != mx::array::Status::unscheduled && w.flags().row_contiguous;
-  auto wc = weight_ready ? w : mx::contiguous(w, false, stream);
   auto primitive = std::make_shared<SmallGemm>(stream, std::max(1, threads));
-  return mx::array(shape, mx::float32, std::move(primitive), {x, wc});
+  return mx::array(shape, mx::float32, std::move(primitive), {x, w});
 }
 
 }  // namespace
